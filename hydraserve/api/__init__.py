@@ -1,0 +1,35 @@
+"""The user-facing objects: ``ServerlessModel`` spec and status (source of truth for the CRD)."""
+
+from hydraserve.api.models import (
+    Condition,
+    EngineSpec,
+    InstanceStatus,
+    ModelPhase,
+    PipelineSpec,
+    ResourcesSpec,
+    ScalingSpec,
+    ServerlessModel,
+    ServerlessModelSpec,
+    ServerlessModelStatus,
+    SLOSpec,
+    SourceSpec,
+    StageTiming,
+    WorkerStatus,
+)
+
+__all__ = [
+    "SLOSpec",
+    "Condition",
+    "EngineSpec",
+    "InstanceStatus",
+    "ModelPhase",
+    "PipelineSpec",
+    "ResourcesSpec",
+    "ScalingSpec",
+    "ServerlessModel",
+    "ServerlessModelSpec",
+    "ServerlessModelStatus",
+    "SourceSpec",
+    "StageTiming",
+    "WorkerStatus",
+]

@@ -1,0 +1,196 @@
+"""Pydantic models of the ``ServerlessModel`` resource (``hydraserve.io/v1alpha1``).
+
+These classes are the one source of truth: the CRD's ``openAPIV3Schema`` is generated
+from them (``hydraserve.api.crd``) and a test checks that the committed CRD agrees.
+Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "hydraserve.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ServerlessModel"
+PLURAL = "serverlessmodels"
+
+# s3://bucket/prefix, file:///abs/path, or an absolute local path (embedded platform).
+SOURCE_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*|/[^\s]*)$"
+# DNS-1123 label: what a model name must be to become pod and service names.
+MODEL_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=False
+    )
+
+
+class SourceSpec(_Wire):
+    """Where the model's weights live in the model store."""
+
+    uri: Annotated[
+        str,
+        Field(
+            pattern=SOURCE_URI_PATTERN,
+            description="Model location in the store: s3://bucket/prefix or file:///path.",
+        ),
+    ]
+    revision: Annotated[
+        str,
+        Field(
+            default="main",
+            min_length=1,
+            max_length=128,
+            pattern=r"^[A-Za-z0-9._\-]+$",
+            description="Revision (a directory under the model's location).",
+        ),
+    ]
+
+
+class SLOSpec(_Wire):
+    """Latency objectives the controller plans against."""
+
+    ttft_seconds: Annotated[
+        float, Field(default=10.0, gt=0, description="Target cold time-to-first-token, seconds.")
+    ]
+    tpot_milliseconds: Annotated[
+        float, Field(default=200.0, gt=0, description="Target time per output token, ms.")
+    ]
+
+
+class ResourcesSpec(_Wire):
+    gpu_memory_gi_b: Annotated[
+        float,
+        Field(
+            default=16.0,
+            gt=0,
+            alias="gpuMemoryGiB",
+            description="GPU memory one full replica needs (weights plus KV cache), GiB.",
+        ),
+    ]
+
+
+class ScalingSpec(_Wire):
+    min_replicas: Annotated[int, Field(default=0, ge=0, le=64)]
+    max_replicas: Annotated[int, Field(default=4, ge=1, le=64)]
+    keep_alive_seconds: Annotated[
+        float, Field(default=30.0, ge=0, description="Idle time before scale to zero.")
+    ]
+    target_concurrency: Annotated[
+        int, Field(default=8, ge=1, le=1024, description="In-flight requests per replica.")
+    ]
+
+
+class PipelineSpec(_Wire):
+    max_size: Annotated[
+        int,
+        Field(
+            default=4,
+            ge=1,
+            le=4,
+            description="Largest pipeline for a cold start; 1 turns pipelined cold starts off.",
+        ),
+    ]
+
+
+class EngineSpec(_Wire):
+    image: Annotated[str | None, Field(default=None, description="Worker image override.")]
+    args: Annotated[
+        list[str], Field(default_factory=list, description="Extra vLLM engine arguments.")
+    ]
+
+
+class ServerlessModelSpec(_Wire):
+    source: SourceSpec
+    slo: SLOSpec = Field(default_factory=SLOSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    replicas: Annotated[
+        int | None,
+        Field(
+            default=None,
+            ge=0,
+            le=64,
+            description="Desired replicas, set by the gateway's autoscaler (scale subresource).",
+        ),
+    ]
+
+
+class ModelPhase(StrEnum):
+    COLD = "Cold"
+    STARTING = "Starting"
+    SERVING = "Serving"
+    CONSOLIDATING = "Consolidating"
+    FAILED = "Failed"
+
+
+class Condition(_Wire):
+    type: str
+    status: Annotated[str, Field(pattern=r"^(True|False|Unknown)$")]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+
+
+class StageTiming(_Wire):
+    """One stage of a cold start, seconds relative to the moment it was requested."""
+
+    stage: str
+    start: float
+    end: float
+
+
+class WorkerStatus(_Wire):
+    pod: str
+    node: str
+    stage: int
+    layers: str = Field(description="Layer range [start, end) this stage serves, e.g. '0-16'.")
+    ready: bool = False
+
+
+class InstanceStatus(_Wire):
+    name: str
+    pp: int
+    workers: list[WorkerStatus] = Field(default_factory=list)
+    endpoint: str | None = None
+    ready: bool = False
+    cold_start: list[StageTiming] = Field(default_factory=list)
+
+
+class ServerlessModelStatus(_Wire):
+    phase: ModelPhase = ModelPhase.COLD
+    replicas: int = 0
+    ready_replicas: int = 0
+    selector: str | None = None
+    instances: list[InstanceStatus] = Field(default_factory=list)
+    conditions: list[Condition] = Field(default_factory=list)
+    last_cold_start_seconds: float | None = None
+    observed_generation: int | None = None
+
+
+class ObjectMeta(_Wire):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, alias_generator=to_camel)
+    name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN, max_length=63)]
+    namespace: str = "default"
+
+
+class ServerlessModel(_Wire):
+    """A model that scales from zero. ``metadata.name`` is the OpenAI ``model`` name."""
+
+    api_version: str = API_VERSION
+    kind: str = KIND
+    metadata: ObjectMeta
+    spec: ServerlessModelSpec
+    status: ServerlessModelStatus = Field(default_factory=ServerlessModelStatus)
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name

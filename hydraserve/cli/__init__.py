@@ -1,0 +1,1 @@
+"""The ``hydraserve`` command line; one module per command group."""

@@ -1,0 +1,55 @@
+"""Structured logging: one event per line, with the model, instance and stage as fields.
+
+Every component logs through :func:`get_logger`; events are short dotted names
+(``coldstart.stage``) and everything else is a key-value field, so a log line can be
+grepped by model or instance and parsed by a log pipeline without regexes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_configured = False
+
+
+def configure_logging(level: str = "INFO", json_format: bool | None = None) -> None:
+    """Configure structlog and the stdlib root logger once per process.
+
+    ``json_format=None`` picks JSON when stderr is not a terminal (containers, CI) and a
+    readable key=value rendering otherwise.
+    """
+    global _configured
+    if json_format is None:
+        json_format = not sys.stderr.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_format
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    if not _configured:
+        logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
+    _configured = True
+
+
+def get_logger(component: str, **fields: Any) -> Any:
+    """A logger bound to a component name (and optional fields such as model/instance)."""
+    return structlog.get_logger().bind(component=component, **fields)

@@ -1,0 +1,40 @@
+"""Typed configuration of one worker process (one pipeline stage of one instance)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from hydraserve.settings import CommonSettings
+
+
+class StageAddress(BaseModel):
+    """Where the stages of a pipelined instance meet (vLLM's multi-node rendezvous)."""
+
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(default=29500, ge=1, le=65535)
+
+
+class WorkerConfig(BaseModel):
+    model_name: str = Field(description="The served (OpenAI) model name.")
+    uri: str
+    revision: str = "main"
+    instance: str = Field(description="Instance id, shared by the stages of one pipeline.")
+    pp: int = Field(default=1, ge=1, le=4)
+    rank: int = Field(default=0, ge=0, le=3)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8100, ge=1, le=65535)
+    rendezvous: StageAddress = Field(default_factory=StageAddress)
+    prefetcher_url: str | None = Field(
+        default=None, description="Node prefetcher to ask for the stage; None = fetch here."
+    )
+    shm_dir: Path = Field(default_factory=lambda: CommonSettings().shm_dir)
+    timeline: Path | None = None
+    enforce_eager: bool = True
+    max_model_len: int = 1024
+    max_num_batched_tokens: int = 256
+    max_num_seqs: int = 16
+    kv_cache_bytes: int = Field(default=256 << 20, description="KV cache size, bytes.")
+    engine_args: list[str] = Field(default_factory=list)
+    fetch_timeout_seconds: float = 600.0

@@ -1,0 +1,170 @@
+"""``hydraserve worker``: prepare a stage's bytes, then run vLLM with the HydraServe loader.
+
+Order matters for cold-start latency: the fetch starts (or is confirmed started by the node
+prefetcher) *before* the ~8 s vLLM import, so bytes flow while the runtime loads; the
+loader then adopts tensors as the verified watermark passes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from hydraserve.logs import get_logger
+from hydraserve.prefetcher.fetcher import RangeFetcher
+from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name, write_json_atomic
+from hydraserve.settings import CommonSettings
+from hydraserve.store import Manifest, ModelRef, ModelStore
+from hydraserve.worker.config import WorkerConfig
+from hydraserve.worker.loader_config import loader_extra_config
+from hydraserve.worker.timeline import Timeline
+
+log = get_logger("worker")
+
+
+def process_start_time() -> float:
+    """Wall-clock time this process was created (so interpreter start-up is counted)."""
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:  # psutil is optional outside the engine image
+        return time.time()
+
+
+def ensure_fetch(config: WorkerConfig, store: ModelStore, manifest: Manifest) -> None:
+    """Make sure this stage's bytes are on their way into shared memory.
+
+    Asks the node prefetcher when there is one; otherwise fetches in a background thread of
+    this process, unless a fetch of these bytes is already running or done on this node.
+    """
+    shm = ModelShm(config.shm_dir, config.uri, config.revision)
+    shm.dir.mkdir(parents=True, exist_ok=True)
+    if not shm.manifest_path.exists():
+        write_json_atomic(shm.manifest_path, manifest.model_dump(mode="json"))
+    stage_pp = config.pp if config.pp > 1 else None
+    stage_rank = config.rank if config.pp > 1 else None
+    name = fetch_name(stage_pp, stage_rank)
+    if config.prefetcher_url:
+        body = {"uri": config.uri, "revision": config.revision, "pp": stage_pp, "rank": stage_rank}
+        resp = httpx.post(f"{config.prefetcher_url}/v1/preload", json=body, timeout=30)
+        resp.raise_for_status()
+        return
+    for candidate in (name, fetch_name(None, None)):
+        status = shm.read_status(candidate)
+        if status is not None and status.state in (FetchState.FETCHING, FetchState.DONE):
+            log.info("fetch.reuse", model=config.model_name, fetch=candidate, state=status.state)
+            return
+    # pp=1's single stage is the whole model.
+    ranges = manifest.stage(config.pp, config.rank).ranges
+    fetcher = RangeFetcher(store, manifest, shm, name, ranges)
+    shm.write_status(name, fetcher.status.model_copy(update={"state": FetchState.FETCHING}))
+    threading.Thread(target=_run_quietly, args=(fetcher,), name="self-fetch", daemon=True).start()
+
+
+def _run_quietly(fetcher: RangeFetcher) -> None:
+    try:
+        fetcher.run()
+    except Exception:  # already published in the state file; the loader reports it
+        pass
+
+
+def prepare_model_dir(config: WorkerConfig, store: ModelStore) -> Path:
+    """Config and tokenizer files in a local directory, which vLLM takes as ``--model``."""
+    shm = ModelShm(config.shm_dir, config.uri, config.revision)
+    return store.download_side_files(shm.dir / "hf")
+
+
+def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
+    extra = loader_extra_config(config)
+    args = [
+        "serve",
+        str(model_dir),
+        "--served-model-name", config.model_name,
+        "--load-format", "hydraserve",
+        "--model-loader-extra-config", json.dumps(extra),
+        "--host", config.host,
+        "--port", str(config.port),
+        "--max-model-len", str(config.max_model_len),
+        "--max-num-batched-tokens", str(config.max_num_batched_tokens),
+        "--max-num-seqs", str(config.max_num_seqs),
+        "--kv-cache-memory-bytes", str(config.kv_cache_bytes),
+        "--disable-log-stats",
+        "--uvicorn-log-level", "warning",
+    ]  # fmt: skip
+    if config.enforce_eager:
+        args.append("--enforce-eager")
+    if config.pp > 1:
+        args += [
+            "--pipeline-parallel-size", str(config.pp),
+            "--distributed-executor-backend", "mp",
+            "--nnodes", str(config.pp),
+            "--node-rank", str(config.rank),
+            "--master-addr", config.rendezvous.master_addr,
+            "--master-port", str(config.rendezvous.master_port),
+        ]  # fmt: skip
+        if config.rank > 0:
+            args.append("--headless")
+    return args + list(config.engine_args)
+
+
+def engine_env(config: WorkerConfig, manifest: Manifest) -> dict[str, str]:
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    if config.pp > 1:
+        # vLLM must split layers exactly as the store's partition did.
+        env["VLLM_PP_LAYER_PARTITION"] = ",".join(map(str, manifest.layer_partition(config.pp)))
+    return env
+
+
+def _watch_ready(config: WorkerConfig, timeline: Timeline, since: float) -> None:
+    url = f"http://{config.host}:{config.port}/health"
+    with httpx.Client(timeout=2) as client:
+        while True:
+            try:
+                if client.get(url).status_code == 200:
+                    timeline.record("ready", since, time.time())
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+
+
+def run_worker(config: WorkerConfig) -> None:
+    """Run one stage until the engine exits."""
+    settings = CommonSettings()
+    proc_start = process_start_time()
+    timeline = Timeline(config.timeline, model=config.model_name, instance=config.instance,
+                        rank=config.rank)  # fmt: skip
+    timeline.record("process_start", proc_start, time.time())
+    store = ModelStore(ModelRef(config.uri, config.revision), settings.s3)
+    manifest = store.manifest()
+    with timeline.stage("fetch_start"):
+        ensure_fetch(config, store, manifest)
+        model_dir = prepare_model_dir(config, store)
+    os.environ.update(engine_env(config, manifest))
+    with timeline.stage("imports"):
+        import vllm.entrypoints.cli.serve as vllm_serve
+        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+        from vllm.logger import configure_logging_from_args
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    engine_start = time.time()
+    if config.rank == 0:
+        threading.Thread(
+            target=_watch_ready, args=(config, timeline, engine_start), daemon=True
+        ).start()
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog="hydraserve worker")
+    subparsers = parser.add_subparsers(dest="subparser")
+    serve = vllm_serve.ServeSubcommand()
+    serve.subparser_init(subparsers)
+    args = parser.parse_args(vllm_serve_args(config, model_dir))
+    configure_logging_from_args(args)
+    serve.validate(args)
+    log.info("worker.engine_start", model=config.model_name, instance=config.instance,
+             rank=config.rank, pp=config.pp, port=config.port)  # fmt: skip
+    serve.cmd(args)

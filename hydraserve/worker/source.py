@@ -1,0 +1,105 @@
+"""The consumer side of a fetch: wait for the verified watermark, then map tensors in place.
+
+No torch here, so the waiting logic is testable without an engine. The loader turns the
+returned buffers into tensors.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from dataclasses import dataclass
+
+from hydraserve.prefetcher.fetcher import stage_position
+from hydraserve.prefetcher.shm import FetchState, FetchStatus, ModelShm, fetch_name
+from hydraserve.store.manifest import Manifest, TensorInfo
+
+
+class StageUnavailable(RuntimeError):
+    """The bytes a worker needs will not arrive: the message says why and what to do."""
+
+
+@dataclass
+class WaitStats:
+    waited_seconds: float = 0.0
+    polls: int = 0
+
+
+class StageSource:
+    """Tensors of one stage (or the whole model), read from the node's shared memory."""
+
+    def __init__(
+        self,
+        shm: ModelShm,
+        manifest: Manifest,
+        pp: int | None,
+        rank: int | None,
+        timeout_seconds: float = 600.0,
+        poll_seconds: float = 0.002,
+    ) -> None:
+        self.shm = shm
+        self.manifest = manifest
+        self.timeout_seconds = timeout_seconds
+        self.poll_seconds = poll_seconds
+        self.stats = WaitStats()
+        self.tensors: list[TensorInfo] = (
+            list(manifest.tensors)
+            if pp is None or rank is None
+            else [manifest.tensor(n) for n in manifest.stage(pp, rank).tensors]
+        )
+        # A whole-model fetch (cache, consolidation) also satisfies any stage.
+        self.candidates = [fetch_name(pp, rank)] + ([] if pp is None else [fetch_name(None, None)])
+        self._map: mmap.mmap | None = None
+        self._status: FetchStatus | None = None
+        self._fetch: str | None = None
+
+    def _covering_status(self, tensor: TensorInfo) -> tuple[str, FetchStatus] | None:
+        best = None
+        for name in self.candidates:
+            status = self.shm.read_status(name)
+            if status is None:
+                continue
+            if any(s <= tensor.offset and tensor.end <= e for s, e in status.ranges):
+                if status.state == FetchState.DONE:
+                    return name, status
+                best = best or (name, status)
+        return best
+
+    def wait_for(self, tensor: TensorInfo) -> None:
+        """Block until ``tensor``'s bytes are written and verified."""
+        deadline = time.monotonic() + self.timeout_seconds
+        started = time.monotonic()
+        while True:
+            found = self._covering_status(tensor)
+            self.stats.polls += 1
+            if found is not None:
+                name, status = found
+                if status.state == FetchState.FAILED:
+                    raise StageUnavailable(
+                        f"the fetch of {self.manifest.name} ({name}) failed: {status.error}"
+                    )
+                if status.verified >= stage_position(status.ranges, tensor.end):
+                    self.stats.waited_seconds += time.monotonic() - started
+                    return
+            if time.monotonic() > deadline:
+                raise StageUnavailable(
+                    f"tensor {tensor.name} of {self.manifest.name} did not arrive within "
+                    f"{self.timeout_seconds:.0f}s ({'no fetch was started' if found is None else found[1].state}); "
+                    f"is the node prefetcher running? (looked in {self.shm.dir})"
+                )
+            time.sleep(self.poll_seconds)
+
+    def buffer(self) -> mmap.mmap:
+        """The weights file mapped copy-on-write: reads share the node's pages, and a write
+        by the engine stays private instead of corrupting the node's copy."""
+        if self._map is None:
+            fd = os.open(self.shm.weights_path, os.O_RDONLY)
+            try:
+                self._map = mmap.mmap(
+                    fd, self.manifest.weights_size, mmap.MAP_PRIVATE,
+                    mmap.PROT_READ | mmap.PROT_WRITE,
+                )  # fmt: skip
+            finally:
+                os.close(fd)
+        return self._map
