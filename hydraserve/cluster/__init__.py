@@ -1,0 +1,1 @@
+"""Cluster backends: where instances run (local processes, Kubernetes pods)."""
