@@ -47,6 +47,9 @@ def configure_logging(level: str = "INFO", json_format: bool | None = None) -> N
     )
     if not _configured:
         logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
+        # Per-request client logs drown the events that matter.
+        for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "s3transfer"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     _configured = True
 
 

@@ -18,13 +18,13 @@ from hydraserve.api.models import (
 )
 
 __all__ = [
-    "SLOSpec",
     "Condition",
     "EngineSpec",
     "InstanceStatus",
     "ModelPhase",
     "PipelineSpec",
     "ResourcesSpec",
+    "SLOSpec",
     "ScalingSpec",
     "ServerlessModel",
     "ServerlessModelSpec",

@@ -62,7 +62,11 @@ def ls(root: str = typer.Argument(..., help="Store root: s3://bucket[/prefix] or
     for item in list_models(root, settings.s3):
         m = item.manifest
         table.add_row(
-            item.uri, item.revision, m.architecture, str(m.num_layers),
-            f"{m.total_bytes / 1e6:.1f}", m.layout,
-        )  # fmt: skip
+            item.uri,
+            item.revision,
+            m.architecture,
+            str(m.num_layers),
+            f"{m.total_bytes / 1e6:.1f}",
+            m.layout,
+        )
     console.print(table)

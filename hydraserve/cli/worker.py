@@ -37,9 +37,18 @@ def worker(
         if not uri or not name:
             raise typer.BadParameter("--uri and --name are required (or pass --config)")
         worker_config = WorkerConfig(
-            model_name=name, uri=uri, revision=revision, instance=instance, pp=pp, rank=rank,
-            host=host, port=port, prefetcher_url=prefetcher, timeline=timeline,
+            model_name=name,
+            uri=uri,
+            revision=revision,
+            instance=instance,
+            pp=pp,
+            rank=rank,
+            host=host,
+            port=port,
+            prefetcher_url=prefetcher,
+            timeline=timeline,
             rendezvous=StageAddress(master_addr=master_addr, master_port=master_port),
-            enforce_eager=not compiled, engine_args=engine_arg,
-        )  # fmt: skip
+            enforce_eager=not compiled,
+            engine_args=engine_arg,
+        )
     run_worker(worker_config)

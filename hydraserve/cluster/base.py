@@ -51,9 +51,7 @@ class ModelView:
 
     @property
     def ready_instances(self) -> tuple[InstanceView, ...]:
-        return tuple(
-            i for i in self.instances if i.phase == InstancePhase.READY and i.endpoint
-        )
+        return tuple(i for i in self.instances if i.phase == InstancePhase.READY and i.endpoint)
 
 
 class ClusterBackend(ABC):

@@ -114,8 +114,9 @@ class RangeFetcher:
                     ) from exc
                 with self._lock:
                     self.status.retries += 1
-                self.log.warning("fetch.retry", start=start, end=end, attempt=attempt + 1,
-                                 error=str(exc))  # fmt: skip
+                self.log.warning(
+                    "fetch.retry", start=start, end=end, attempt=attempt + 1, error=str(exc)
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, self.options.max_backoff_seconds)
         raise AssertionError("unreachable")
@@ -154,8 +155,12 @@ class RangeFetcher:
         self.status.finished_at = now()
         self._publish(force=True)
         seconds = self.status.finished_at - (self.status.started_at or 0)
-        self.log.info("fetch.done", bytes=self.status.total, seconds=round(seconds, 3),
-                      retries=self.status.retries)  # fmt: skip
+        self.log.info(
+            "fetch.done",
+            bytes=self.status.total,
+            seconds=round(seconds, 3),
+            retries=self.status.retries,
+        )
         return self.status
 
     def _fetch_all(self, fd: int, view: mmap.mmap) -> None:

@@ -148,7 +148,7 @@ def make_s3_client(settings: S3Settings | None = None) -> S3Client:
         region_name=settings.region,
         config=Config(
             max_pool_connections=settings.max_pool_connections,
-            s3={"addressing_style": settings.addressing_style},  # type: ignore[typeddict-item]
+            s3={"addressing_style": settings.addressing_style},  # type: ignore[typeddict-item,arg-type]
             retries={"max_attempts": 3, "mode": "standard"},
         ),
     )
@@ -178,7 +178,9 @@ class S3Backend(StoreBackend):
             raise StoreError(f"{self.describe(key)}: {exc}") from exc
 
     def read(self, key: str) -> bytes:
-        resp = self._call(key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key)))
+        resp = self._call(
+            key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        )
         return bytes(resp["Body"].read())
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
@@ -196,7 +198,9 @@ class S3Backend(StoreBackend):
         return data
 
     def size(self, key: str) -> int:
-        resp = self._call(key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
+        resp = self._call(
+            key, lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        )
         return int(resp["ContentLength"])
 
     def exists(self, key: str) -> bool:

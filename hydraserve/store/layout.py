@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from hydraserve.store.manifest import layer_of
 from hydraserve.store.safetensors_format import TensorSlot
 
 # Architectures whose vLLM implementation fuses q/k/v and gate/up with TP=1 layouts
 # equal to the concatenation of the checkpoint tensors.
-FUSABLE_ARCHITECTURES = frozenset(
-    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
-)
+FUSABLE_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
 
 _FUSIONS = (
     (re.compile(r"^(.*)\.(q|k|v)_proj\.(weight|bias)$"), "qkv_proj", ("q", "k", "v")),
@@ -52,7 +51,9 @@ def _order_key(name: str) -> tuple[int, int, str]:
     return (0, 0, name) if "embed" in name else (2, 0, name)
 
 
-def plan_layout(slots: list[TensorSlot], architecture: str) -> tuple[str, list[OutputTensor]]:
+def plan_layout(
+    slots: list[TensorSlot], architecture: str
+) -> tuple[Literal["vllm", "hf"], list[OutputTensor]]:
     """Decide the store layout ('vllm' or 'hf') and the ordered output tensors."""
     by_name = {s.name: s for s in slots}
     fuse = architecture in FUSABLE_ARCHITECTURES

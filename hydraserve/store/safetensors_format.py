@@ -15,11 +15,22 @@ from pathlib import Path
 from typing import BinaryIO
 
 DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 class SafetensorsFormatError(ValueError):
@@ -46,7 +57,9 @@ def numel(shape: Iterable[int]) -> int:
     return n
 
 
-def read_header(f: BinaryIO, path: str = "<stream>") -> tuple[int, list[TensorSlot], dict[str, str]]:
+def read_header(
+    f: BinaryIO, path: str = "<stream>"
+) -> tuple[int, list[TensorSlot], dict[str, str]]:
     """Return (data_start, tensors sorted by offset, metadata)."""
     raw = f.read(8)
     if len(raw) != 8:
@@ -89,7 +102,11 @@ def encode_header(
         header["__metadata__"] = metadata
     offset = 0
     for name, dtype, shape, nbytes in entries:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     body = json.dumps(header, separators=(",", ":")).encode()
     pad = (8 - (8 + len(body)) % 8) % 8

@@ -32,6 +32,11 @@ class WorkerConfig(BaseModel):
     shm_dir: Path = Field(default_factory=lambda: CommonSettings().shm_dir)
     timeline: Path | None = None
     enforce_eager: bool = True
+    inprocess_engine: bool = Field(
+        default=True,
+        description="pp=1: run vLLM's engine core and model runner in the API process "
+        "(faster cold start; the API loop then shares the GIL with the engine).",
+    )
     max_model_len: int = 1024
     max_num_batched_tokens: int = 256
     max_num_seqs: int = 16

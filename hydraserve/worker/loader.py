@@ -35,10 +35,17 @@ from hydraserve.worker.timeline import Timeline
 LOAD_FORMAT = "hydraserve"
 
 TORCH_DTYPES = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "BOOL": torch.bool,
-}  # fmt: skip
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
 
 # Keep the mappings alive for the life of the process: adopted parameters point into them.
 _LIVE_SOURCES: list[StageSource] = []
@@ -80,16 +87,26 @@ class HydraServeLoader(BaseModelLoader):
         shm = ModelShm(Path(self.config.shm_dir), self.config.uri, self.config.revision)
         manifest = Manifest.model_validate_json(shm.manifest_path.read_bytes())
         source = StageSource(
-            shm, manifest, pp if pp > 1 else None, rank if pp > 1 else None,
+            shm,
+            manifest,
+            pp if pp > 1 else None,
+            rank if pp > 1 else None,
             timeout_seconds=self.config.timeout_seconds,
-        )  # fmt: skip
+        )
         _LIVE_SOURCES.append(source)
         stats = self._adopt_all(model, manifest, source)
         Timeline(
             Path(self.config.timeline) if self.config.timeline else None,
-            model=manifest.name, instance=self.config.instance, rank=rank,
-        ).record("weight_load", started, time.time(), waited_s=round(source.stats.waited_seconds, 4),
-                 **stats)  # fmt: skip
+            model=manifest.name,
+            instance=self.config.instance,
+            rank=rank,
+        ).record(
+            "weight_load",
+            started,
+            time.time(),
+            waited_s=round(source.stats.waited_seconds, 4),
+            **stats,
+        )
 
     def _adopt_all(
         self, model: nn.Module, manifest: Manifest, source: StageSource

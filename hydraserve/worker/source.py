@@ -83,10 +83,11 @@ class StageSource:
                     self.stats.waited_seconds += time.monotonic() - started
                     return
             if time.monotonic() > deadline:
+                why = "no fetch was started" if found is None else f"fetch {found[1].state}"
                 raise StageUnavailable(
                     f"tensor {tensor.name} of {self.manifest.name} did not arrive within "
-                    f"{self.timeout_seconds:.0f}s ({'no fetch was started' if found is None else found[1].state}); "
-                    f"is the node prefetcher running? (looked in {self.shm.dir})"
+                    f"{self.timeout_seconds:.0f}s ({why}); is the node prefetcher running? "
+                    f"(looked in {self.shm.dir})"
                 )
             time.sleep(self.poll_seconds)
 
@@ -97,9 +98,11 @@ class StageSource:
             fd = os.open(self.shm.weights_path, os.O_RDONLY)
             try:
                 self._map = mmap.mmap(
-                    fd, self.manifest.weights_size, mmap.MAP_PRIVATE,
+                    fd,
+                    self.manifest.weights_size,
+                    mmap.MAP_PRIVATE,
                     mmap.PROT_READ | mmap.PROT_WRITE,
-                )  # fmt: skip
+                )
             finally:
                 os.close(fd)
         return self._map

@@ -23,12 +23,12 @@ log = get_logger("worker.timeline")
 # The stages of a cold start, in the order they begin.
 STAGES = (
     "placement",
-    "prefetch",
+    "fetch",
     "process_start",
+    "fetch_start",
     "imports",
     "engine_init",
     "weight_load",
-    "ready",
 )
 
 
