@@ -73,6 +73,7 @@ class RangeFetcher:
         ranges: list[tuple[int, int]],
         options: FetchOptions | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        gate: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.manifest = manifest
@@ -81,6 +82,7 @@ class RangeFetcher:
         self.ranges = ranges
         self.options = options or FetchOptions()
         self.on_bytes = on_bytes
+        self.gate = gate  # called before each request; may block (low-priority fetches)
         self.tensors = tensors_in_ranges(manifest, ranges)
         self.status = FetchStatus(total=sum(e - s for s, e in ranges), ranges=ranges)
         self._lock = threading.Lock()
@@ -97,6 +99,8 @@ class RangeFetcher:
         """A ranged GET with bounded retries and exponential backoff."""
         delay = self.options.backoff_seconds
         for attempt in range(self.options.max_retries + 1):
+            if self.gate is not None:
+                self.gate()
             if self._cancel.is_set():
                 raise FetchError(f"fetch {self.name} of {self.manifest.name} was cancelled")
             try:
