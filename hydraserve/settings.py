@@ -43,3 +43,14 @@ class CommonSettings(_Base):
         default=Path("/dev/shm/hydraserve"),
         description="Where stage files live in shared memory (a tmpfs).",
     )
+
+
+def component_config(prefix: str) -> SettingsConfigDict:
+    """Settings config for one component's own fields (``HYDRASERVE_<COMPONENT>_*``).
+
+    Shared fields (store, shared memory, state, logs) are not repeated per component: a
+    component's settings carry them as ``common``, read from ``HYDRASERVE_*``.
+    """
+    return SettingsConfigDict(
+        env_prefix=f"HYDRASERVE_{prefix.upper()}_", env_nested_delimiter="__", extra="ignore"
+    )

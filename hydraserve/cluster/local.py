@@ -22,13 +22,13 @@ from pathlib import Path
 
 import httpx
 from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from hydraserve.api.models import ServerlessModel, StageTiming
 from hydraserve.cluster.base import ClusterBackend, InstancePhase, InstanceView, ModelView
 from hydraserve.cluster.reconcile import plan_instances
 from hydraserve.logs import get_logger
-from hydraserve.settings import CommonSettings
+from hydraserve.settings import CommonSettings, component_config
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
 from hydraserve.worker.config import StageAddress, WorkerConfig
 from hydraserve.worker.timeline import Timeline, read_timeline, stage_timings
@@ -36,10 +36,9 @@ from hydraserve.worker.timeline import Timeline, read_timeline, stage_timings
 log = get_logger("cluster.local")
 
 
-class LocalSettings(CommonSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="HYDRASERVE_LOCAL_", env_nested_delimiter="__", extra="ignore"
-    )
+class LocalSettings(BaseSettings):
+    model_config = component_config("local")
+    common: CommonSettings = Field(default_factory=CommonSettings)
     worker_host: str = "127.0.0.1"
     vllm_cache_root: Path | None = Field(
         default=None, description="vLLM compile cache; default <state_dir>/vllm-cache."
@@ -120,7 +119,7 @@ class LocalBackend(ClusterBackend):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._http = httpx.AsyncClient(timeout=2)
-        self.instances_dir = self.settings.state_dir / "instances"
+        self.instances_dir = self.settings.common.state_dir / "instances"
 
     # -- ClusterBackend ------------------------------------------------------------------
 
@@ -215,7 +214,8 @@ class LocalBackend(ClusterBackend):
         try:
             if state.manifest is None:
                 store = ModelStore(
-                    ModelRef(model.spec.source.uri, model.spec.source.revision), self.settings.s3
+                    ModelRef(model.spec.source.uri, model.spec.source.revision),
+                    self.settings.common.s3,
                 )
                 state.manifest = await asyncio.to_thread(store.manifest)
         except StoreError as exc:
@@ -252,7 +252,7 @@ class LocalBackend(ClusterBackend):
                     master_addr=self.settings.worker_host, master_port=master_port
                 ),
                 prefetcher_url=self.settings.prefetcher_url,
-                shm_dir=self.settings.shm_dir,
+                shm_dir=self.settings.common.shm_dir,
                 timeline=inst_dir / "timeline.jsonl",
                 enforce_eager=self.settings.enforce_eager,
                 max_model_len=self.settings.max_model_len,
@@ -269,7 +269,7 @@ class LocalBackend(ClusterBackend):
         env = dict(os.environ)
         env.setdefault("VLLM_HOST_IP", self.settings.worker_host)
         env["VLLM_CACHE_ROOT"] = str(
-            self.settings.vllm_cache_root or self.settings.state_dir / "vllm-cache"
+            self.settings.vllm_cache_root or self.settings.common.state_dir / "vllm-cache"
         )
         if self.settings.cpu_binds:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.settings.cpu_binds[

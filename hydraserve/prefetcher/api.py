@@ -10,20 +10,19 @@ from typing import Any
 from fastapi import FastAPI, HTTPException
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from pydantic import BaseModel, Field
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import BaseSettings
 from starlette.responses import Response
 
 from hydraserve.prefetcher.fetcher import FetchOptions
 from hydraserve.prefetcher.node import NodeStatus, Prefetcher, PreloadRequest
 from hydraserve.prefetcher.shm import FetchStatus
-from hydraserve.settings import CommonSettings
+from hydraserve.settings import CommonSettings, component_config
 from hydraserve.store import ModelNotFound, StoreError
 
 
-class PrefetcherSettings(CommonSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="HYDRASERVE_PREFETCHER_", env_nested_delimiter="__", extra="ignore"
-    )
+class PrefetcherSettings(BaseSettings):
+    model_config = component_config("prefetcher")
+    common: CommonSettings = Field(default_factory=CommonSettings)
     node_name: str = Field(default_factory=socket.gethostname)
     cache_capacity_bytes: int = Field(default=16 << 30, ge=0)
     concurrency: int = Field(default=8, ge=1, le=256, description="Parallel ranged GETs.")
@@ -39,9 +38,9 @@ class EvictRequest(BaseModel):
 def build_prefetcher(settings: PrefetcherSettings) -> Prefetcher:
     return Prefetcher(
         node=settings.node_name,
-        shm_dir=Path(settings.shm_dir),
+        shm_dir=Path(settings.common.shm_dir),
         capacity_bytes=settings.cache_capacity_bytes,
-        s3=settings.s3,
+        s3=settings.common.s3,
         options=FetchOptions(
             concurrency=settings.concurrency,
             chunk_bytes=settings.chunk_bytes,
