@@ -28,6 +28,7 @@ from hydraserve.api.models import ServerlessModel, StageTiming
 from hydraserve.cluster.base import ClusterBackend, InstancePhase, InstanceView, ModelView
 from hydraserve.cluster.reconcile import plan_instances
 from hydraserve.logs import get_logger
+from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name
 from hydraserve.settings import CommonSettings, component_config
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
 from hydraserve.worker.config import StageAddress, WorkerConfig
@@ -313,7 +314,7 @@ class LocalBackend(ClusterBackend):
                         state, inst, f"not ready after {self.settings.startup_timeout_seconds:.0f}s"
                     )
                     continue
-                if await self._healthy(inst):
+                if await self._healthy(inst) and self._weights_verified(state, inst):
                     inst.phase = InstancePhase.READY
                     inst.ready_at = time.time()
                     events = read_timeline(inst.dir / "timeline.jsonl")
@@ -335,6 +336,22 @@ class LocalBackend(ClusterBackend):
         log.error("instance.failed", model=state.model.name, instance=inst.name, error=error)
         self._terminate(inst)
         self._notify(state)
+
+    def _weights_verified(self, state: _ModelState, inst: _Instance) -> bool:
+        """Every stage's bytes are fetched and verified (the engine may have started on
+        early-adopted, still-arriving weights; it must not serve before this)."""
+        source = state.model.spec.source
+        shm = ModelShm(self.settings.common.shm_dir, source.uri, source.revision)
+        full = shm.read_status(fetch_name(None, None))
+        if full is not None and full.state == FetchState.DONE:
+            return True
+        for rank in range(inst.pp):
+            status = shm.read_status(
+                fetch_name(inst.pp if inst.pp > 1 else None, rank if inst.pp > 1 else None)
+            )
+            if status is None or status.state != FetchState.DONE:
+                return False
+        return True
 
     async def _healthy(self, inst: _Instance) -> bool:
         try:

@@ -15,12 +15,14 @@ parameter of the stage got no tensor.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from torch import nn
 from vllm.config import ModelConfig
 from vllm.config.load import LoadConfig
@@ -63,6 +65,11 @@ class LoaderConfig(BaseModel):
     instance: str | None = None
     timeout_seconds: float = 600.0
     zero_copy: bool = True
+    overlap_compile: bool = Field(
+        default=True,
+        description="In compiled mode, adopt the mapped stage at once so compilation and "
+        "warm-up overlap the fetch (only where post-load processing never reads weights).",
+    )
 
 
 def _pp_rank_and_size() -> tuple[int, int]:
@@ -94,13 +101,18 @@ class HydraServeLoader(BaseModelLoader):
             timeout_seconds=self.config.timeout_seconds,
         )
         _LIVE_SOURCES.append(source)
-        stats = self._adopt_all(model, manifest, source)
-        Timeline(
+        timeline = Timeline(
             Path(self.config.timeline) if self.config.timeline else None,
             model=manifest.name,
             instance=self.config.instance,
             rank=rank,
-        ).record(
+        )
+        params = dict(model.named_parameters())
+        if self._can_adopt_early(model_config, manifest, source, params):
+            self._adopt_early(params, source, timeline, started)
+            return
+        stats = self._adopt_all(model, params, manifest, source)
+        timeline.record(
             "weight_load",
             started,
             time.time(),
@@ -108,10 +120,67 @@ class HydraServeLoader(BaseModelLoader):
             **stats,
         )
 
+    def _can_adopt_early(
+        self,
+        model_config: ModelConfig,
+        manifest: Manifest,
+        source: StageSource,
+        params: dict[str, nn.Parameter],
+    ) -> bool:
+        """Early adoption is safe only if nothing reads the weights before ready: compiled
+        mode on CPU, bf16 in the engine's own layout (no repacking after load)."""
+        if not (self.config.overlap_compile and self.config.zero_copy):
+            return False
+        if model_config.enforce_eager or manifest.dtype != "BF16" or manifest.layout != "vllm":
+            return False
+        if any(p.device.type != "cpu" for p in params.values()):
+            return False
+        names = {t.name for t in source.tensors}
+        return names == set(params) and all(
+            tuple(params[t.name].shape) == tuple(t.shape)
+            and params[t.name].dtype == TORCH_DTYPES[t.dtype]
+            for t in source.tensors
+        )
+
+    def _adopt_early(
+        self,
+        params: dict[str, nn.Parameter],
+        source: StageSource,
+        timeline: Timeline,
+        started: float,
+    ) -> None:
+        """Point every parameter at its (possibly still arriving) bytes, then verify in the
+        background. The control plane marks the instance ready only once every stage's
+        fetch is verified; if a fetch fails, this process exits rather than serve."""
+        source.wait_started()
+        buffer = source.buffer(shared=True)
+        for info in source.tensors:
+            dtype = TORCH_DTYPES[info.dtype]
+            count = info.size // dtype.itemsize
+            view = torch.frombuffer(buffer, dtype=dtype, count=count, offset=info.offset)
+            params[info.name].data = view.view(info.shape)
+        timeline.record("weight_load", started, time.time(), adopted_early=len(params))
+
+        def verify() -> None:
+            try:
+                for info in source.tensors:
+                    source.wait_for(info)
+            except Exception as exc:
+                log.error("weights.unverified", error=str(exc))
+                os._exit(3)  # never serve with unverified weights
+            timeline.record(
+                "weights_verified", started, time.time(), waited_s=source.stats.waited_seconds
+            )
+
+        threading.Thread(target=verify, name="hydraserve-verify", daemon=True).start()
+
     def _adopt_all(
-        self, model: nn.Module, manifest: Manifest, source: StageSource
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        manifest: Manifest,
+        source: StageSource,
     ) -> dict[str, Any]:
-        params = dict(model.named_parameters())
         buffer = source.buffer()
         adopted: set[str] = set()
         copied = 0

@@ -91,16 +91,32 @@ class StageSource:
                 )
             time.sleep(self.poll_seconds)
 
-    def buffer(self) -> mmap.mmap:
-        """The weights file mapped copy-on-write: reads share the node's pages, and a write
-        by the engine stays private instead of corrupting the node's copy."""
+    def wait_started(self) -> None:
+        """Block until a fetch covering this stage exists (its file is then full size)."""
+        deadline = time.monotonic() + self.timeout_seconds
+        while self._covering_status(self.tensors[0]) is None:
+            if time.monotonic() > deadline:
+                raise StageUnavailable(
+                    f"no fetch of {self.manifest.name} started within "
+                    f"{self.timeout_seconds:.0f}s (looked in {self.shm.dir})"
+                )
+            time.sleep(self.poll_seconds)
+
+    def buffer(self, shared: bool = False) -> mmap.mmap:
+        """The weights file, mapped.
+
+        By default copy-on-write: reads share the node's pages, and a write by the engine
+        stays private instead of corrupting the node's copy. Only verified bytes may be
+        touched through it. ``shared=True`` maps it shared, so pages touched before their
+        bytes land still see them once written (early adoption).
+        """
         if self._map is None:
-            fd = os.open(self.shm.weights_path, os.O_RDONLY)
+            fd = os.open(self.shm.weights_path, os.O_RDWR if shared else os.O_RDONLY)
             try:
                 self._map = mmap.mmap(
                     fd,
                     self.manifest.weights_size,
-                    mmap.MAP_PRIVATE,
+                    mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE,
                     mmap.PROT_READ | mmap.PROT_WRITE,
                 )
             finally:
