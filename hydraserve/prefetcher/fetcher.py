@@ -44,10 +44,11 @@ class FetchError(StoreError):
 
 
 def tensors_in_ranges(manifest: Manifest, ranges: list[tuple[int, int]]) -> list[TensorInfo]:
-    """Tensors wholly inside ``ranges``, in range order."""
+    """Verifiable units (the header, tensors) wholly inside ``ranges``, in range order."""
+    units = [manifest.header(), *manifest.tensors]
     out = []
     for start, end in ranges:
-        out += [t for t in manifest.tensors if start <= t.offset and t.end <= end]
+        out += [t for t in units if start <= t.offset and t.end <= end]
     return out
 
 

@@ -112,11 +112,7 @@ class Prefetcher:
             full = model.shm.read_status(fetch_name(None, None))
             if full and full.state == FetchState.DONE:
                 return full  # the whole model is here: every stage is satisfied
-            ranges = (
-                manifest.stage(request.pp, request.rank).ranges
-                if request.pp is not None and request.rank is not None
-                else manifest.stage(1, 0).ranges
-            )
+            ranges = manifest.fetch_ranges(request.pp, request.rank)
             self._make_room(sum(e - s for s, e in ranges), keep=model)
             fetcher = RangeFetcher(
                 model.store,

@@ -20,6 +20,7 @@ MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_FORMAT = 1
 MAX_PP = 4
+HEADER_UNIT = "__header__"
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -84,6 +85,7 @@ class Manifest(BaseModel):
     weights_size: int
     weights_sha256: str
     header_size: int = Field(description="Bytes of the safetensors header incl. its length.")
+    header_sha256: str = Field(description="sha256 of those header bytes.")
     files: list[FileInfo] = Field(description="Config and tokenizer files, copied as they are.")
     tensors: list[TensorInfo]
     partitions: dict[int, list[StageInfo]]
@@ -107,6 +109,23 @@ class Manifest(BaseModel):
         if not 0 <= rank < len(stages):
             raise KeyError(f"model {self.name}: pp={pp} has no rank {rank}")
         return stages[rank]
+
+    def header(self) -> TensorInfo:
+        """The safetensors header as a verifiable unit (every fetch carries it, so a node's
+        shared-memory file is always a valid safetensors file)."""
+        return TensorInfo(
+            name=HEADER_UNIT,
+            dtype="U8",
+            shape=[self.header_size],
+            offset=0,
+            size=self.header_size,
+            sha256=self.header_sha256,
+        )
+
+    def fetch_ranges(self, pp: int | None, rank: int | None) -> list[tuple[int, int]]:
+        """Byte ranges one fetch moves: the header, then a stage's tensors (or all)."""
+        stage = self.stage(pp, rank) if pp is not None and rank is not None else self.stage(1, 0)
+        return merge_ranges([(0, self.header_size), *stage.ranges])
 
     def layer_bytes(self) -> list[int]:
         sizes = [0] * self.num_layers

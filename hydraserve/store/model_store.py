@@ -182,6 +182,7 @@ def build_store_layout(
         weights_size=len(header) + total,
         weights_sha256=file_hash.hexdigest(),
         header_size=len(header),
+        header_sha256=sha256_hex(header),
         files=side,
         tensors=tensors,
         partitions=build_partitions(tensors, num_layers, tie),

@@ -61,8 +61,7 @@ def ensure_fetch(config: WorkerConfig, store: ModelStore, manifest: Manifest) ->
         if status is not None and status.state in (FetchState.FETCHING, FetchState.DONE):
             log.info("fetch.reuse", model=config.model_name, fetch=candidate, state=status.state)
             return
-    # pp=1's single stage is the whole model.
-    ranges = manifest.stage(config.pp, config.rank).ranges
+    ranges = manifest.fetch_ranges(stage_pp, stage_rank)
     fetcher = RangeFetcher(store, manifest, shm, name, ranges)
     shm.write_status(name, fetcher.status.model_copy(update={"state": FetchState.FETCHING}))
     threading.Thread(target=_run_quietly, args=(fetcher,), name="self-fetch", daemon=True).start()

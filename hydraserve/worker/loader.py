@@ -33,21 +33,10 @@ from hydraserve.prefetcher.shm import ModelShm
 from hydraserve.store.manifest import Manifest
 from hydraserve.worker.source import StageSource
 from hydraserve.worker.timeline import Timeline
+from hydraserve.worker.views import TORCH_DTYPES, process_memory, tensor_view
 
 LOAD_FORMAT = "hydraserve"
 
-TORCH_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "BOOL": torch.bool,
-}
 
 # Keep the mappings alive for the life of the process: adopted parameters point into them.
 _LIVE_SOURCES: list[StageSource] = []
@@ -111,12 +100,16 @@ class HydraServeLoader(BaseModelLoader):
         if self._can_adopt_early(model_config, manifest, source, params):
             self._adopt_early(params, source, timeline, started)
             return
+        memory_before = process_memory()
         stats = self._adopt_all(model, params, manifest, source)
+        memory_after = process_memory()
         timeline.record(
             "weight_load",
             started,
             time.time(),
             waited_s=round(source.stats.waited_seconds, 4),
+            stage_bytes=sum(t.size for t in source.tensors),
+            anon_growth_bytes=memory_after["RssAnon"] - memory_before["RssAnon"],
             **stats,
         )
 
@@ -155,10 +148,7 @@ class HydraServeLoader(BaseModelLoader):
         source.wait_started()
         buffer = source.buffer(shared=True)
         for info in source.tensors:
-            dtype = TORCH_DTYPES[info.dtype]
-            count = info.size // dtype.itemsize
-            view = torch.frombuffer(buffer, dtype=dtype, count=count, offset=info.offset)
-            params[info.name].data = view.view(info.shape)
+            params[info.name].data = tensor_view(buffer, info)
         timeline.record("weight_load", started, time.time(), adopted_early=len(params))
 
         def verify() -> None:
@@ -188,10 +178,7 @@ class HydraServeLoader(BaseModelLoader):
         remap: list[tuple[str, torch.Tensor]] = []
         for info in source.tensors:
             source.wait_for(info)
-            dtype = TORCH_DTYPES[info.dtype]
-            count = info.size // dtype.itemsize if info.size else 0
-            view = torch.frombuffer(buffer, dtype=dtype, count=count, offset=info.offset)
-            view = view.view(info.shape)
+            view = tensor_view(buffer, info)
             param = params.get(info.name)
             if param is None or param.shape != view.shape or param.dtype != view.dtype:
                 remap.append((info.name, view))

@@ -39,16 +39,19 @@ class FlakyStore(ModelStore):
 def stage_fetcher(store: ModelStore, shm_dir: Path, pp: int = 2, rank: int = 1) -> RangeFetcher:
     manifest = store.manifest()
     shm = ModelShm(shm_dir, store.ref.uri, store.ref.revision)
-    stage = manifest.stage(pp, rank)
-    return RangeFetcher(store, manifest, shm, f"pp{pp}-rank{rank}", stage.ranges, FAST)
+    ranges = manifest.fetch_ranges(pp, rank)
+    return RangeFetcher(store, manifest, shm, f"pp{pp}-rank{rank}", ranges, FAST)
 
 
 def test_stage_bytes_land_at_manifest_offsets(local_store: ModelStore, tmp_path: Path) -> None:
     fetcher = stage_fetcher(local_store, tmp_path)
     status = fetcher.run()
     assert status.state == FetchState.DONE
-    assert status.verified == status.total == local_store.manifest().stage(2, 1).nbytes
+    manifest = local_store.manifest()
+    assert status.verified == status.total == manifest.stage(2, 1).nbytes + manifest.header_size
     data = fetcher.shm.weights_path.read_bytes()
+    # The header travels with every fetch, so the file is a valid safetensors file.
+    assert data[: manifest.header_size] == local_store.read_range(0, manifest.header_size)
     for name in local_store.manifest().stage(2, 1).tensors:
         t = local_store.manifest().tensor(name)
         assert data[t.offset : t.end] == local_store.read_tensor(name)
@@ -81,7 +84,9 @@ def test_persistent_corruption_fails_naming_the_tensor(
 ) -> None:
     flaky = FlakyStore(local_store, corruptions=10_000)
     fetcher = stage_fetcher(flaky, tmp_path)
-    with pytest.raises(ChecksumError, match=r"tensor model\.layers\.\d+\..* failed its sha256"):
+    with pytest.raises(
+        ChecksumError, match=r"tensor (__header__|model\.\S+) of demo failed its sha256"
+    ):
         fetcher.run()
     status = fetcher.shm.read_status("pp2-rank1")
     assert status is not None and status.state == FetchState.FAILED
@@ -116,7 +121,7 @@ def test_source_waits_for_verified_bytes_and_reports_failures(
 def test_a_whole_model_fetch_satisfies_any_stage(local_store: ModelStore, tmp_path: Path) -> None:
     manifest = local_store.manifest()
     shm = ModelShm(tmp_path, local_store.ref.uri, local_store.ref.revision)
-    RangeFetcher(local_store, manifest, shm, "full", manifest.stage(1, 0).ranges, FAST).run()
+    RangeFetcher(local_store, manifest, shm, "full", manifest.fetch_ranges(None, None), FAST).run()
     source = StageSource(shm, manifest, 4, 3, timeout_seconds=1)
     for tensor in source.tensors:
         source.wait_for(tensor)

@@ -33,7 +33,8 @@ def test_preload_over_http_then_status(local_store: ModelStore, tmp_path: Path) 
     (model,) = status["models"]
     assert model["fetches"]["pp2-rank0"]["state"] == "done"
     assert model["complete"] is False
-    stage_bytes = local_store.manifest().stage(2, 0).nbytes
+    manifest = local_store.manifest()
+    stage_bytes = manifest.stage(2, 0).nbytes + manifest.header_size
     # Sparse file: memory held is about the stage, not the whole model.
     assert stage_bytes <= model["memory_bytes"] < stage_bytes + (1 << 20)
     assert status["bytes_from_store"] == stage_bytes
@@ -55,7 +56,8 @@ def test_whole_model_makes_it_complete(local_store: ModelStore, tmp_path: Path) 
     # Every stage is now satisfied without another fetch.
     status = prefetcher.preload(PreloadRequest(uri=local_store.ref.uri, pp=4, rank=2))
     assert status.state == FetchState.DONE
-    assert prefetcher.status().bytes_from_store == local_store.manifest().total_bytes
+    manifest = local_store.manifest()
+    assert prefetcher.status().bytes_from_store == manifest.total_bytes + manifest.header_size
 
 
 def test_bad_requests(local_store: ModelStore, tmp_path: Path) -> None:
