@@ -439,7 +439,7 @@ def report(results: dict[str, Outcome], manifest: Manifest, args: argparse.Names
             "-" if fetch_end is None else f"{fetch_end:.1f}",
             "-" if b is None else f"{b:.1f}",
         )
-    Console().print(table)
+    Console(width=140).print(table)
 
     data: dict[str, Any] = {
         "benchmark": "cold_start",

@@ -1,6 +1,6 @@
 """One loading path, measured in a fresh process (so peak RSS is its own).
 
-``python -m benchmarks.loader.measure {streaming|safetensors} MANIFEST WEIGHTS``
+``python -m benchmarks.loader.measure {streaming|safetensors|copy} MANIFEST WEIGHTS``
 prints one JSON object: seconds to make every tensor usable, seconds to first touch every
 byte, and how much this process's peak resident memory grew.
 """
@@ -43,10 +43,14 @@ def main() -> None:
         )
         os.close(fd)
         tensors = [tensor_view(buffer, info) for info in manifest.tensors]
-    else:
+    elif mode == "safetensors":
         from safetensors.torch import load_file
 
         tensors = list(load_file(str(weights_path)).values())
+    else:  # "copy": what a loader that allocates parameters and copies into them does
+        from safetensors.torch import load_file
+
+        tensors = [torch.empty_like(t).copy_(t) for t in load_file(str(weights_path)).values()]
     adopted = time.perf_counter()
     touch(tensors)
     touched = time.perf_counter()
