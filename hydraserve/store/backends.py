@@ -177,20 +177,24 @@ class S3Backend(StoreBackend):
         except BotoCoreError as exc:
             raise StoreError(f"{self.describe(key)}: {exc}") from exc
 
+    def _get(self, key: str, **kwargs: Any) -> bytes:
+        # The body streams after the response headers: a connection lost while reading it
+        # must surface as a StoreError too, so that callers retry it like any other.
+        def fetch() -> bytes:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **kwargs)
+            try:
+                return bytes(resp["Body"].read())
+            except OSError as exc:
+                raise StoreError(f"{self.describe(key)}: reading the body failed: {exc}") from exc
+
+        result: bytes = self._call(key, fetch)
+        return result
+
     def read(self, key: str) -> bytes:
-        resp = self._call(
-            key, lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        )
-        return bytes(resp["Body"].read())
+        return self._get(key)
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        resp = self._call(
-            key,
-            lambda: self.client.get_object(
-                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}"
-            ),
-        )
-        data = bytes(resp["Body"].read())
+        data = self._get(key, Range=f"bytes={start}-{end - 1}")
         if len(data) != end - start:
             raise StoreError(
                 f"{self.describe(key)}: short read at [{start}, {end}) ({len(data)} bytes)"

@@ -6,6 +6,7 @@ import hashlib
 import json
 import mmap
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,7 +206,7 @@ class ModelStore:
     def manifest(self) -> Manifest:
         if self._manifest is None:
             try:
-                raw = self.backend.read(MANIFEST_NAME)
+                raw = self._read_small(MANIFEST_NAME)
             except ObjectNotFound as exc:
                 raise ModelNotFound(
                     f"no model at {self.ref.uri} revision {self.ref.revision}: "
@@ -214,6 +215,21 @@ class ModelStore:
                 ) from exc
             self._manifest = Manifest.model_validate_json(raw)
         return self._manifest
+
+    def _read_small(self, key: str, attempts: int = 4) -> bytes:
+        """A whole small object (manifest, config), retried across transient errors."""
+        delay = 0.2
+        for attempt in range(attempts):
+            try:
+                return self.backend.read(key)
+            except ObjectNotFound:
+                raise
+            except StoreError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
 
     def read_range(self, start: int, end: int) -> bytes:
         return self.backend.read_range(self.manifest().weights_file, start, end)
@@ -232,7 +248,7 @@ class ModelStore:
             target = dest / info.name
             if target.is_file() and sha256_hex(target.read_bytes()) == info.sha256:
                 continue
-            data = self.backend.read(info.name)
+            data = self._read_small(info.name)
             if sha256_hex(data) != info.sha256:
                 raise ChecksumError(f"{self.ref.uri}: {info.name} failed its sha256 check")
             target.write_bytes(data)
