@@ -15,6 +15,7 @@ and the others stay paused until its keep-alives stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -41,10 +42,9 @@ def post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) ->
         "kind": obj.get("kind"),
         "metadata": obj.get("metadata") or {},
     }
-    try:
+    # Outside an operator's context (e.g. unit tests) there is nothing to post to.
+    with contextlib.suppress(LookupError):
         kopf.event(body, type=type_, reason=reason, message=message[:1000])
-    except LookupError:  # outside an operator's context (e.g. unit tests): nothing to post
-        pass
 
 
 class OperatorApp:
