@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from hydraserve.api.models import ModelPhase, ServerlessModelSpec, ServerlessModelStatus
-from hydraserve.controller.types import ModelProfile, PlanRequest, SLO, Unschedulable
+from hydraserve.controller.types import SLO, ModelProfile, PlanRequest, Unschedulable
 from hydraserve.operator.cluster_state import (
     cluster_state,
     gpu_resource_amount,
