@@ -158,7 +158,9 @@ def test_crd_subresources_and_columns() -> None:
     spec = schema()["properties"]["spec"]["properties"]
     assert spec["pipeline"]["properties"]["maxSize"]["maximum"] == 4
     assert spec["pipeline"]["properties"]["maxSize"]["minimum"] == 1
-    assert spec["slo"]["default"] == {} and spec["slo"]["properties"]["ttftSeconds"]["default"] == 10
+    assert (
+        spec["slo"]["default"] == {} and spec["slo"]["properties"]["ttftSeconds"]["default"] == 10
+    )
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
