@@ -280,3 +280,14 @@ def test_operator_made_objects_pass_kubernetes_validate_strict() -> None:
     ]
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_container_build_dirs_are_not_python_packages() -> None:
+    """A top-level `operator` package would shadow the standard library's `operator`."""
+    for directory in ("operator", "worker"):
+        files = [p.name for p in (ROOT / directory).iterdir()]
+        assert "Dockerfile" in files
+        assert not [f for f in files if f.endswith(".py")], files
+    dockerfile = (ROOT / "operator" / "Dockerfile").read_text()
+    assert "USER 10001" in dockerfile and '".[operator]"' in dockerfile
+    assert "USER 10001" in (ROOT / "worker" / "Dockerfile").read_text()
