@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
+
+from hydraserve.settings import component_config
 
 
 class OperatorSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="HYDRASERVE_OPERATOR_", env_nested_delimiter="__", extra="ignore"
-    )
+    model_config = component_config("operator")
 
     # Which ServerlessModels to reconcile.
     namespaces: list[str] = Field(

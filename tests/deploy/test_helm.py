@@ -190,6 +190,19 @@ def test_prefetcher_daemonset_shm_capacity_and_nodes(
     assert "limits" not in container["resources"]  # tmpfs pages count against a limit
 
 
+def test_prefetcher_env_is_read_by_its_settings(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    from hydraserve.prefetcher.api import PrefetcherSettings
+
+    ds = find(rendered["defaults"], "DaemonSet", "-prefetcher")
+    env = env_of(ds["spec"]["template"]["spec"]["containers"][0])
+    own = {k for k in env if k.startswith("HYDRASERVE_PREFETCHER_")}
+    fields = {f"HYDRASERVE_PREFETCHER_{f.upper()}" for f in PrefetcherSettings.model_fields}
+    assert own <= fields, own - fields
+    assert env["HYDRASERVE_SHM_DIR"] == "/dev/shm/hydraserve"
+
+
 def test_security_contexts_non_root(rendered: dict[str, list[dict[str, Any]]]) -> None:
     for doc in rendered["defaults"]:
         if doc["kind"] not in ("Deployment", "DaemonSet"):
