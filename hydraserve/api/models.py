@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "hydraserve.io"
@@ -65,6 +65,8 @@ class SLOSpec(_Wire):
 
 
 class ResourcesSpec(_Wire):
+    """What one full replica needs; the controller splits it across pipeline stages."""
+
     gpu_memory_gi_b: Annotated[
         float,
         Field(
@@ -76,9 +78,26 @@ class ResourcesSpec(_Wire):
     ]
 
 
+MIN_LE_MAX_RULE = "self.minReplicas <= self.maxReplicas"
+MIN_LE_MAX_MESSAGE = "scaling.minReplicas must not exceed scaling.maxReplicas"
+
+
 class ScalingSpec(_Wire):
-    min_replicas: Annotated[int, Field(default=0, ge=0, le=64)]
-    max_replicas: Annotated[int, Field(default=4, ge=1, le=64)]
+    """How many replicas the model may have and when idle ones go away."""
+
+    # The same rule, as CEL, makes the API server reject the object (see hydraserve.api.crd).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [{"rule": MIN_LE_MAX_RULE, "message": MIN_LE_MAX_MESSAGE}]
+        }
+    )
+
+    min_replicas: Annotated[
+        int, Field(default=0, ge=0, le=64, description="Replicas kept even when idle.")
+    ]
+    max_replicas: Annotated[
+        int, Field(default=4, ge=1, le=64, description="Most replicas the autoscaler may ask for.")
+    ]
     keep_alive_seconds: Annotated[
         float, Field(default=30.0, ge=0, description="Idle time before scale to zero.")
     ]
@@ -86,8 +105,19 @@ class ScalingSpec(_Wire):
         int, Field(default=8, ge=1, le=1024, description="In-flight requests per replica.")
     ]
 
+    @model_validator(mode="after")
+    def _min_le_max(self) -> ScalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"{MIN_LE_MAX_MESSAGE} (minReplicas={self.min_replicas}, "
+                f"maxReplicas={self.max_replicas})"
+            )
+        return self
+
 
 class PipelineSpec(_Wire):
+    """Pipeline-parallel cold starts: each stage fetches its share over its own node's NIC."""
+
     max_size: Annotated[
         int,
         Field(
@@ -100,6 +130,8 @@ class PipelineSpec(_Wire):
 
 
 class EngineSpec(_Wire):
+    """The inference engine (vLLM) of the worker pods."""
+
     image: Annotated[str | None, Field(default=None, description="Worker image override.")]
     args: Annotated[
         list[str], Field(default_factory=list, description="Extra vLLM engine arguments.")
@@ -107,6 +139,8 @@ class EngineSpec(_Wire):
 
 
 class ServerlessModelSpec(_Wire):
+    """What to serve and the objectives it is planned against."""
+
     source: SourceSpec
     slo: SLOSpec = Field(default_factory=SLOSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -157,22 +191,38 @@ class WorkerStatus(_Wire):
 
 
 class InstanceStatus(_Wire):
-    name: str
-    pp: int
+    name: str = Field(description="Instance id (also the name of its head Service).")
+    pp: int = Field(ge=1, le=4, description="Pipeline stages of this instance.")
     workers: list[WorkerStatus] = Field(default_factory=list)
-    endpoint: str | None = None
+    endpoint: str | None = Field(
+        default=None, description="Base URL of the instance's OpenAI server (stage 0)."
+    )
     ready: bool = False
-    cold_start: list[StageTiming] = Field(default_factory=list)
+    cold_start: list[StageTiming] = Field(
+        default_factory=list, description="Cold-start stage breakdown, seconds."
+    )
 
 
 class ServerlessModelStatus(_Wire):
+    """Observed state, written by the operator."""
+
     phase: ModelPhase = ModelPhase.COLD
-    replicas: int = 0
-    ready_replicas: int = 0
-    selector: str | None = None
-    instances: list[InstanceStatus] = Field(default_factory=list)
-    conditions: list[Condition] = Field(default_factory=list)
-    last_cold_start_seconds: float | None = None
+    replicas: int = Field(default=0, description="Instances that exist (starting or ready).")
+    ready_replicas: int = Field(default=0, description="Instances ready to serve.")
+    selector: str | None = Field(
+        default=None, description="Label selector of the instances' head pods (scale subresource)."
+    )
+    instances: list[InstanceStatus] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    last_cold_start_seconds: float | None = Field(
+        default=None, description="Request-to-ready time of the latest cold start, seconds."
+    )
     observed_generation: int | None = None
 
 

@@ -1,0 +1,201 @@
+"""The gateway's cluster backend on Kubernetes: ServerlessModel objects and their status.
+
+Reads come from an in-memory cache kept current by a watch (the gateway asks per request,
+so it must not call the API server each time). Scaling patches the ``scale`` subresource
+(``spec.replicas``); the operator does the rest and writes ``status.instances``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from hydraserve.api.models import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    ModelPhase,
+    ServerlessModel,
+    ServerlessModelSpec,
+)
+from hydraserve.cluster.base import ClusterBackend, InstancePhase, InstanceView, ModelView
+from hydraserve.cluster.kubeapi import KubeClient, KubeError, path_of
+from hydraserve.logs import get_logger
+from hydraserve.operator.reconcile import desired_replicas, parse_time, spec_errors
+
+log = get_logger("gateway.kubernetes")
+
+MODELS_API = f"{GROUP}/{VERSION}"
+RECONNECT_DELAY_S = 1.0
+
+
+def model_view(obj: Mapping[str, Any]) -> ModelView | None:
+    """A ServerlessModel object as the gateway sees it (None if not even its name is usable)."""
+    meta = obj.get("metadata") or {}
+    raw_status = obj.get("status") or {}
+    errors = spec_errors(obj.get("spec") or {})
+    metadata = {"name": meta.get("name"), "namespace": meta.get("namespace", "default")}
+    try:
+        if errors is None:
+            body = {"metadata": metadata, "spec": obj["spec"], "status": _known_status(raw_status)}
+        else:
+            # Keep the model listed (with its error) so that a request gets a useful answer.
+            body = {"metadata": metadata, "spec": {"source": {"uri": "/invalid"}}}
+        model = ServerlessModel.model_validate(body)
+    except ValidationError as exc:
+        log.warning("model.unusable", model=meta.get("name"), error=str(exc))
+        return None
+    status = model.status
+    started = parse_time(meta.get("creationTimestamp")) or 0.0
+    instances = tuple(
+        InstanceView(
+            name=inst.name,
+            model=model.name,
+            pp=inst.pp,
+            phase=InstancePhase.READY if inst.ready else InstancePhase.STARTING,
+            endpoint=inst.endpoint,
+            started_at=started,
+            ready_at=None,
+            cold_start=tuple(inst.cold_start),
+        )
+        for inst in status.instances
+    )
+    error = errors
+    if error is None and status.phase == ModelPhase.FAILED:
+        failing = [c for c in status.conditions if c.status == "False" and c.message]
+        error = failing[0].message if failing else "the model failed"
+    desired = desired_replicas(model.spec) if errors is None else 0
+    return ModelView(model=model, desired_replicas=desired, instances=instances, error=error)
+
+
+def _known_status(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Status as the models know it (tolerating fields a newer operator may add)."""
+    from hydraserve.api.models import ServerlessModelStatus
+
+    known = {f.alias or n for n, f in ServerlessModelStatus.model_fields.items()}
+    status = {k: v for k, v in raw.items() if k in known}
+    try:
+        ServerlessModelStatus.model_validate(status)
+    except ValidationError:
+        return {}
+    return status
+
+
+class KubernetesBackend(ClusterBackend):
+    """Models from ServerlessModel objects in one namespace, or in all (``namespace=None``).
+
+    Model names are the OpenAI ``model`` names, so across namespaces they must be unique;
+    on a clash the first one seen wins and the clash is logged.
+    """
+
+    def __init__(self, client: KubeClient, namespace: str | None = None) -> None:
+        self.client = client
+        self.namespace = namespace
+        self._views: dict[str, ModelView] = {}
+        self._owners: dict[str, tuple[str, str]] = {}  # model name -> (namespace, name)
+        self._changed: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self._task: asyncio.Task[None] | None = None
+        self._synced = asyncio.Event()
+
+    @property
+    def _path(self) -> str:
+        return path_of(MODELS_API, PLURAL, self.namespace)
+
+    async def start(self) -> None:
+        await self._resync()
+        self._task = asyncio.create_task(self._watch_forever(), name="serverlessmodel-watch")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.client.close()
+
+    def list_models(self) -> list[ModelView]:
+        return sorted(self._views.values(), key=lambda v: v.name)
+
+    def get_model(self, name: str) -> ModelView | None:
+        return self._views.get(name)
+
+    async def scale(self, name: str, replicas: int) -> None:
+        owner = self._owners.get(name)
+        if owner is None:
+            raise KeyError(f"no ServerlessModel named {name!r}")
+        namespace, obj_name = owner
+        view = self._views.get(name)
+        if view is not None and errors_free(view):
+            # Stay inside the model's bounds; the API server would reject spec.replicas > 64.
+            scaling = view.model.spec.scaling
+            replicas = max(0, min(replicas, scaling.max_replicas))
+        await self.client.merge_patch(
+            path_of(MODELS_API, PLURAL, namespace, obj_name, "scale"),
+            {"spec": {"replicas": replicas}},
+        )
+        log.info("model.scale", model=name, namespace=namespace, replicas=replicas)
+
+    async def wait_for_change(self, name: str, timeout: float) -> None:
+        event = self._changed[name]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    # -- cache -------------------------------------------------------------------------
+
+    def _apply(self, kind: str, obj: Mapping[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        name, namespace = meta.get("name"), meta.get("namespace", "default")
+        if not name:
+            return
+        owner = self._owners.get(name)
+        if owner is not None and owner != (namespace, name):
+            log.warning("model.name_clash", model=name, kept=owner[0], ignored=namespace)
+            return
+        if kind == "DELETED":
+            self._views.pop(name, None)
+            self._owners.pop(name, None)
+        else:
+            view = model_view(obj)
+            if view is None:
+                return
+            self._views[name] = view
+            self._owners[name] = (namespace, name)
+        # Wake every waiter, then start a fresh event for the next change.
+        self._changed.pop(name, asyncio.Event()).set()
+
+    async def _resync(self) -> None:
+        items = await self.client.list(self._path)
+        seen = set()
+        for obj in items:
+            self._apply("ADDED", obj)
+            seen.add((obj.get("metadata") or {}).get("name"))
+        for gone in set(self._views) - seen:
+            self._apply("DELETED", {"metadata": {"name": gone, "namespace": self._owners[gone][0]}})
+        self._synced.set()
+
+    async def _watch_forever(self) -> None:
+        while True:
+            try:
+                async for event in self.client.watch(self._path):
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        self._apply(str(kind), obj)
+                    elif kind == "ERROR":
+                        log.warning("watch.error", status=obj)
+                        break
+                await self._resync()  # the server ended the stream: catch up on what we missed
+            except asyncio.CancelledError:
+                raise
+            except (KubeError, OSError, Exception) as exc:
+                log.warning("watch.failed", error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(RECONNECT_DELAY_S)
+                with contextlib.suppress(Exception):
+                    await self._resync()
+
+
+def errors_free(view: ModelView) -> bool:
+    return view.error is None and isinstance(view.model.spec, ServerlessModelSpec)

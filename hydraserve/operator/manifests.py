@@ -1,0 +1,261 @@
+"""Desired Kubernetes objects of one instance: its head Service and a pod per stage.
+
+Pure functions: (model, plan, settings) -> manifest dicts. The Service is created first and
+is the instance's record (the plan is on it), so a restarted operator can finish a
+half-created instance instead of starting another.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from hydraserve.api.models import API_VERSION, KIND, ServerlessModelSpec
+from hydraserve.operator.cluster_state import gpu_resource_amount
+from hydraserve.operator.naming import (
+    GPU_ANNOTATION,
+    INSTANCE_LABEL,
+    MEMORY_ANNOTATION,
+    NODE_ANNOTATION,
+    PLAN_ANNOTATION,
+    PLANNED_AT_ANNOTATION,
+    PRELOADED_AT_ANNOTATION,
+    REQUESTED_AT_ANNOTATION,
+    STAGE_LABEL,
+    TEMPLATE_HASH_ANNOTATION,
+    InstancePlan,
+    pod_name,
+    worker_labels,
+)
+from hydraserve.operator.settings import OperatorSettings
+
+HEALTH_PATH = "/health"
+PROBE_PERIOD_S = 2
+
+
+def owner_reference(model: Mapping[str, Any]) -> dict[str, Any]:
+    meta = model.get("metadata") or {}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta.get("name"),
+        "uid": meta.get("uid"),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def head_host(instance: str, namespace: str, settings: OperatorSettings) -> str:
+    return f"{instance}.{namespace}.svc.{settings.cluster_domain}"
+
+
+def endpoint_url(instance: str, namespace: str, settings: OperatorSettings) -> str:
+    return f"http://{head_host(instance, namespace, settings)}:{settings.worker_port}"
+
+
+def instance_service(
+    model: Mapping[str, Any],
+    instance: str,
+    plan: InstancePlan,
+    template: str,
+    requested_at: float,
+    planned_at: float,
+    settings: OperatorSettings,
+) -> dict[str, Any]:
+    """Headless, and published before readiness: the stages rendezvous with stage 0 through
+    it (TCP store on the master port, then gloo/ZMQ on pod IPs) before stage 0 is ready."""
+    meta = model["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": instance,
+            "namespace": meta["namespace"],
+            "labels": worker_labels(meta["name"], instance),
+            "annotations": {
+                PLAN_ANNOTATION: plan.model_dump_json(),
+                TEMPLATE_HASH_ANNOTATION: template,
+                REQUESTED_AT_ANNOTATION: f"{requested_at:.3f}",
+                PLANNED_AT_ANNOTATION: f"{planned_at:.3f}",
+            },
+            "ownerReferences": [owner_reference(model)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {INSTANCE_LABEL: instance, STAGE_LABEL: "0"},
+            "ports": [
+                {"name": "http", "port": settings.worker_port, "targetPort": "http"},
+                {"name": "rendezvous", "port": settings.master_port, "targetPort": "rendezvous"},
+            ],
+        },
+    }
+
+
+def worker_args(
+    name: str,
+    spec: ServerlessModelSpec,
+    instance: str,
+    namespace: str,
+    plan: InstancePlan,
+    rank: int,
+    prefetcher_url: str | None,
+    settings: OperatorSettings,
+) -> list[str]:
+    args = [
+        "worker",
+        f"--name={name}",
+        f"--uri={spec.source.uri}",
+        f"--revision={spec.source.revision}",
+        f"--instance={instance}",
+        f"--pp={plan.pp}",
+        f"--rank={rank}",
+        "--host=0.0.0.0",
+        f"--port={settings.worker_port}",
+    ]
+    if plan.pp > 1:
+        args += [
+            f"--master-addr={head_host(instance, namespace, settings)}",
+            f"--master-port={settings.master_port}",
+        ]
+    if prefetcher_url:
+        args.append(f"--prefetcher={prefetcher_url}")
+    if settings.worker_compiled:
+        args.append("--compiled")
+    # `--engine-arg=VALUE` keeps values that start with `--` from reading as options.
+    args += [f"--engine-arg={arg}" for arg in spec.engine.args]
+    return args
+
+
+def _probes(settings: OperatorSettings) -> dict[str, Any]:
+    """Stage 0's /health answers only once the engine is loaded and serving."""
+    http_get = {"path": HEALTH_PATH, "port": "http"}
+    start_failures = max(1, int(settings.instance_start_timeout_seconds // PROBE_PERIOD_S))
+    return {
+        "startupProbe": {
+            "httpGet": http_get,
+            "periodSeconds": PROBE_PERIOD_S,
+            "failureThreshold": start_failures,
+        },
+        "readinessProbe": {"httpGet": http_get, "periodSeconds": PROBE_PERIOD_S},
+        "livenessProbe": {"httpGet": http_get, "periodSeconds": 10, "failureThreshold": 6},
+    }
+
+
+def worker_pod(
+    model: Mapping[str, Any],
+    spec: ServerlessModelSpec,
+    instance: str,
+    plan: InstancePlan,
+    rank: int,
+    template: str,
+    prefetcher_url: str | None,
+    preloaded_at: float | None,
+    settings: OperatorSettings,
+) -> dict[str, Any]:
+    meta = model["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    stage = plan.stage(rank)
+    gpu = {settings.gpu_resource_name: str(gpu_resource_amount(stage.memory_bytes, settings))}
+    env: list[dict[str, Any]] = [
+        # vLLM binds and advertises this address to the other stages.
+        {"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "GLOO_SOCKET_IFNAME", "value": settings.gloo_socket_ifname},
+        {"name": "HYDRASERVE_LOG_JSON", "value": "true"},
+        {"name": "HYDRASERVE_SHM_DIR", "value": "/dev/shm/hydraserve"},
+        {"name": "HYDRASERVE_INSTANCE", "value": instance},
+        {"name": "HYDRASERVE_STAGE", "value": str(rank)},
+    ]
+    if settings.s3_endpoint_url:
+        env.append({"name": "HYDRASERVE_S3__ENDPOINT_URL", "value": settings.s3_endpoint_url})
+    env += [{"name": k, "value": v} for k, v in sorted(settings.worker_extra_env.items())]
+    ports = [{"name": "rendezvous", "containerPort": settings.master_port}]
+    if rank == 0:
+        ports.insert(0, {"name": "http", "containerPort": settings.worker_port})
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": spec.engine.image or settings.worker_image,
+        "imagePullPolicy": settings.worker_image_pull_policy,
+        "command": ["hydraserve"],
+        "args": worker_args(name, spec, instance, namespace, plan, rank, prefetcher_url, settings),
+        "env": env,
+        "ports": ports,
+        "resources": {
+            "requests": {"cpu": settings.worker_cpu, "memory": settings.worker_memory, **gpu},
+            "limits": {"memory": settings.worker_memory, **gpu},
+        },
+        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if settings.s3_credentials_secret:
+        container["envFrom"] = [
+            {"secretRef": {"name": settings.s3_credentials_secret, "optional": True}}
+        ]
+    if rank == 0:
+        container.update(_probes(settings))
+    pod_security: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}}
+    if settings.worker_run_as_user is not None:
+        pod_security.update(
+            runAsNonRoot=True,
+            runAsUser=settings.worker_run_as_user,
+            runAsGroup=settings.worker_run_as_user,
+        )
+    annotations = {
+        TEMPLATE_HASH_ANNOTATION: template,
+        NODE_ANNOTATION: stage.node,
+        GPU_ANNOTATION: str(stage.gpu),
+        MEMORY_ANNOTATION: str(stage.memory_bytes),
+        PLAN_ANNOTATION: json.dumps(stage.model_dump()),
+    }
+    if preloaded_at is not None:
+        annotations[PRELOADED_AT_ANNOTATION] = f"{preloaded_at:.3f}"
+    pod_spec: dict[str, Any] = {
+        # The planner chose the node; the scheduler still admits the pod (device plugins,
+        # GPU-sharing extenders) but may only put it there.
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchFields": [
+                                {"key": "metadata.name", "operator": "In", "values": [stage.node]}
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+        "tolerations": list(settings.worker_tolerations),
+        # A pipeline cannot survive one stage restarting: a failed stage fails the instance,
+        # which the operator replaces.
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security,
+        "containers": [container],
+        "volumes": [
+            {"name": "shm", "hostPath": {"path": settings.shm_host_path, "type": "Directory"}}
+        ],
+    }
+    if settings.worker_service_account:
+        pod_spec["serviceAccountName"] = settings.worker_service_account
+    if settings.worker_priority_class:
+        pod_spec["priorityClassName"] = settings.worker_priority_class
+    if settings.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in settings.image_pull_secrets]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(instance, rank),
+            "namespace": namespace,
+            "labels": worker_labels(name, instance, rank),
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(model)],
+        },
+        "spec": pod_spec,
+    }

@@ -1,0 +1,149 @@
+"""Names, labels and annotations the operator puts on what it creates.
+
+An *instance* is one replica of a model: a headless Service (its record, carrying the
+placement plan as an annotation, and the stable address of its head) plus one worker pod
+per pipeline stage. Everything the operator needs after a restart is on these objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import string
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from hydraserve.api.models import GROUP, ServerlessModelSpec
+from hydraserve.controller.types import Plan
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE = "hydraserve-operator"
+APP_NAME = "app.kubernetes.io/name"
+WORKER_APP = "hydraserve-worker"
+MODEL_LABEL = f"{GROUP}/model"
+INSTANCE_LABEL = f"{GROUP}/instance"
+STAGE_LABEL = f"{GROUP}/stage"
+
+PLAN_ANNOTATION = f"{GROUP}/plan"
+TEMPLATE_HASH_ANNOTATION = f"{GROUP}/template-hash"
+REQUESTED_AT_ANNOTATION = f"{GROUP}/requested-at"
+PLANNED_AT_ANNOTATION = f"{GROUP}/planned-at"
+PRELOADED_AT_ANNOTATION = f"{GROUP}/preloaded-at"
+NODE_ANNOTATION = f"{GROUP}/node"
+GPU_ANNOTATION = f"{GROUP}/gpu"
+MEMORY_ANNOTATION = f"{GROUP}/gpu-memory-bytes"
+FINALIZER = f"{GROUP}/cleanup"
+
+# Node labels/annotations the planner's cluster view is read from.
+NIC_GBPS_KEY = f"{GROUP}/nic-gbps"
+GPU_TYPE_KEY = f"{GROUP}/gpu-type"
+GPU_MEMORY_GIB_KEY = f"{GROUP}/gpu-memory-gib"
+GPU_COUNT_KEY = f"{GROUP}/gpu-count"
+
+_ALPHABET = string.ascii_lowercase + string.digits
+_MAX_LABEL = 63
+
+
+def worker_labels(
+    model: str, instance: str | None = None, rank: int | None = None
+) -> dict[str, str]:
+    labels = {MANAGED_BY: MANAGED_BY_VALUE, APP_NAME: WORKER_APP, MODEL_LABEL: model}
+    if instance is not None:
+        labels[INSTANCE_LABEL] = instance
+    if rank is not None:
+        labels[STAGE_LABEL] = str(rank)
+    return labels
+
+
+def head_selector(model: str) -> str:
+    """The scale subresource's label selector: the instances' head pods."""
+    return f"{INSTANCE_LABEL},{MODEL_LABEL}={model},{STAGE_LABEL}=0"
+
+
+def new_instance_name(model: str, suffix: str | None = None) -> str:
+    """``<model>-<5 random chars>``, a DNS-1035 label (Service names must start with a letter)."""
+    suffix = suffix or "".join(secrets.choice(_ALPHABET) for _ in range(5))
+    base = model if model[:1].isalpha() else f"m-{model}"
+    base = base[: _MAX_LABEL - len(suffix) - 1].rstrip("-")
+    return f"{base}-{suffix}"
+
+
+def pod_name(instance: str, rank: int) -> str:
+    return f"{instance}-{rank}"
+
+
+def is_dns_label(name: str) -> bool:
+    return len(name) <= _MAX_LABEL and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) is not None
+
+
+class StagePlan(BaseModel):
+    rank: int
+    node: str
+    gpu: int
+    start_layer: int
+    end_layer: int
+    memory_bytes: int
+    all_card: bool
+    fetch_bytes: int
+    from_cache: bool = False
+
+    @property
+    def layers(self) -> str:
+        return f"{self.start_layer}-{self.end_layer}"
+
+
+class InstancePlan(BaseModel):
+    """A placement plan as it is recorded on the instance (JSON in an annotation)."""
+
+    pp: int = Field(ge=1, le=4)
+    stages: list[StagePlan]
+    predicted_ttft_s: float = 0.0
+    predicted_tpot_s: float = 0.0
+    reason: str = ""
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> InstancePlan:
+        return cls(
+            pp=plan.pp,
+            stages=[
+                StagePlan(
+                    rank=s.rank,
+                    node=s.node,
+                    gpu=s.gpu,
+                    start_layer=s.start_layer,
+                    end_layer=s.end_layer,
+                    memory_bytes=s.memory_bytes,
+                    all_card=s.all_card,
+                    fetch_bytes=s.fetch_bytes,
+                    from_cache=s.from_cache,
+                )
+                for s in sorted(plan.stages, key=lambda s: s.rank)
+            ],
+            predicted_ttft_s=plan.prediction.ttft_s,
+            predicted_tpot_s=plan.prediction.tpot_s,
+            reason=plan.reason,
+        )
+
+    def stage(self, rank: int) -> StagePlan:
+        for s in self.stages:
+            if s.rank == rank:
+                return s
+        raise KeyError(f"plan has no stage {rank}")
+
+
+def template_hash(spec: ServerlessModelSpec, worker_image: str) -> str:
+    """Hash of what shapes the worker pods; instances with another hash are outdated.
+
+    Scaling, SLOs and replicas are left out: changing them must not restart instances.
+    """
+    shape: dict[str, Any] = {
+        "source": spec.source.model_dump(mode="json"),
+        "resources": spec.resources.model_dump(mode="json"),
+        "engine": spec.engine.model_dump(mode="json"),
+        "image": spec.engine.image or worker_image,
+    }
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+    return digest[:16]

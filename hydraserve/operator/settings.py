@@ -1,0 +1,98 @@
+"""Typed settings of the operator, from ``HYDRASERVE_OPERATOR_*`` environment variables.
+
+The Helm chart renders these from its values; nested/list values are JSON
+(``HYDRASERVE_OPERATOR_WORKER_TOLERATIONS='[{"key": "nvidia.com/gpu", ...}]'``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings
+
+from hydraserve.settings import component_config
+
+
+class OperatorSettings(BaseSettings):
+    model_config = component_config("operator")
+
+    # Which ServerlessModels to reconcile.
+    namespaces: list[str] = Field(
+        default_factory=list, description="Namespaces to watch; empty = all namespaces."
+    )
+
+    # Worker pods.
+    worker_image: str = "ghcr.io/hydraserve/worker:0.1.0"
+    worker_image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    worker_port: int = Field(default=8000, ge=1, le=65535, description="Stage 0's HTTP port.")
+    master_port: int = Field(default=29500, ge=1, le=65535, description="Stage rendezvous port.")
+    worker_cpu: str = "4"
+    worker_memory: str = "32Gi"
+    worker_tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    worker_service_account: str | None = None
+    worker_run_as_user: int | None = Field(
+        default=10001, description="UID of the worker container (None = the image's)."
+    )
+    worker_priority_class: str | None = None
+    worker_compiled: bool = Field(
+        default=False, description="Run vLLM compiled (CUDA graphs) instead of eager."
+    )
+    worker_extra_env: dict[str, str] = Field(default_factory=dict)
+    gloo_socket_ifname: str = Field(
+        default="eth0", description="Pod interface the stages' gloo pairs bind to."
+    )
+    shm_host_path: str = Field(default="/dev/shm", description="Host tmpfs the prefetcher fills.")
+    s3_endpoint_url: str | None = None
+    s3_credentials_secret: str | None = Field(
+        default=None,
+        description="Secret (in each model's namespace) with AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY, mounted into workers as optional env.",
+    )
+    cluster_domain: str = "cluster.local"
+
+    # GPUs: whole devices (nvidia.com/gpu) or a GPU-sharing device plugin's memory resource.
+    gpu_resource_name: str = "nvidia.com/gpu"
+    gpu_resource_mode: Literal["count", "memory"] = "count"
+    gpu_memory_unit_bytes: int = Field(
+        default=1 << 30, ge=1, description="Bytes per unit of a memory-mode GPU resource."
+    )
+    default_gpu_memory_gib: float = Field(
+        default=16.0, gt=0, description="GPU memory when no node label or annotation says."
+    )
+    default_nic_gbps: float = Field(
+        default=10.0, gt=0, description="Node NIC bandwidth when no label or annotation says."
+    )
+
+    # Node prefetchers (a DaemonSet), found per node by these labels.
+    prefetcher_namespace: str = "hydraserve-system"
+    prefetcher_labels: dict[str, str] = Field(
+        default_factory=lambda: {
+            "app.kubernetes.io/name": "hydraserve",
+            "app.kubernetes.io/component": "prefetcher",
+        }
+    )
+    prefetcher_port: int = Field(default=8300, description="Used when the pod names no port.")
+    prefetcher_use_host_port: bool = Field(
+        default=False, description="Reach prefetchers at hostIP:hostPort instead of pod IP."
+    )
+    preload_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    # Reconciliation.
+    resync_seconds: float = Field(default=30.0, gt=0, description="Periodic full reconcile.")
+    retry_seconds: float = Field(
+        default=15.0, gt=0, description="Delay before retrying a model that cannot start now."
+    )
+    instance_start_timeout_seconds: float = Field(
+        default=900.0, gt=0, description="An instance not ready by then is replaced."
+    )
+
+    # Leader election (kopf peering) and health.
+    peering_name: str = "hydraserve"
+    standalone: bool = Field(default=False, description="No peering (a single replica).")
+    priority: int | None = Field(
+        default=None, description="Peering priority; None = random, so one replica leads."
+    )
+    liveness_endpoint: str | None = "http://0.0.0.0:8080/healthz"
+    post_events: bool = True

@@ -1,0 +1,306 @@
+"""The Helm chart: lint, render with several value sets, validate every rendered object
+against the official Kubernetes schemas (strict), and check what the templates promise.
+
+helm comes from scripts/install-k8s-tools.sh (the npm package named in FIELD-NOTES).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from hydraserve.api.models import ServerlessModelSpec
+from hydraserve.operator.manifests import instance_service, worker_pod
+from hydraserve.operator.naming import InstancePlan, StagePlan
+from hydraserve.operator.settings import OperatorSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "hydraserve"
+HELM = ROOT / ".tools" / "bin" / "helm"
+K8S_VERSION = "1.31.0"
+NAMESPACE = "hydraserve-system"
+
+VALUE_SETS: dict[str, list[str]] = {
+    "defaults": [],
+    "gpu-sharing": [
+        "--set", "gpu.resourceName=aliyun.com/gpu-mem", "--set", "gpu.mode=memory",
+        "--set", "prefetcher.hostPort=true", "--set", "prefetcher.cacheCapacityGiB=128",
+    ],
+    "ha-namespaced": [
+        "--set", "operator.replicas=2", "--set", "operator.watchNamespaces={team-a,team-b}",
+        "--set", "s3.endpointUrl=http://minio.storage:9000", "--set", "s3.createSecret=true",
+        "--set", "s3.accessKeyId=AK", "--set", "s3.secretAccessKey=SK",
+        "--set", "gateway.apiKeysSecret=hydraserve-keys",
+    ],
+    "no-gateway-standalone": [
+        "--set", "gateway.enabled=false", "--set", "operator.leaderElection=false",
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def helm() -> Path:
+    if not HELM.exists():
+        result = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "install-k8s-tools.sh")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            if os.environ.get("CI"):
+                pytest.fail(f"scripts/install-k8s-tools.sh failed in CI:\n{result.stderr}")
+            pytest.skip(f"helm unavailable: scripts/install-k8s-tools.sh failed: {result.stderr}")
+    return HELM
+
+
+@pytest.fixture(scope="session")
+def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("helm")
+    return {
+        **os.environ,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+
+
+def run_helm(helm: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(helm), *args], capture_output=True, text=True, env=env, check=False, timeout=120
+    )
+
+
+def render(helm: Path, env: dict[str, str], values: list[str]) -> list[dict[str, Any]]:
+    result = run_helm(
+        helm, env, "template", "hs", str(CHART), "--namespace", NAMESPACE, "--include-crds",
+        *values,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="session")
+def rendered(helm: Path, helm_env: dict[str, str]) -> Iterator[dict[str, list[dict[str, Any]]]]:
+    yield {name: render(helm, helm_env, values) for name, values in VALUE_SETS.items()}
+
+
+def find(docs: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+    assert len(matches) == 1, f"{kind} *{suffix}: {[d['metadata']['name'] for d in matches]}"
+    return matches[0]
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_helm_lint(helm: Path, helm_env: dict[str, str], name: str) -> None:
+    result = run_helm(helm, helm_env, "lint", "--strict", str(CHART), *VALUE_SETS[name])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_rendered_manifests_pass_kubernetes_validate_strict(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    custom = {"kopf.dev/v1"}  # custom resources: no official schema (CRDs are validated)
+    checked = 0
+    for doc in rendered[name]:
+        if doc["apiVersion"] in custom:
+            continue
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        checked += 1
+    assert checked >= 8
+
+
+def test_the_chart_renders_every_component(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["defaults"]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("CustomResourceDefinition", "serverlessmodels.hydraserve.io") in kinds
+    assert ("CustomResourceDefinition", "clusterkopfpeerings.kopf.dev") in kinds
+    assert ("ClusterKopfPeering", "hydraserve") in kinds
+    for kind, name in [
+        ("Deployment", "hs-hydraserve-operator"),
+        ("Deployment", "hs-hydraserve-gateway"),
+        ("Service", "hs-hydraserve-gateway"),
+        ("DaemonSet", "hs-hydraserve-prefetcher"),
+    ]:
+        assert (kind, name) in kinds
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def test_operator_env_is_read_by_its_settings(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """Every HYDRASERVE_OPERATOR_* variable the chart sets is a settings field, and the
+    rendered values parse into the intended settings (catches typos in env names)."""
+    for name in ("defaults", "gpu-sharing", "ha-namespaced"):
+        deployment = find(rendered[name], "Deployment", "-operator")
+        env = {
+            k: v for k, v in env_of(deployment["spec"]["template"]["spec"]["containers"][0]).items()
+            if k.startswith("HYDRASERVE_OPERATOR_")
+        }  # fmt: skip
+        fields = {f"HYDRASERVE_OPERATOR_{f.upper()}" for f in OperatorSettings.model_fields}
+        assert set(env) <= fields, set(env) - fields
+        old = dict(os.environ)
+        try:
+            os.environ.update(env)
+            settings = OperatorSettings()
+        finally:
+            os.environ.clear()
+            os.environ.update(old)
+        prefetcher = find(rendered[name], "DaemonSet", "-prefetcher")
+        assert settings.prefetcher_labels == prefetcher["spec"]["selector"]["matchLabels"]
+        assert settings.prefetcher_namespace == NAMESPACE
+        if name == "gpu-sharing":
+            assert settings.gpu_resource_name == "aliyun.com/gpu-mem"
+            assert settings.gpu_resource_mode == "memory"
+            assert settings.prefetcher_use_host_port is True
+        if name == "ha-namespaced":
+            assert settings.namespaces == ["team-a", "team-b"]
+            assert settings.s3_endpoint_url == "http://minio.storage:9000"
+            assert settings.standalone is False
+        if name == "defaults":
+            assert settings.worker_image == "ghcr.io/hydraserve/worker:0.1.0"
+            assert settings.worker_tolerations[0]["key"] == "nvidia.com/gpu"
+
+
+def test_prefetcher_daemonset_shm_capacity_and_nodes(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    ds = find(rendered["gpu-sharing"], "DaemonSet", "-prefetcher")
+    pod = ds["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert {"name": "shm", "hostPath": {"path": "/dev/shm", "type": "Directory"}} in pod["volumes"]
+    assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert env_of(container)["HYDRASERVE_PREFETCHER_CACHE_CAPACITY_BYTES"] == str(128 << 30)
+    assert env_of(container)["HYDRASERVE_PREFETCHER_NODE_NAME"] == {
+        "fieldRef": {"fieldPath": "spec.nodeName"}
+    }
+    assert container["ports"][0]["hostPort"] == 8300
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["automountServiceAccountToken"] is False
+    assert "limits" not in container["resources"]  # tmpfs pages count against a limit
+
+
+def test_prefetcher_env_is_read_by_its_settings(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    from hydraserve.prefetcher.api import PrefetcherSettings
+
+    ds = find(rendered["defaults"], "DaemonSet", "-prefetcher")
+    env = env_of(ds["spec"]["template"]["spec"]["containers"][0])
+    own = {k for k in env if k.startswith("HYDRASERVE_PREFETCHER_")}
+    fields = {f"HYDRASERVE_PREFETCHER_{f.upper()}" for f in PrefetcherSettings.model_fields}
+    assert own <= fields, own - fields
+    assert env["HYDRASERVE_SHM_DIR"] == "/dev/shm/hydraserve"
+
+
+def test_security_contexts_non_root(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for doc in rendered["defaults"]:
+        if doc["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, doc["metadata"]["name"]
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert sc["readOnlyRootFilesystem"] is True
+
+
+def test_rbac_is_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["defaults"]
+    for role in (d for d in docs if d["kind"] in ("ClusterRole", "Role")):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], role
+            assert "secrets" not in rule["resources"], "no component reads Secrets via the API"
+    gateway = find(docs, "ClusterRole", "-gateway")
+    writes = {
+        r for rule in gateway["rules"] for r in rule["resources"]
+        if set(rule["verbs"]) & {"create", "update", "patch", "delete"}
+    }  # fmt: skip
+    assert writes == {"serverlessmodels/scale"}
+    operator = find(docs, "ClusterRole", "-operator")
+    deletable = {
+        r for rule in operator["rules"] for r in rule["resources"] if "delete" in rule["verbs"]
+    }
+    assert deletable == {"pods", "services"}
+
+
+def test_s3_secret_and_api_keys(
+    rendered: dict[str, list[dict[str, Any]]], helm: Path, helm_env: dict[str, str]
+) -> None:
+    secret = find(rendered["ha-namespaced"], "Secret", "hydraserve-s3")
+    assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"}
+    gateway = find(rendered["ha-namespaced"], "Deployment", "-gateway")
+    env = env_of(gateway["spec"]["template"]["spec"]["containers"][0])
+    assert env["HYDRASERVE_GATEWAY_API_KEYS"]["secretKeyRef"]["name"] == "hydraserve-keys"
+    peerings = [d for d in rendered["ha-namespaced"] if d["kind"] == "KopfPeering"]
+    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+    assert not [
+        d
+        for d in rendered["no-gateway-standalone"]
+        if "Kopf" in d["kind"] and d["kind"] != "CustomResourceDefinition"
+    ]
+    result = run_helm(helm, helm_env, "template", "hs", str(CHART), "--set", "s3.createSecret=true")
+    assert result.returncode != 0
+    assert "s3.createSecret needs s3.accessKeyId and s3.secretAccessKey" in result.stderr
+
+
+def test_notes_say_how_to_send_the_first_request(helm: Path, helm_env: dict[str, str]) -> None:
+    result = run_helm(
+        helm, helm_env, "install", "hs", str(CHART), "--dry-run=client", "--namespace", NAMESPACE
+    )
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "kubectl apply -f examples/llama2-7b.yaml" in notes
+    assert "kubectl get serverlessmodels" in notes
+    assert "port-forward svc/hs-hydraserve-gateway 8000:80" in notes
+    assert "/v1/completions" in notes and '"model": "llama2-7b"' in notes
+
+
+def test_operator_made_objects_pass_kubernetes_validate_strict() -> None:
+    """What the operator creates at run time is as valid as what the chart renders."""
+    settings = OperatorSettings(s3_credentials_secret="hydraserve-s3", worker_priority_class="hi")
+    model = {
+        "apiVersion": "hydraserve.io/v1alpha1",
+        "kind": "ServerlessModel",
+        "metadata": {"name": "llama", "namespace": "team-a", "uid": "1234"},
+    }
+    spec = ServerlessModelSpec.model_validate(
+        {"source": {"uri": "s3://models/llama"}, "engine": {"args": ["--dtype=half"]}}
+    )
+    plan = InstancePlan(
+        pp=2,
+        stages=[
+            StagePlan(rank=r, node=f"gpu-{r}", gpu=0, start_layer=16 * r, end_layer=16 * r + 16,
+                      memory_bytes=8 << 30, all_card=r == 0, fetch_bytes=1 << 30)
+            for r in range(2)
+        ],
+    )  # fmt: skip
+    objects = [instance_service(model, "llama-abcde", plan, "t", 1.0, 2.0, settings)]
+    objects += [
+        worker_pod(model, spec, "llama-abcde", plan, r, "t", "http://10.0.0.1:8300", 3.0, settings)
+        for r in range(2)
+    ]
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_container_build_dirs_are_not_python_packages() -> None:
+    """A top-level `operator` package would shadow the standard library's `operator`."""
+    for directory in ("operator", "worker"):
+        files = [p.name for p in (ROOT / directory).iterdir()]
+        assert "Dockerfile" in files
+        assert not [f for f in files if f.endswith(".py")], files
+    dockerfile = (ROOT / "operator" / "Dockerfile").read_text()
+    assert "USER 10001" in dockerfile and '".[operator]"' in dockerfile
+    assert "USER 10001" in (ROOT / "worker" / "Dockerfile").read_text()

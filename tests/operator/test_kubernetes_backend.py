@@ -1,0 +1,82 @@
+"""The gateway's Kubernetes backend against the emulated API server, with the operator
+running: scale through the scale subresource, see the instance become ready, wait for it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hydraserve.cluster.base import InstancePhase
+from hydraserve.cluster.kubeapi import KubeClient
+from hydraserve.cluster.kubernetes import KubernetesBackend
+from tests.operator.conftest import NAMESPACE, Cluster, OperatorRunner, eventually
+
+
+async def test_gateway_scales_from_zero_and_sees_the_endpoint(
+    cluster: Cluster, operators: OperatorRunner
+) -> None:
+    await cluster.add_gpu_node("gpu-a")
+    await cluster.add_prefetcher("gpu-a")
+    await operators.start()
+    await cluster.apply_model("llama")  # minReplicas 0, no replicas: cold
+    backend = KubernetesBackend(KubeClient(cluster.client.config), namespace=NAMESPACE)
+    await backend.start()
+    try:
+        view = backend.get_model("llama")
+        assert view is not None and view.desired_replicas == 0 and view.instances == ()
+        assert [v.name for v in backend.list_models()] == ["llama"]
+
+        waiter = asyncio.create_task(backend.wait_for_change("llama", timeout=10))
+        await backend.scale("llama", 1)
+        await asyncio.wait_for(waiter, 10)  # the watch saw spec.replicas change
+        model = await cluster.model("llama")
+        assert model is not None and model["spec"]["replicas"] == 1
+
+        pods = await eventually(cluster.pods, what="a worker pod")
+        await cluster.run_pod(pods[0])
+
+        async def ready() -> bool:
+            view = backend.get_model("llama")
+            return bool(view and view.ready_instances)
+
+        await eventually(ready, what="a ready instance in the gateway's view")
+        view = backend.get_model("llama")
+        assert view is not None
+        (instance,) = view.ready_instances
+        assert instance.phase == InstancePhase.READY
+        assert instance.endpoint is not None and instance.endpoint.endswith(
+            f".{NAMESPACE}.svc.cluster.local:8000"
+        )
+        assert instance.cold_start and instance.cold_start[-1].stage == "load"
+
+        await backend.scale("llama", 99)  # bounded by scaling.maxReplicas (4)
+        model = await eventually(lambda: cluster.model("llama"), what="model")
+        await eventually(
+            lambda: _replicas_is(cluster, 4), what="spec.replicas clamped to maxReplicas"
+        )
+
+        await cluster.delete_model("llama")
+        await eventually(lambda: _absent(backend), what="model removed from the view")
+    finally:
+        await backend.close()
+
+
+async def _replicas_is(cluster: Cluster, n: int) -> bool:
+    model = await cluster.model("llama")
+    return bool(model and model["spec"].get("replicas") == n)
+
+
+async def _absent(backend: KubernetesBackend) -> bool:
+    return backend.get_model("llama") is None
+
+
+async def test_invalid_model_is_listed_with_its_error(cluster: Cluster) -> None:
+    await cluster.apply_model("broken", pipeline={"maxSize": 7})
+    backend = KubernetesBackend(KubeClient(cluster.client.config))
+    await backend.start()
+    try:
+        view = backend.get_model("broken")
+        assert view is not None and view.error is not None
+        assert "spec.pipeline.maxSize" in view.error
+        assert view.desired_replicas == 0
+    finally:
+        await backend.close()
