@@ -1,0 +1,113 @@
+"""The embedded platform end to end: `hydraserve up`, real vLLM, the official client."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from openai import NotFoundError, OpenAI
+
+from tests.e2e.conftest import Platform
+from tests.e2e.reference import greedy_reference
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["Hello, world! The cluster", "Once upon a time", "def add(a, b):"]
+STEPS = 16
+
+
+def client(platform: Platform) -> OpenAI:
+    return OpenAI(base_url=platform.url, api_key="unused", max_retries=0, timeout=300)
+
+
+def test_models_lists_the_demo_model(platform: Platform) -> None:
+    names = {m.id for m in client(platform).models.list()}
+    assert {"demo", "missing"} <= names
+
+
+def test_cold_then_warm_completion_and_cold_start_metrics(platform: Platform) -> None:
+    openai = client(platform)
+    started = time.time()
+    cold = openai.completions.create(model="demo", prompt="Hello", max_tokens=8)
+    cold_seconds = time.time() - started
+    assert cold.choices[0].text and cold.usage and cold.usage.completion_tokens == 8
+    started = time.time()
+    warm = openai.completions.create(model="demo", prompt="Hello", max_tokens=8)
+    warm_seconds = time.time() - started
+    assert warm.choices[0].text == cold.choices[0].text or warm.choices[0].text
+    assert warm_seconds < cold_seconds / 3, (cold_seconds, warm_seconds)
+    metrics = httpx.get(platform.url.removesuffix("/v1") + "/metrics").text
+    for stage in ("imports", "engine_init", "weight_load"):
+        assert f'stage="{stage}"' in metrics, stage
+
+
+def test_streaming_chat(platform: Platform) -> None:
+    stream = client(platform).chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": "Say hi"}],
+        max_tokens=12,
+        stream=True,
+    )
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len([p for p in pieces if p]) >= 2
+    assert "".join(pieces)
+
+
+def test_greedy_output_equals_transformers(platform: Platform) -> None:
+    reference = greedy_reference(platform.checkpoint, PROMPTS, STEPS)
+    openai = client(platform)
+    for prompt, ref in zip(PROMPTS, reference, strict=True):
+        out = openai.completions.create(
+            model="demo",
+            prompt=prompt,
+            max_tokens=STEPS,
+            temperature=0,
+            logprobs=5,
+            extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True},
+        )
+        logprobs = out.choices[0].logprobs
+        assert logprobs is not None and logprobs.tokens and logprobs.top_logprobs
+        tokens = [int(t.split(":")[1]) for t in logprobs.tokens]
+        assert tokens == ref.token_ids, prompt
+        # The distributions agree too, not only the argmax (bf16 kernels differ slightly).
+        for position, top in enumerate(logprobs.top_logprobs):
+            for token, value in top.items():
+                token_id = int(token.split(":")[1])
+                if token_id in ref.top_logprobs[position]:
+                    assert abs(value - ref.top_logprobs[position][token_id]) < 0.5
+
+
+def test_unknown_model_is_a_404_in_openai_shape(platform: Platform) -> None:
+    with pytest.raises(NotFoundError) as info:
+        client(platform).completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    body = info.value.body
+    assert isinstance(body, dict) and "no-such-model" in body["message"]
+
+
+def test_malformed_body_names_the_field(platform: Platform) -> None:
+    resp = httpx.post(
+        f"{platform.url}/completions", json={"model": "demo", "prompt": "x", "max_tokens": "many"}
+    )
+    assert resp.status_code in (400, 422)
+    error = resp.json()["error"]
+    assert "max_tokens" in (error.get("param") or "") + error["message"]
+    resp = httpx.post(
+        f"{platform.url}/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
+    assert resp.status_code == 400 and "error" in resp.json()
+
+
+def test_model_missing_from_the_store_fails_fast_and_clearly(platform: Platform) -> None:
+    started = time.time()
+    resp = httpx.post(
+        f"{platform.url}/completions",
+        json={"model": "missing", "prompt": "x", "max_tokens": 1},
+        timeout=60,
+    )
+    assert time.time() - started < 30
+    assert resp.status_code >= 400
+    message = resp.json()["error"]["message"]
+    assert "hydraserve model push" in message and "nonexistent" in message
