@@ -12,6 +12,10 @@ from hydraserve.settings import S3Settings
 from hydraserve.store import ModelRef, ModelStore
 from hydraserve.store.demo import make_demo_model
 
+# Throwaway credentials for the local S3 servers the tests start (never real AWS).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+
 
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -24,8 +28,6 @@ def s3_server() -> Iterator[S3Settings]:
     """A real S3 endpoint (moto's server) on loopback, with throwaway credentials."""
     from moto.server import ThreadedMotoServer
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
