@@ -272,7 +272,11 @@ class _Planner:
     def to_plan(self, option: _Option, reason: str, meets: bool) -> Plan:
         model, config = self.model, self.config
         stages = model.partitions[option.pp]
-        deadline = max(option.fetch_budget_s, option.terms["fetch_s"])
+        # Seconds from placement by which each fetch must end for the prediction to hold
+        # (a fallback plan protects its own predicted fetch time).
+        deadline = config.fetch_start_delay_s + max(
+            option.fetch_budget_s, option.terms["fetch_s"]
+        )
         placements = []
         for rank, cand in enumerate(option.nodes):
             start, end, nbytes = stages[rank]
@@ -355,7 +359,7 @@ class _Planner:
                     pp1 = option
                 if option.meets(slo.ttft_s, slo.tpot_s):
                     return self.accept(option, candidates_pp, share)
-                if best_for_pp is None or _worse(best_for_pp, option, slo.tpot_s):
+                if best_for_pp is None or _closer_miss(best_for_pp, option, slo.tpot_s):
                     best_for_pp = option
             if candidates_pp is ordered:
                 notes.append(self.note(pp, best_for_pp))
@@ -426,8 +430,8 @@ class _Planner:
         )
 
 
-def _worse(current: _Option, new: _Option, tpot_slo: float) -> bool:
-    """Whether ``new`` is a better 'closest miss' to report than ``current``."""
+def _closer_miss(current: _Option, new: _Option, tpot_slo: float) -> bool:
+    """Whether ``new`` misses the SLOs by less than ``current`` (for the reason text)."""
     current_ok, new_ok = current.tpot_s <= tpot_slo, new.tpot_s <= tpot_slo
     if current_ok != new_ok:
         return new_ok

@@ -43,6 +43,9 @@ from hydraserve.sim.network import Flow, FlowNetwork
 from hydraserve.sim.policies import Policy
 from hydraserve.sim.workload import Arrival, ModelSpec, Workload
 
+# Prefill speed for a GPU type a model has no profile for (a 7B model on a V100).
+DEFAULT_PREFILL_S_PER_TOKEN = 2e-4
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -540,10 +543,12 @@ class Simulator:
             for s in inst.stages
         ]
         inst.tpot_s = predict_tpot_s(profile, shapes, config)
-        per_token = inst.runtime.spec.model_class.prefill_s_per_token
+        per_token = inst.runtime.spec.prefill_s_per_token
         if not config.compute_share_follows_memory:
             shapes = [StageShape(s.layers, profile.replica_bytes, s.gpu_type) for s in shapes]
-        inst.prefill_per_token_s = pipeline_slowdown(profile, shapes, per_token, 2e-4)
+        inst.prefill_per_token_s = pipeline_slowdown(
+            profile, shapes, per_token, DEFAULT_PREFILL_S_PER_TOKEN
+        )
 
     def start_fetch(self, now: float, arg: tuple[_Instance, _Stage]) -> None:
         inst, stage = arg

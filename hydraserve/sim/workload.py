@@ -50,13 +50,19 @@ class ModelSpec:
     index: int
     name: str
     app: str
-    size: str  # key of MODEL_CLASSES
+    size: str  # model class name (e.g. a key of MODEL_CLASSES)
     slo: SLO
     profile: ModelProfile
+    prefill_s_per_token: dict[str, float]  # per GPU type, one whole replica
 
-    @property
-    def model_class(self) -> ModelClass:
-        return MODEL_CLASSES[self.size]
+
+def model_spec(index: int, app_name: str, size: str, copy: int) -> ModelSpec:
+    app = APPS[app_name]
+    model_class: ModelClass = MODEL_CLASSES[size]
+    name = f"{app_name}-{size}-{copy}"
+    slo = SLO(BASE_TTFT_SLO_S[size] * app.ttft_slo_scale, app.tpot_slo_s[size])
+    profile = model_class.profile(key=name, mean_prompt_tokens=app.prompt_mean)
+    return ModelSpec(index, name, app_name, size, slo, profile, model_class.prefill_s_per_token)
 
 
 @dataclass(frozen=True)
@@ -81,15 +87,10 @@ def make_models(count: int) -> tuple[ModelSpec, ...]:
     """``count`` models split evenly over (application x size class), like the paper's
     64 copies of Llama-2-7B and of 13B per application."""
     combos = [(app, size) for app in APPS for size in MODEL_CLASSES]
-    models = []
-    for index in range(count):
-        app_name, size = combos[index % len(combos)]
-        app = APPS[app_name]
-        name = f"{app_name}-{size}-{index // len(combos)}"
-        slo = SLO(BASE_TTFT_SLO_S[size] * app.ttft_slo_scale, app.tpot_slo_s[size])
-        profile = MODEL_CLASSES[size].profile(key=name, mean_prompt_tokens=app.prompt_mean)
-        models.append(ModelSpec(index, name, app_name, size, slo, profile))
-    return tuple(models)
+    return tuple(
+        model_spec(index, *combos[index % len(combos)], copy=index // len(combos))
+        for index in range(count)
+    )
 
 
 def popularity(count: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
