@@ -19,10 +19,10 @@ from typing import Any
 from hydraserve.sim.cluster import ClusterSpec, paper_testbed
 from hydraserve.sim.policies import POLICIES, Policy
 from hydraserve.sim.simulator import SimConfig, SimResult, simulate
-from hydraserve.sim.workload import make_workload
+from hydraserve.sim.workload import DEFAULT_POPULARITY_EXPONENT, make_workload
 
 REFERENCE_MODELS = 384
-REFERENCE_POPULARITY = 0.8
+REFERENCE_POPULARITY = DEFAULT_POPULARITY_EXPONENT
 REFERENCE_STORE_GBPS = 64.0
 REFERENCE_DURATION_S = 3600.0
 
