@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -63,11 +64,10 @@ def sim(
             cv, rate, seed, chosen, cluster=spec, models=models,
             popularity_exponent=popularity, duration_s=duration,
         )  # fmt: skip
-    table = Table(
-        "policy", "TTFT ok", "TPOT ok", "GB·s/req", "requests", "cold", "cold s", "pp",
-        "wall s",
-        title=f"{spec.name}: {models} models, CV {cv}, {rate} req/s, {duration:.0f} s",
-    )  # fmt: skip
+    table = Table(title=f"{spec.name}: {models} models, CV {cv}, {rate} req/s, {duration:.0f} s")
+    table.add_column("policy", no_wrap=True)
+    for header in ("TTFT ok", "TPOT ok", "GB·s/req", "requests", "cold", "cold s", "pp", "wall s"):
+        table.add_column(header, justify="right")
     rows = []
     for cell in cells.values():
         row = cell.as_dict()
@@ -79,7 +79,9 @@ def sim(
             " ".join(f"{k}:{v}" for k, v in row["pp_histogram"].items()),
             f"{row['sim_wall_seconds']:.1f}",
         )  # fmt: skip
-    Console().print(table)  # results to stdout; progress and logs go to stderr
+    # Results to stdout (progress and logs go to stderr); piped output gets a wide table.
+    out = Console() if sys.stdout.isatty() else Console(width=120)
+    out.print(table)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"cluster": spec.name, "cells": rows}, indent=2) + "\n")
