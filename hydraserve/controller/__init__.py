@@ -4,9 +4,14 @@ Pure code, called by the operator, the embedded platform and the simulator alike
 """
 
 from hydraserve.controller.config import PlannerConfig
-from hydraserve.controller.costmodel import cold_ttft_s
+from hydraserve.controller.costmodel import cold_ttft_s, salvageable_wait_s
 from hydraserve.controller.planner import plan
-from hydraserve.controller.profile import profile_from_manifest
+from hydraserve.controller.profile import (
+    model_key,
+    plan_request_for,
+    profile_from_manifest,
+    replica_bytes,
+)
 from hydraserve.controller.types import (
     SLO,
     ClusterState,
@@ -35,6 +40,10 @@ __all__ = [
     "StagePlacement",
     "Unschedulable",
     "cold_ttft_s",
+    "model_key",
     "plan",
+    "plan_request_for",
     "profile_from_manifest",
+    "replica_bytes",
+    "salvageable_wait_s",
 ]

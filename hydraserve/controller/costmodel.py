@@ -1,7 +1,7 @@
 """The planner's cost model: predicted cold TTFT, TPOT and per-worker memory. Pure.
 
 Kept apart from the search in :mod:`hydraserve.controller.planner` so the simulator and
-the fidelity check use the very same formulas (see ``docs/decisions/0101-cost-model.md``).
+the fidelity check use the very same formulas (see ``docs/decisions/0100-planner-cost-model.md``).
 """
 
 from __future__ import annotations

@@ -274,9 +274,7 @@ class _Planner:
         stages = model.partitions[option.pp]
         # Seconds from placement by which each fetch must end for the prediction to hold
         # (a fallback plan protects its own predicted fetch time).
-        deadline = config.fetch_start_delay_s + max(
-            option.fetch_budget_s, option.terms["fetch_s"]
-        )
+        deadline = config.fetch_start_delay_s + max(option.fetch_budget_s, option.terms["fetch_s"])
         placements = []
         for rank, cand in enumerate(option.nodes):
             start, end, nbytes = stages[rank]

@@ -51,3 +51,27 @@ def test_replica_smaller_than_weights_is_rejected() -> None:
     manifest = LLAMA2_13B.manifest
     with pytest.raises(ValueError, match="less than its weights"):
         profile_from_manifest(manifest, manifest.total_bytes - 1, "13b")
+
+
+def test_plan_request_from_a_serverless_model() -> None:
+    from hydraserve.api.models import ServerlessModel
+    from hydraserve.controller import model_key, plan_request_for, replica_bytes
+
+    model = ServerlessModel.model_validate(
+        {
+            "metadata": {"name": "llama2-13b"},
+            "spec": {
+                "source": {"uri": "s3://models/llama-2-13b", "revision": "main"},
+                "slo": {"ttftSeconds": 12, "tpotMilliseconds": 116},
+                "resources": {"gpuMemoryGiB": 29},
+                "pipeline": {"maxSize": 2},
+            },
+        }
+    )
+    assert model_key(model) == "s3://models/llama-2-13b@main"
+    assert replica_bytes(model) == 29 * 2**30
+    manifest = LLAMA2_13B.manifest
+    profile = profile_from_manifest(manifest, replica_bytes(model), model_key(model))
+    request = plan_request_for(model, profile, waited_s=1.5)
+    assert (request.slo.ttft_s, request.slo.tpot_s) == (12.0, 0.116)
+    assert request.max_pp == 2 and request.waited_s == 1.5
