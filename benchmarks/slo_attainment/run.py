@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also sweep store bandwidth and popularity skew at CV 2 / 0.6 req/s",
     )
     args = parser.parse_args(argv)
-    configure_logging("WARNING")
+    configure_logging("INFO")  # progress per cell on stderr; the simulator logs at debug
     log = get_logger("bench.slo_attainment")
     started = time.perf_counter()
     seeds = list(range(args.seeds))

@@ -74,8 +74,9 @@ class PlanRequest:
     model: ModelProfile
     slo: SLO
     max_pp: int = 4
-    # How long the oldest request waiting for this cold start has already waited; it counts
-    # toward that request's TTFT, so it shrinks the budget left for fetching.
+    # How long the oldest queued request this cold start can still serve in time has
+    # already waited (see ``costmodel.salvageable_wait_s``); it counts toward that request's
+    # TTFT, so it shrinks the budget left for fetching.
     waited_s: float = 0.0
     # All-card workers wanted: each becomes a standalone instance after consolidation.
     min_all_card: int = 1
