@@ -53,6 +53,15 @@ class ModelProfile:
     prefill_s: dict[str, float] = field(default_factory=dict)  # gpu_type -> seconds
     tpot_s: dict[str, float] = field(default_factory=dict)  # gpu_type -> seconds per token
 
+    @property
+    def kv_bytes(self) -> int:
+        """GPU memory of one replica beyond its weights (KV cache, activations)."""
+        return max(0, self.replica_bytes - self.total_bytes)
+
+    @property
+    def num_layers(self) -> int:
+        return max((stages[-1][1] for stages in self.partitions.values() if stages), default=0)
+
 
 @dataclass(frozen=True)
 class SLO:
@@ -65,6 +74,15 @@ class PlanRequest:
     model: ModelProfile
     slo: SLO
     max_pp: int = 4
+    # How long the oldest queued request this cold start can still serve in time has
+    # already waited (see ``costmodel.salvageable_wait_s``); it counts toward that request's
+    # TTFT, so it shrinks the budget left for fetching.
+    waited_s: float = 0.0
+    # All-card workers wanted: each becomes a standalone instance after consolidation.
+    min_all_card: int = 1
+    # When admission (a busy NIC or store) is what rules out every plan meeting the SLOs,
+    # answer Unschedulable (retry when fetches finish) instead of a slow pp = 1 fallback.
+    defer_when_busy: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,6 +96,14 @@ class StagePlacement:
     all_card: bool  # holds a whole replica's memory, so it can consolidate later
     fetch_bytes: int  # bytes this stage pulls over the node's NIC (0 when cached)
     from_cache: bool = False
+    # Predicted rate of this stage's fetch (its fair share of the NIC, capped by its share
+    # of the store); for a cached stage, the host-memory load rate.
+    fetch_bytes_per_s: float = 0.0
+    # Seconds from now by which this fetch must finish for the plan's prediction to hold;
+    # callers report it back as ``InflightFetch.deadline_s`` while the fetch runs.
+    fetch_deadline_s: float = float("inf")
+    # Bytes an all-card worker still fetches in the background to consolidate (low priority).
+    consolidation_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +119,16 @@ class Plan:
     stages: tuple[StagePlacement, ...]
     prediction: Prediction
     reason: str = ""  # why this pp (e.g. "smallest pp meeting both SLOs")
+    meets_slo: bool = True  # False for a fallback plan whose prediction misses an SLO
+
+    @property
+    def all_card(self) -> int:
+        """Number of all-card workers (standalone instances after consolidation)."""
+        return sum(1 for s in self.stages if s.all_card)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(s.memory_bytes for s in self.stages)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""SLO-attainment benchmark on the cluster simulator (the paper's Fig. 9)."""

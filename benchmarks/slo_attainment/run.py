@@ -1,0 +1,343 @@
+"""SLO attainment of four serving policies on a simulated cluster (the paper's Fig. 9).
+
+Runs the cluster simulator, with the real planner placing every cold start, for
+CV in {2, 4, 8} x rate in {0.6, 0.7, 0.8} req/s under serverless vLLM, ServerlessLLM,
+HydraServe and HydraServe + cache; then times ``plan()`` on a 1,000-node x 8-GPU cluster
+and one simulated hour of 1,000 models on that cluster. Prints a table and writes
+``benchmarks/results/slo_attainment.json`` and ``.png``.
+
+    python -m benchmarks.slo_attainment            # 5 seeds per cell, about 2 minutes
+    python -m benchmarks.slo_attainment --seeds 2  # quicker, noisier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydraserve.controller import (
+    SLO,
+    ClusterState,
+    GPUState,
+    InflightFetch,
+    NodeState,
+    PlanRequest,
+    plan,
+)
+from hydraserve.logs import configure_logging, get_logger
+from hydraserve.sim.catalog import LLAMA2_7B, LLAMA2_13B
+from hydraserve.sim.cluster import large_cluster, paper_testbed
+from hydraserve.sim.experiment import (
+    REFERENCE_MODELS,
+    REFERENCE_POPULARITY,
+    REFERENCE_STORE_GBPS,
+    CellResult,
+    run_cell,
+)
+from hydraserve.sim.policies import HYDRASERVE, HYDRASERVE_CACHE, POLICIES
+from hydraserve.sim.simulator import simulate
+from hydraserve.sim.workload import make_workload
+
+CVS = (2.0, 4.0, 8.0)
+RATES = (0.6, 0.7, 0.8)
+TARGET_RATIO = 1.74
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def synthetic_cluster(nodes: int, gpus: int, rng: random.Random) -> ClusterState:
+    """A busy 1,000-node cluster for timing plan(): mixed A10/V100 servers, GPUs half
+    free, a quarter of nodes fetching (some low priority), 1 % caching the model."""
+    states = []
+    for i in range(nodes):
+        v100 = i % 2 == 1
+        total = int((32 if v100 else 24) * 1e9)
+        gpu_states = tuple(
+            GPUState(g, total, rng.choice((total, total // 2, int(total * rng.random()))))
+            for g in range(gpus)
+        )
+        inflight = tuple(
+            InflightFetch(int(rng.uniform(1e9, 10e9)), rng.uniform(2, 20), rng.random() < 0.3)
+            for _ in range(rng.choice((0, 0, 0, 1, 2)))
+        )
+        cached = frozenset({"model-7b"}) if rng.random() < 0.01 else frozenset()
+        states.append(
+            NodeState(f"node-{i}", gpu_states, 2e9, "V100" if v100 else "A10", cached, inflight)
+        )
+    return ClusterState(tuple(states), store_bytes_per_s=400e9)
+
+
+def time_plan(nodes: int = 1000, gpus: int = 8, calls: int = 400) -> dict[str, float]:
+    rng = random.Random(0)
+    cluster = synthetic_cluster(nodes, gpus, rng)
+    profiles = [LLAMA2_7B.profile("model-7b", 250), LLAMA2_13B.profile("model-13b", 250)]
+    requests = [
+        PlanRequest(
+            rng.choice(profiles),
+            SLO(rng.choice((7.5, 12.0, 37.5, 60.0)), rng.choice((0.084, 0.116, 0.2))),
+            waited_s=rng.choice((0.0, 0.0, 1.0, 3.0)),
+        )
+        for _ in range(calls)
+    ]
+    plan(requests[0], cluster)  # warm caches (imports, partitions)
+    times = []
+    for request in requests:
+        # Best of 3 per request (timeit's practice): on a shared machine the slower runs
+        # measure other processes, not plan().
+        best = math.inf
+        for _ in range(3):
+            started = time.perf_counter()
+            plan(request, cluster)
+            best = min(best, time.perf_counter() - started)
+        times.append(best * 1e3)
+    times.sort()
+    return {
+        "median": statistics.median(times),
+        "p90": times[int(0.9 * len(times))],
+        "p99": times[int(0.99 * len(times))],
+        "calls": float(calls),
+    }
+
+
+def time_scale_sim(models: int = 1000, nodes: int = 1000) -> dict[str, Any]:
+    """One simulated hour of ``models`` models on ``nodes`` x 8 GPUs, at the reference
+    setting's per-model request intensity."""
+    rate = 0.6 * models / REFERENCE_MODELS
+    cluster = large_cluster(nodes=nodes, store_gbps=REFERENCE_STORE_GBPS * nodes / 8)
+    out: dict[str, Any] = {"models": models, "nodes": nodes, "gpus_per_node": 8, "rate": rate}
+    workload = make_workload(models=models, rate=rate, cv=2.0, seed=0)
+    for policy in (HYDRASERVE, HYDRASERVE_CACHE):
+        started = time.perf_counter()
+        result = simulate(policy, cluster, workload)
+        wall = time.perf_counter() - started
+        summary = result.summary()
+        out[policy.name] = {
+            "wall_seconds": round(wall, 2),
+            "requests": summary["requests"],
+            "cold_starts": summary["cold_starts"],
+            "ttft_attainment": round(summary["ttft_attainment"], 4),
+            "plan_calls": summary["plan_calls"],
+            "plan_ms_mean": round(summary["plan_ms_mean"], 3),
+        }
+    out["wall_seconds_max"] = max(
+        out[p.name]["wall_seconds"] for p in (HYDRASERVE, HYDRASERVE_CACHE)
+    )
+    return out
+
+
+def sensitivity_sweep(seeds: list[int]) -> list[dict[str, Any]]:
+    """TTFT attainment at CV 2 / 0.6 req/s as the two calibrated knobs move."""
+    rows = []
+    for store_gbps, exponent in (
+        (32.0, REFERENCE_POPULARITY), (64.0, REFERENCE_POPULARITY), (128.0, REFERENCE_POPULARITY),
+        (None, REFERENCE_POPULARITY), (64.0, 0.6), (64.0, 1.0), (64.0, 1.2),
+    ):  # fmt: skip
+        cells = run_cell(
+            2.0, 0.6, seeds, cluster=paper_testbed(store_gbps=store_gbps),
+            popularity_exponent=exponent,
+        )  # fmt: skip
+        row: dict[str, Any] = {"store_gbps": store_gbps, "popularity_exponent": exponent}
+        row.update({name: round(cell.ttft_attainment, 4) for name, cell in cells.items()})
+        row["ratio_hydraserve_vs_serverless_vllm"] = round(
+            cells["hydraserve"].ttft_attainment / cells["serverless-vllm"].ttft_attainment, 3
+        )
+        rows.append(row)
+    return rows
+
+
+def plot(cells: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = list(POLICIES)
+    colors = ["#9e9e9e", "#7aa6c2", "#e07b39", "#b5452a"]
+    fig, axes = plt.subplots(2, len(CVS), figsize=(13, 6.5), sharey="row")
+    width = 0.2
+    for col, cv in enumerate(CVS):
+        for row, (key, label) in enumerate(
+            (
+                ("ttft_attainment", "TTFT SLO attainment"),
+                ("cost_gb_s_per_request", "GB·s / request"),
+            )
+        ):
+            ax = axes[row][col]
+            for i, policy in enumerate(policies):
+                values = [
+                    next(
+                        c[key]
+                        for c in cells
+                        if c["policy"] == policy and c["cv"] == cv and c["rate"] == rate
+                    )
+                    for rate in RATES
+                ]
+                xs = [x + (i - 1.5) * width for x in range(len(RATES))]
+                ax.bar(xs, values, width, label=policy, color=colors[i])
+            ax.set_xticks(range(len(RATES)), [f"{r} req/s" for r in RATES])
+            if row == 0:
+                ax.set_title(f"CV = {cv:g}")
+                ax.set_ylim(0, 1.05)
+            if col == 0:
+                ax.set_ylabel(label)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(policies), frameon=False)
+    fig.suptitle("Simulated SLO attainment and cost, paper-like testbed (384 models, 1 h)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(cells: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    policies = list(POLICIES)
+    table = Table(
+        "CV", "rate", *(f"{p}\nTTFT / TPOT / GB·s" for p in policies), "HS / sLLM-vLLM",
+        title="TTFT-SLO attainment, TPOT-SLO attainment, cost per request (pooled over seeds)",
+    )  # fmt: skip
+    for cv in CVS:
+        for rate in RATES:
+            row = {c["policy"]: c for c in cells if c["cv"] == cv and c["rate"] == rate}
+            ratio = row["hydraserve"]["ttft_attainment"] / row["serverless-vllm"]["ttft_attainment"]
+            table.add_row(
+                f"{cv:g}", f"{rate}",
+                *(
+                    f"{row[p]['ttft_attainment']:.1%} / {row[p]['tpot_attainment']:.0%} / "
+                    f"{row[p]['cost_gb_s_per_request']:.0f}"
+                    for p in policies
+                ),
+                f"{ratio:.2f}x",
+            )  # fmt: skip
+    Console(width=160).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=5, help="traces per cell (pooled)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--skip-scale", action="store_true", help="skip the 1,000-node runs")
+    parser.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="also sweep store bandwidth and popularity skew at CV 2 / 0.6 req/s",
+    )
+    args = parser.parse_args(argv)
+    configure_logging("INFO")  # progress per cell on stderr; the simulator logs at debug
+    log = get_logger("bench.slo_attainment")
+    started = time.perf_counter()
+    seeds = list(range(args.seeds))
+    cells: list[dict[str, Any]] = []
+    grid: dict[tuple[float, float], dict[str, CellResult]] = {}
+    for cv in CVS:
+        for rate in RATES:
+            grid[(cv, rate)] = run_cell(cv, rate, seeds)
+            cells += [c.as_dict() for c in grid[(cv, rate)].values()]
+            log.info(
+                "cell.done", cv=cv, rate=rate, elapsed_s=round(time.perf_counter() - started, 1)
+            )
+
+    def attain(cv: float, rate: float, policy: str) -> float:
+        return grid[(cv, rate)][policy].ttft_attainment
+
+    ratios = {
+        f"cv{cv:g}_r{rate}": round(
+            attain(cv, rate, "hydraserve") / attain(cv, rate, "serverless-vllm"), 3
+        )
+        for cv in CVS
+        for rate in RATES
+    }
+    cache_margin = {
+        f"cv{cv:g}_r{rate}": round(
+            attain(cv, rate, "hydraserve+cache") - attain(cv, rate, "hydraserve"), 4
+        )
+        for cv in CVS
+        for rate in RATES
+    }
+    sensitivity = sensitivity_sweep(seeds[:3]) if args.sensitivity else None
+    plan_ms = time_plan()
+    scale = None if args.skip_scale else time_scale_sim()
+    per_seed_ratio = [
+        round(a.ttft_attainment / b.ttft_attainment, 3)
+        for a, b in zip(
+            grid[(2.0, 0.6)]["hydraserve"].runs,
+            grid[(2.0, 0.6)]["serverless-vllm"].runs,
+            strict=True,
+        )
+    ]
+    results: dict[str, Any] = {
+        "benchmark": "slo_attainment",
+        "machine": machine(),
+        "setting": {
+            "cluster": "4 x (4 A10 24 GB) + 4 x (4 V100 32 GB) servers, 16 Gbps NICs, "
+            f"model store {REFERENCE_STORE_GBPS:g} Gbps in all (2 storage servers x 32 Gbps)",
+            "models": REFERENCE_MODELS,
+            "model_classes": "Llama-2-7B (13.5 GB) and 13B (26.0 GB) shapes, 5 GB KV each",
+            "applications": "chatbot, code, summarization (64 models per app x size)",
+            "popularity_zipf_exponent": REFERENCE_POPULARITY,
+            "duration_s": 3600,
+            "keep_alive_s": 30,
+            "seeds": seeds,
+        },
+        "ratio_hydraserve_vs_serverless_vllm_cv2_r0.6": ratios["cv2_r0.6"],
+        "ratio_hydraserve_vs_serverless_vllm_cv2_r0.6_per_seed": per_seed_ratio,
+        "target_ratio": TARGET_RATIO,
+        "ratio_hydraserve_vs_serverless_vllm": ratios,
+        "hydraserve_cache_minus_hydraserve": cache_margin,
+        "hydraserve_cache_ge_hydraserve_everywhere": all(v >= 0 for v in cache_margin.values()),
+        "plan_ms_median_1000_nodes": round(plan_ms["median"], 3),
+        "plan_ms_1000_nodes": {k: round(v, 3) for k, v in plan_ms.items()},
+        "sim_seconds_1h_1000_models": scale["wall_seconds_max"] if scale else None,
+        "scale_run": scale,
+        "table": cells,
+        "sensitivity_cv2_r0.6": sensitivity,
+        "benchmark_wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "slo_attainment.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(cells, args.out / "slo_attainment.png")
+    print_table(cells)
+    print(
+        f"HydraServe / serverless vLLM at CV 2, 0.6 req/s: {ratios['cv2_r0.6']:.2f}x "
+        f"(target >= {TARGET_RATIO}); per seed {per_seed_ratio}"
+    )
+    cache_ok = results["hydraserve_cache_ge_hydraserve_everywhere"]
+    print(f"HydraServe + cache >= HydraServe everywhere: {cache_ok}")
+    print(
+        f"plan() on 1,000 nodes x 8 GPUs: median {plan_ms['median']:.2f} ms, "
+        f"p99 {plan_ms['p99']:.2f} ms"
+    )
+    if scale:
+        print(
+            f"one simulated hour, 1,000 models on 1,000 x 8 GPUs: {scale['wall_seconds_max']:.1f} s"
+        )
+    print(f"wrote {args.out / 'slo_attainment.json'} and {args.out / 'slo_attainment.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

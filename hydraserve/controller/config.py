@@ -1,0 +1,121 @@
+"""Every constant of the planner's cost model, typed and documented in one place.
+
+The defaults describe a GPU cluster like the paper's testbed (A10/V100 servers, 16 Gbps
+NICs) running HydraServe workers. Measured values from the data-plane benchmark replace
+them without code changes (``PlannerConfig.model_validate_json(...)``). The baselines the
+simulator compares against are other settings of the same fields (see ``hydraserve.sim``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PlannerConfig(BaseModel):
+    """Cost-model constants and placement switches of :func:`hydraserve.controller.plan`.
+
+    Predicted cold TTFT of a plan (seconds)::
+
+        waited + max(engine_ready_floor, fetch_start_delay + fetch)
+               + stage_bytes / serial_load_rate + post_fetch
+               + prefill * pipeline_slowdown
+
+    where ``fetch`` is the slowest stage's bytes over its fetch rate (its fair share of the
+    node's NIC, capped by its share of the store, or the host-memory rate when cached).
+    Predicted TPOT is the sum over stages of the profiled single-GPU TPOT scaled by the
+    stage's share of layers and, when GPUs are shared, by the inverse of its compute share.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- cold-start timeline -------------------------------------------------------------
+    engine_ready_floor_s: float = Field(
+        default=4.0,
+        ge=0,
+        description="Seconds from placement until a worker could be ready if every byte were "
+        "already local: pod start, runtime import, engine build. Runs concurrently with the "
+        "fetch (the worker streams tensors in as they land). Measured: the data-plane "
+        "benchmark's engine-ready time with a pre-filled shared-memory stage.",
+    )
+    fetch_start_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds from placement until the fetch starts. 0 with the node "
+        "prefetcher (it starts before the pod exists); a worker that downloads its own "
+        "weights after importing its runtime (serverless vLLM) starts late.",
+    )
+    serial_load_bytes_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Rate of a load to the device that starts only after the fetch ends "
+        "(bytes/s). None when tensors are adopted as they arrive (HydraServe).",
+    )
+    post_fetch_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="Seconds from a stage's last byte (or serial load) to ready: last "
+        "tensors to the device, checksum, KV-cache allocation. The paper's artifact used 2 s.",
+    )
+    fetch_efficiency: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Fraction of a NIC's line rate a fetch achieves (protocol overheads).",
+    )
+    cache_load_bytes_per_s: float | None = Field(
+        default=10e9,
+        gt=0,
+        description="Rate of loading a model held in the node's host-memory cache onto the "
+        "device (bytes/s); None = instantaneous.",
+    )
+    # --- inference speed ------------------------------------------------------------------
+    default_prefill_s: float = Field(
+        default=0.5, ge=0, description="Prefill seconds when the model has no profile."
+    )
+    default_tpot_s: float = Field(
+        default=0.05, gt=0, description="TPOT (s/token) when the model has no profile."
+    )
+    stage_hop_s: float = Field(
+        default=0.001,
+        ge=0,
+        description="Added per token per pipeline hop (activations between servers).",
+    )
+    compute_share_follows_memory: bool = Field(
+        default=True,
+        description="GPU sharing gives a worker compute in proportion to the memory it "
+        "holds (as the paper's GPU-share isolation does), so a part-card stage runs its "
+        "layers slower than an all-card stage.",
+    )
+    # --- placement ------------------------------------------------------------------------
+    max_pp: int = Field(default=4, ge=1, le=4, description="Cluster-wide cap on pp.")
+    network_admission: bool = Field(
+        default=True,
+        description="Admit a new fetch at a node only if every in-flight fetch there still "
+        "meets its deadline under fair sharing. Off: ignore in-flight fetches (baselines).",
+    )
+    use_cache: bool = Field(
+        default=True,
+        description="Prefer nodes whose host cache holds the model (no network).",
+    )
+    exclusive_gpus: bool = Field(
+        default=False,
+        description="A worker takes a whole GPU (no GPU sharing): only an idle GPU fits, "
+        "and its whole memory is reserved.",
+    )
+    placement: Literal["slo_best_fit", "first_fit"] = Field(
+        default="slo_best_fit",
+        description="slo_best_fit: among nodes fast enough for the TTFT SLO, the tightest "
+        "memory fit. first_fit: the first node in inventory order with room (baseline).",
+    )
+    fallback: Literal["pp1", "fastest"] = Field(
+        default="pp1",
+        description="When no plan meets both SLOs: pp1 = a single worker (cheapest, as in "
+        "the paper); fastest = the TPOT-feasible plan with the lowest predicted TTFT.",
+    )
+    min_fetch_bytes_per_s: float = Field(
+        default=1e6,
+        ge=0,
+        description="A node whose share for a new fetch is below this is not used.",
+    )

@@ -1,0 +1,73 @@
+"""Planner input from the model store: a :class:`ModelProfile` built from a manifest.
+
+The stage layer ranges and byte counts come from the manifest's precomputed partitions,
+the one source of truth the prefetcher and the workers also fetch and load by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hydraserve.api.models import ServerlessModel
+from hydraserve.controller.types import SLO, ModelProfile, PlanRequest
+from hydraserve.store.manifest import Manifest
+
+
+def profile_from_manifest(
+    manifest: Manifest,
+    replica_bytes: int,
+    key: str,
+    *,
+    prefill_s: Mapping[str, float] | None = None,
+    tpot_s: Mapping[str, float] | None = None,
+) -> ModelProfile:
+    """Describe ``manifest``'s model for the planner.
+
+    ``replica_bytes`` is the GPU memory of one whole replica (the spec's
+    ``resources.gpuMemoryGiB``, weights plus KV cache); ``key`` identifies the model in the
+    prefetchers' host caches (``"<uri>@<revision>"``). Profiled speeds per GPU type are
+    optional; without them the planner's configured defaults apply.
+    """
+    if replica_bytes < manifest.total_bytes:
+        raise ValueError(
+            f"model {manifest.name}: replica memory {replica_bytes} B is less than its "
+            f"weights ({manifest.total_bytes} B)"
+        )
+    partitions = {
+        pp: tuple((s.start_layer, s.end_layer, s.nbytes) for s in stages)
+        for pp, stages in sorted(manifest.partitions.items())
+    }
+    return ModelProfile(
+        key=key,
+        total_bytes=manifest.total_bytes,
+        replica_bytes=replica_bytes,
+        partitions=partitions,
+        prefill_s=dict(prefill_s or {}),
+        tpot_s=dict(tpot_s or {}),
+    )
+
+
+def model_key(model: ServerlessModel) -> str:
+    """Identity of a model's weights in the prefetchers' host caches."""
+    return f"{model.spec.source.uri}@{model.spec.source.revision}"
+
+
+def replica_bytes(model: ServerlessModel) -> int:
+    """GPU memory of one whole replica (weights plus KV cache), from the spec."""
+    return int(model.spec.resources.gpu_memory_gi_b * 2**30)
+
+
+def plan_request_for(
+    model: ServerlessModel, profile: ModelProfile, *, waited_s: float = 0.0,
+    defer_when_busy: bool = False,
+) -> PlanRequest:  # fmt: skip
+    """The planner's request for one cold start of ``model`` (SLOs and pipeline cap from
+    its spec; ``profile`` from :func:`profile_from_manifest`)."""
+    slo = model.spec.slo
+    return PlanRequest(
+        model=profile,
+        slo=SLO(ttft_s=slo.ttft_seconds, tpot_s=slo.tpot_milliseconds / 1000.0),
+        max_pp=model.spec.pipeline.max_size,
+        waited_s=waited_s,
+        defer_when_busy=defer_when_busy,
+    )
