@@ -40,11 +40,12 @@ from hydraserve.controller.types import (
 )
 
 _DEFAULT_CONFIG = PlannerConfig()
-_GB = 1e9
+_GIB = float(1 << 30)
 
 
-def _gb(nbytes: float) -> str:
-    return f"{nbytes / _GB:.1f} GB"
+def _gib(nbytes: float) -> str:
+    # GiB: the unit of the spec (resources.gpuMemoryGiB) the user wrote.
+    return f"{nbytes / _GIB:.1f} GiB"
 
 
 @dataclass(slots=True)
@@ -416,14 +417,14 @@ class _Planner:
         key = self.model.key
         if largest[0] >= need_all:
             return Unschedulable(
-                f"every node with {_gb(need_all)} GPU memory free for {key} is refusing new "
+                f"every node with {_gib(need_all)} GPU memory free for {key} is refusing new "
                 f"fetches ({refused} node(s)): admitting one would make an in-flight fetch "
                 "miss its deadline; retry when those fetches finish"
             )
         what = "an idle GPU with" if self.config.exclusive_gpus else "a GPU with"
-        where = f"{_gb(largest[0])} on {largest[1]}" if largest[1] else "no GPUs"
+        where = f"{_gib(largest[0])} on {largest[1]}" if largest[1] else "no GPUs"
         return Unschedulable(
-            f"no node has {what} {_gb(need_all)} free for a whole replica of {key} "
+            f"no node has {what} {_gib(need_all)} free for a whole replica of {key} "
             f"(largest free: {where})"
         )
 

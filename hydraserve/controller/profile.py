@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from hydraserve.api.models import ServerlessModel
+from hydraserve.api.models import ServerlessModelSpec
 from hydraserve.controller.types import SLO, ModelProfile, PlanRequest
 from hydraserve.store.manifest import Manifest
 
@@ -47,27 +47,30 @@ def profile_from_manifest(
     )
 
 
-def model_key(model: ServerlessModel) -> str:
+def model_key(spec: ServerlessModelSpec) -> str:
     """Identity of a model's weights in the prefetchers' host caches."""
-    return f"{model.spec.source.uri}@{model.spec.source.revision}"
+    return f"{spec.source.uri}@{spec.source.revision}"
 
 
-def replica_bytes(model: ServerlessModel) -> int:
+def replica_bytes(spec: ServerlessModelSpec) -> int:
     """GPU memory of one whole replica (weights plus KV cache), from the spec."""
-    return int(model.spec.resources.gpu_memory_gi_b * 2**30)
+    return int(spec.resources.gpu_memory_gi_b * 2**30)
 
 
 def plan_request_for(
-    model: ServerlessModel, profile: ModelProfile, *, waited_s: float = 0.0,
+    spec: ServerlessModelSpec,
+    profile: ModelProfile,
+    *,
+    waited_s: float = 0.0,
     defer_when_busy: bool = False,
-) -> PlanRequest:  # fmt: skip
-    """The planner's request for one cold start of ``model`` (SLOs and pipeline cap from
-    its spec; ``profile`` from :func:`profile_from_manifest`)."""
-    slo = model.spec.slo
+) -> PlanRequest:
+    """The planner's request for one cold start of a model (SLOs and pipeline cap from its
+    spec; ``profile`` from :func:`profile_from_manifest`)."""
+    slo = spec.slo
     return PlanRequest(
         model=profile,
         slo=SLO(ttft_s=slo.ttft_seconds, tpot_s=slo.tpot_milliseconds / 1000.0),
-        max_pp=model.spec.pipeline.max_size,
+        max_pp=min(spec.pipeline.max_size, max(profile.partitions, default=1)),
         waited_s=waited_s,
         defer_when_busy=defer_when_busy,
     )

@@ -34,7 +34,7 @@ from hydraserve.operator.naming import (
     new_instance_name,
     template_hash,
 )
-from hydraserve.operator.planning import Planner, model_profile, plan_instance, plan_request
+from hydraserve.operator.planning import Planner, plan_instance, plan_request
 from hydraserve.operator.reconcile import (
     VALID,
     ObservedInstance,
@@ -236,7 +236,12 @@ class Reconciler:
             ),
         )
         cluster, skipped = cluster_state(nodes, worker_pods, self.settings)
-        request = plan_request(spec, model_profile(spec, manifest))
+        try:
+            request = plan_request(spec, manifest)
+        except ValueError as exc:  # resources.gpuMemoryGiB cannot hold the weights
+            reason = f"{exc}; raise spec.resources.gpuMemoryGiB"
+            self.events(model, "Warning", "Unschedulable", reason)
+            return reason
         for _ in range(count):
             started = self.clock()
             plan: Plan | Unschedulable = self.planner(request, cluster)

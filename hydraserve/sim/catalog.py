@@ -102,6 +102,7 @@ def synthetic_manifest(name: str, shape: LlamaShape) -> Manifest:
         weights_size=offset,
         weights_sha256="0" * 64,
         header_size=0,
+        header_sha256="0" * 64,
         files=[],
         tensors=tensors,
         partitions=build_partitions(tensors, shape.layers, tie_word_embeddings=False),

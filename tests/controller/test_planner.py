@@ -145,7 +145,7 @@ def test_every_node_refusing_fetches_is_unschedulable_with_reason() -> None:
     nodes = [node("n0", (16,), inflight=[busy]), node("n1", (4,))]
     result = plan(PlanRequest(model(), SLO(60.0, 0.2)), cluster(*nodes), CONFIG)
     assert isinstance(result, Unschedulable)
-    assert "refusing new fetches" in result.reason and "10.0 GB" in result.reason
+    assert "refusing new fetches" in result.reason and "9.3 GiB" in result.reason
 
 
 def test_cached_node_wins() -> None:
@@ -174,7 +174,7 @@ def test_no_gpu_fits_is_unschedulable_with_reason() -> None:
     nodes = [node("n0", (8, 9)), node("n1", (9.5,))]
     result = plan(PlanRequest(model(), SLO(8.0, 0.2)), cluster(*nodes), CONFIG)
     assert isinstance(result, Unschedulable)
-    assert "10.0 GB" in result.reason and "9.5 GB on n1" in result.reason
+    assert "9.3 GiB" in result.reason and "9.5 GB on n1" in result.reason
 
 
 def test_best_fit_across_nodes_and_gpus() -> None:

@@ -68,10 +68,10 @@ def test_plan_request_from_a_serverless_model() -> None:
             },
         }
     )
-    assert model_key(model) == "s3://models/llama-2-13b@main"
-    assert replica_bytes(model) == 29 * 2**30
+    assert model_key(model.spec) == "s3://models/llama-2-13b@main"
+    assert replica_bytes(model.spec) == 29 * 2**30
     manifest = LLAMA2_13B.manifest
-    profile = profile_from_manifest(manifest, replica_bytes(model), model_key(model))
-    request = plan_request_for(model, profile, waited_s=1.5)
+    profile = profile_from_manifest(manifest, replica_bytes(model.spec), model_key(model.spec))
+    request = plan_request_for(model.spec, profile, waited_s=1.5)
     assert (request.slo.ttft_s, request.slo.tpot_s) == (12.0, 0.116)
     assert request.max_pp == 2 and request.waited_s == 1.5

@@ -8,13 +8,12 @@ from typing import Any
 import pytest
 
 from hydraserve.api.models import ModelPhase, ServerlessModelSpec, ServerlessModelStatus
-from hydraserve.controller.types import SLO, ModelProfile, PlanRequest, Unschedulable
+from hydraserve.controller.types import SLO, ModelProfile, PlanRequest
 from hydraserve.operator.cluster_state import (
     cluster_state,
     gpu_resource_amount,
     parse_quantity,
     prefetcher_urls,
-    reserve,
 )
 from hydraserve.operator.naming import (
     INSTANCE_LABEL,
@@ -28,7 +27,6 @@ from hydraserve.operator.naming import (
     new_instance_name,
     template_hash,
 )
-from hydraserve.operator.planning import standin_plan
 from hydraserve.operator.reconcile import (
     build_status,
     decide,
@@ -134,23 +132,6 @@ def profile(replica_gib: float) -> PlanRequest:
         partitions={1: ((0, 32, 4 * GIB),), 2: ((0, 16, 2 * GIB), (16, 32, 2 * GIB))},
     )
     return PlanRequest(model=model, slo=SLO(ttft_s=10, tpot_s=0.2))
-
-
-def test_standin_planner_best_fit_and_unschedulable_reason() -> None:
-    state, _ = cluster_state(
-        [node("big", mem_gib=80), node("small", mem_gib=16), node("tiny", mem_gib=8)], [], SETTINGS
-    )
-    plan = standin_plan(profile(12), state)
-    assert not isinstance(plan, Unschedulable)
-    assert plan.pp == 1 and plan.stages[0].node == "small"
-    assert (plan.stages[0].start_layer, plan.stages[0].end_layer) == (0, 32)
-    assert plan.stages[0].memory_bytes == 12 * GIB
-    # The same request again, after reserving: the next best fit is the big GPU.
-    again = standin_plan(profile(12), reserve(state, plan, SETTINGS))
-    assert not isinstance(again, Unschedulable) and again.stages[0].node == "big"
-    none = standin_plan(profile(100), state)
-    assert isinstance(none, Unschedulable)
-    assert "100.0 GiB" in none.reason and "80.0 GiB (node big)" in none.reason
 
 
 def test_prefetcher_urls_only_for_ready_pods_with_their_port() -> None:
