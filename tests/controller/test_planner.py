@@ -174,7 +174,7 @@ def test_no_gpu_fits_is_unschedulable_with_reason() -> None:
     nodes = [node("n0", (8, 9)), node("n1", (9.5,))]
     result = plan(PlanRequest(model(), SLO(8.0, 0.2)), cluster(*nodes), CONFIG)
     assert isinstance(result, Unschedulable)
-    assert "9.3 GiB" in result.reason and "9.5 GB on n1" in result.reason
+    assert "9.3 GiB" in result.reason and "8.8 GiB on n1" in result.reason
 
 
 def test_best_fit_across_nodes_and_gpus() -> None:
