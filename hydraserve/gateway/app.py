@@ -235,7 +235,13 @@ COMPLETION_OK: dict[int | str, dict[str, Any]] = {
         "description": "The engine's answer: JSON, or server-sent events when `stream`.",
         "content": {
             "application/json": {"schema": {"type": "object"}},
-            "text/event-stream": {"schema": {"type": "string"}},
+            # One schema per event: `data` is a JSON chunk, an error object, or [DONE].
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                }
+            },
         },
     }
 }

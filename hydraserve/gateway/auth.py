@@ -126,7 +126,11 @@ def load_keys(path: Path) -> list[KeyEntry]:
     try:
         return KeysFile.model_validate(raw).keys
     except ValidationError as exc:
-        raise ValueError(f"API keys file {path} is invalid: {exc}") from exc
+        # Field paths and messages only: the input values could be keys pasted by mistake.
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"API keys file {path} is invalid: {problems}") from None
 
 
 class Authenticator:

@@ -217,6 +217,9 @@ def install_error_handlers(app: FastAPI, on_error: ErrorHook | None = None) -> N
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc.__cause__, GatewayError):
+            # FastAPI wraps errors raised while it reads the body (the size limit) in a 400.
+            return answer(request, exc.__cause__)
         if exc.status_code == 404:
             error = GatewayError(
                 404,

@@ -4,16 +4,33 @@ The gateway validates what it must understand (``model``, ``stream``) and the do
 types and ranges of the common parameters, so a malformed request gets a 400 naming the
 field before it costs an instance; it then forwards the client's original body, so engine
 extensions it does not know (vLLM's ``top_k``, ``guided_json``, ...) still reach the engine.
+
+Numbers and booleans are checked by JSON's rules, not coerced (no ``"true"`` for a boolean,
+no ``false`` or ``"5"`` for an integer; ``5.0`` is an integer as in JSON Schema): the engine
+receives the client's body as sent, so the gateway must not accept what it would read
+differently from the engine.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
-NonNegativeInt = Annotated[int, Field(ge=0)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+def _json_number(value: Any) -> Any:
+    # Pydantic's lax mode would turn true into 1 and "5" into 5; JSON does not.
+    if isinstance(value, bool | str | bytes):
+        raise ValueError("Input should be a number")
+    return value
+
+
+JSONNumber = BeforeValidator(_json_number)
+# Constraints go before the validator, so the JSON schema shows them as minimum/maximum.
+Int = Annotated[int, JSONNumber]
+Float = Annotated[float, JSONNumber]
+NonNegativeInt = Annotated[int, Field(ge=0), JSONNumber]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0), JSONNumber]
 
 
 class _OpenAIRequest(BaseModel):
@@ -24,39 +41,39 @@ class _OpenAIRequest(BaseModel):
         str,
         Field(min_length=1, max_length=256, description="A model name from GET /v1/models."),
     ]
-    stream: bool = Field(default=False, description="Answer with server-sent events.")
+    stream: StrictBool = Field(default=False, description="Answer with server-sent events.")
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool | None = None
+    include_usage: StrictBool | None = None
 
 
 class _SamplingParams(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     max_tokens: NonNegativeInt | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0), JSONNumber] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0), JSONNumber] | None = None
+    n: Annotated[int, Field(ge=1, le=128), JSONNumber] | None = None
     stop: str | list[str] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    seed: int | None = None
+    seed: Int | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Float] | None = None
     stream_options: StreamOptions | None = None
 
 
 class CompletionRequest(_SamplingParams, _OpenAIRequest):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(
         description="Text, a batch of texts, or token ids.", examples=["Once upon a time"]
     )
-    echo: bool | None = None
+    echo: StrictBool | None = None
     logprobs: NonNegativeInt | None = None
-    best_of: Annotated[int, Field(ge=1)] | None = None
+    best_of: Annotated[int, Field(ge=1), JSONNumber] | None = None
     suffix: str | None = None
 
 
@@ -80,8 +97,8 @@ class ChatCompletionRequest(_SamplingParams, _OpenAIRequest):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: NonNegativeInt | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20), JSONNumber] | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
