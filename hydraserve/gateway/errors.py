@@ -179,7 +179,7 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> GatewayError:
     if code == "json_invalid":
         message = f"The request body is not valid JSON: {first.get('msg', '')}"
         param = None
-    elif param is None and code in ("model_attributes_type", "dict_type", "missing"):
+    elif param is None and code in ("model_attributes_type", "model_type", "dict_type", "missing"):
         message = "The request body must be a JSON object (Content-Type: application/json)."
     elif param is None:
         message = f"Invalid request body: {first.get('msg', 'invalid value')}"

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hydraserve.gateway import errors
 
 _CLIENT_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+# Unique across gateway replicas and restarts (random prefix), cheap per request (counter).
+_ID_PREFIX = os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):010x}"
 
 
 class RequestTooLarge(errors.GatewayError):
@@ -39,7 +47,7 @@ class FrontDoorMiddleware:
             elif name == b"content-length":
                 declared = value
         if request_id is None:
-            request_id = uuid.uuid4().hex
+            request_id = new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode())
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import anyio
 from starlette.types import Receive, Scope, Send
 
 from hydraserve.cluster.base import InstanceView
@@ -161,25 +160,31 @@ class ProxyResponse:
         self._response_complete = False  # the last body message was sent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A plain task watching for the disconnect (cheaper per request than a task group):
+        # it cancels this task, unless the response is already complete.
+        this_task = asyncio.current_task()
+        assert this_task is not None
         disconnected = False
+
+        async def watch_disconnect() -> None:
+            nonlocal disconnected
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not self._response_complete:
+                        disconnected = True
+                        this_task.cancel()
+                    return
+
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
         try:
-            async with anyio.create_task_group() as tasks:
-
-                async def watch_disconnect() -> None:
-                    nonlocal disconnected
-                    while True:
-                        message = await receive()
-                        if message["type"] == "http.disconnect":
-                            disconnected = True
-                            tasks.cancel_scope.cancel()
-                            return
-
-                tasks.start_soon(watch_disconnect)
-                try:
-                    await self._serve(send)
-                finally:
-                    tasks.cancel_scope.cancel()
+            await self._serve(send)
+        except asyncio.CancelledError:
+            if not disconnected:
+                raise
+            this_task.uncancel()  # the client left; nothing else asked to cancel us
         finally:
+            watcher.cancel()
             self._ctx.dispatcher.close(self._ticket)
             if disconnected and not self._response_complete:
                 self._status = CLIENT_CLOSED
@@ -294,7 +299,6 @@ class ProxyResponse:
             await self._stream_failed(send, "the stream ended without [DONE]")
             return
         await self._body(send, b"", more=False)
-        self._response_complete = True
 
     async def _stream_failed(self, send: Send, detail: str) -> None:
         error = errors.upstream_failed(self._req.model, detail)
@@ -332,9 +336,11 @@ class ProxyResponse:
         await send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def _body(self, send: Send, data: bytes, *, more: bool) -> None:
-        await send({"type": "http.response.body", "body": data, "more_body": more})
         if not more:
+            # Before sending: once the last message is out, the server reports a
+            # "disconnect" that is no disconnect, and the watcher must ignore it.
             self._response_complete = True
+        await send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def _finish_stream(self, send: Send, data: bytes) -> None:
         await self._body(send, data, more=False)
@@ -345,13 +351,14 @@ class ProxyResponse:
         req, metrics = self._req, self._ctx.metrics
         duration = time.perf_counter() - req.arrived_at
         status = str(self._status or CLIENT_CLOSED)
-        metrics.requests.labels(req.model, req.endpoint, status).inc()
-        metrics.request_duration.labels(req.model, req.endpoint).observe(duration)
+        metrics.child(metrics.requests, req.model, req.endpoint, status).inc()
+        metrics.child(metrics.request_duration, req.model, req.endpoint).observe(duration)
         if self._first_token_at is not None:
-            metrics.ttft.labels(req.model).observe(self._first_token_at - req.arrived_at)
+            ttft = self._first_token_at - req.arrived_at
+            metrics.child(metrics.ttft, req.model).observe(ttft)
             if self._token_events > 1 and self._last_token_at is not None:
                 gap = (self._last_token_at - self._first_token_at) / (self._token_events - 1)
-                metrics.tpot.labels(req.model).observe(gap)
+                metrics.child(metrics.tpot, req.model).observe(gap)
         if self._ctx.settings.access_log:
             log.info(
                 "request.done",
