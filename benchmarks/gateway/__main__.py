@@ -45,6 +45,7 @@ TARGET_ADDED_P50_MS = 2.0
 TARGET_THROUGHPUT_RATIO = 0.5
 
 COMPLETION = {"prompt": "hello", "max_tokens": 8}
+ANOMALIES: list[dict[str, Any]] = []  # answers that were neither a completion nor an error
 
 
 def free_port() -> int:
@@ -228,7 +229,11 @@ async def burst_request(session: aiohttp.ClientSession, url: str, model: str, st
     except (aiohttp.ClientError, TimeoutError) as exc:
         return f"lost:{type(exc).__name__}"
     if status == 200 and not stream:
-        return "ok" if json.loads(raw).get("choices") else "lost:empty"
+        try:
+            return "ok" if json.loads(raw).get("choices") else "lost:no_choices"
+        except ValueError:
+            ANOMALIES.append({"status": status, "stream": stream, "body": raw[:300].decode()})
+            return "lost:invalid_json"
     if status == 200:
         if not raw.endswith(b"data: [DONE]\n\n"):
             return "lost:truncated_stream"
@@ -384,6 +389,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "burst_unexpected_5xx": "== 0",
         "burst_lost_requests": "== 0",
     }
+    result["burst"]["anomalies"] = ANOMALIES[:20]
     result["passed"] = (
         result["added_p50_ms"] <= TARGET_ADDED_P50_MS
         and result["throughput_ratio"] >= TARGET_THROUGHPUT_RATIO

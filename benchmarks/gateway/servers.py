@@ -10,6 +10,7 @@ import argparse
 
 import uvicorn
 
+from hydraserve.cli.gateway import CLIENT_KEEPALIVE_SECONDS
 from hydraserve.gateway import GatewaySettings, create_app
 from hydraserve.gateway.testing import (
     FakeClusterBackend,
@@ -76,8 +77,17 @@ def run_gateway(
         )
         return create_app(backend, settings)
 
-    uvicorn.run(app, factory=True, host="127.0.0.1", port=port, log_level="warning",
-                access_log=False)  # fmt: skip
+    # The client keep-alive the `hydraserve gateway` command uses (longer than the load
+    # generator's pool keeps idle connections, so no request races a closing connection).
+    uvicorn.run(
+        app,
+        factory=True,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=CLIENT_KEEPALIVE_SECONDS,
+    )
 
 
 def main() -> None:

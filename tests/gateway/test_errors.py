@@ -57,6 +57,12 @@ async def test_unknown_model_is_404_naming_the_model(gw: Harness) -> None:
         ({"model": "m", "prompt": "x", "n": 0}, "n"),
         ({"model": "m", "prompt": {"text": "x"}}, "prompt"),
         ({"model": "m", "prompt": "x", "stream": "maybe"}, "stream"),
+        # JSON's types, not Python's coercions: the engine gets the body as sent.
+        ({"model": "m", "prompt": "x", "stream": "true"}, "stream"),
+        ({"model": "m", "prompt": "x", "n": True}, "n"),
+        ({"model": "m", "prompt": "x", "max_tokens": "5"}, "max_tokens"),
+        ({"model": "m", "prompt": [1, True]}, "prompt"),
+        ({"model": "m", "prompt": "x", "n": 1.5}, "n"),
     ],
 )
 async def test_malformed_completion_is_400_naming_the_field(
@@ -87,6 +93,15 @@ async def test_malformed_chat_is_400_naming_the_field(
     assert response.status_code == 400
     error = assert_openai_error(response.json())
     assert error["param"] == param
+
+
+async def test_integral_floats_are_integers_as_in_json_schema(gw: Harness) -> None:
+    # 4.0 is an integer for JSON Schema (and schemathesis); the engine is not reached here
+    # (no instance), the model is unknown, so a 404 shows validation passed.
+    response = await gw.client.post(
+        "/v1/completions", json={"model": "nope", "prompt": "x", "max_tokens": 4.0}
+    )
+    assert response.status_code == 404
 
 
 async def test_invalid_json_and_non_object_bodies_are_400(gw: Harness) -> None:
