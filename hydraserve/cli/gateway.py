@@ -61,8 +61,8 @@ def run_gateway(backend: ClusterBackend, settings: GatewaySettings) -> None:
 
 
 def gateway(
-    host: str | None = typer.Option(None, help="Address to listen on [default: 0.0.0.0]."),
-    port: int | None = typer.Option(None, help="Port to listen on [default: 8000]."),
+    host: str | None = typer.Option(None, help="Address to listen on (default 0.0.0.0)."),
+    port: int | None = typer.Option(None, help="Port to listen on (default 8000)."),
     api_keys_file: Path | None = typer.Option(
         None, help="YAML file of hashed API keys (e.g. a mounted Kubernetes Secret)."
     ),
@@ -72,10 +72,10 @@ def gateway(
 ) -> None:
     """Run the gateway against a Kubernetes cluster (ServerlessModel resources).
 
-    Every setting can also come from HYDRASERVE_GATEWAY_* environment variables (for
-    example HYDRASERVE_GATEWAY_QUEUE_SIZE_PER_MODEL); flags win over them. API keys are
-    required unless --no-auth is given; make one with
-    `python -m hydraserve.gateway.auth --name NAME --models 'PATTERN'`.
+    All settings also come from HYDRASERVE_GATEWAY_* environment variables; flags win.
+
+    API keys are required unless --no-auth is given. Make one with:
+    python -m hydraserve.gateway.auth --name NAME --models PATTERN
     """
     setup_logging()
     overrides: dict[str, Any] = {}
