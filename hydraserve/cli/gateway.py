@@ -2,13 +2,99 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from hydraserve.cli.common import setup_logging
+from hydraserve.cluster.base import ClusterBackend
+from hydraserve.gateway.settings import GatewaySettings
+
+# Keep-alive on client connections: longer than the usual load-balancer idle timeout (60 s),
+# so the balancer, not the gateway, closes idle connections (no reset races).
+CLIENT_KEEPALIVE_SECONDS = 65
+
+
+class BackendUnavailableError(RuntimeError):
+    """No cluster backend can be built in this process (the message says why)."""
+
+
+def build_backend(settings: GatewaySettings) -> ClusterBackend:
+    """The cluster backend the standalone gateway talks to.
+
+    TODO(kubernetes backend): return the Kubernetes backend here (ServerlessModel
+    resources: list/watch for views, the scale subresource for ``scale``), built from the
+    in-cluster config or KUBECONFIG.
+    """
+    raise BackendUnavailableError(
+        "the Kubernetes cluster backend is not part of this build yet; "
+        "run `hydraserve up` for the embedded platform on this machine"
+    )
+
+
+def gateway_server(
+    backend: ClusterBackend, settings: GatewaySettings, *, manage_backend: bool = True
+) -> Any:
+    """A uvicorn server running the gateway app; ``await server.serve()`` runs it in the
+    caller's event loop (``hydraserve up`` does so next to the local backend)."""
+    import uvicorn
+
+    from hydraserve.gateway import create_app
+
+    app = create_app(backend, settings, manage_backend=manage_backend)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # our structured logging, not uvicorn's
+        access_log=False,  # the gateway logs one request.done event per request
+        timeout_keep_alive=CLIENT_KEEPALIVE_SECONDS,
+        lifespan="on",
+    )
+    return uvicorn.Server(config)
+
+
+def run_gateway(backend: ClusterBackend, settings: GatewaySettings) -> None:
+    """Serve until interrupted (the standalone gateway owns its backend)."""
+    gateway_server(backend, settings).run()
 
 
 def gateway(
-    host: str = typer.Option("0.0.0.0", help="Address to listen on."),
-    port: int = typer.Option(8000),
+    host: str | None = typer.Option(None, help="Address to listen on (default 0.0.0.0)."),
+    port: int | None = typer.Option(None, help="Port to listen on (default 8000)."),
+    api_keys_file: Path | None = typer.Option(
+        None, help="YAML file of hashed API keys (e.g. a mounted Kubernetes Secret)."
+    ),
+    no_auth: bool = typer.Option(
+        False, "--no-auth", help="Serve without API keys (private, single-user setups only)."
+    ),
 ) -> None:
-    """Run the gateway against a Kubernetes cluster (ServerlessModel resources)."""
-    typer.echo("`hydraserve gateway` is not available in this build yet", err=True)
-    raise typer.Exit(2)
+    """Run the gateway against a Kubernetes cluster (ServerlessModel resources).
+
+    All settings also come from HYDRASERVE_GATEWAY_* environment variables; flags win.
+
+    API keys are required unless --no-auth is given. Make one with:
+    python -m hydraserve.gateway.auth --name NAME --models PATTERN
+    """
+    setup_logging()
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    if api_keys_file is not None:
+        overrides["api_keys_file"] = api_keys_file
+    if no_auth:
+        overrides["auth_enabled"] = False
+    settings = GatewaySettings(**overrides)
+    try:
+        backend = build_backend(settings)
+    except BackendUnavailableError as exc:
+        typer.echo(f"hydraserve gateway: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        run_gateway(backend, settings)
+    except ValueError as exc:  # configuration problems found while building the app
+        typer.echo(f"hydraserve gateway: {exc}", err=True)
+        raise typer.Exit(2) from None

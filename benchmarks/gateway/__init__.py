@@ -1,0 +1,1 @@
+"""Gateway benchmark: overhead and throughput against a fast fake engine, and bursts."""

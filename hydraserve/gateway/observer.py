@@ -1,0 +1,85 @@
+"""Cluster observer: exports instance phases and records each cold start once.
+
+It reads the same ``ModelView``s as routing does, so cold-start metrics come out the same
+whichever backend (local processes, Kubernetes) produced the instance and its timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+
+from hydraserve.cluster.base import InstancePhase, InstanceView, ModelView
+from hydraserve.gateway.metrics import GatewayMetrics
+from hydraserve.logs import get_logger
+
+log = get_logger("gateway.observer")
+
+
+def newly_ready(seen: set[str], instances: Iterable[InstanceView]) -> list[InstanceView]:
+    """Ready instances not in ``seen`` (pure; the caller updates ``seen``)."""
+    return [i for i in instances if i.phase == InstancePhase.READY and i.name not in seen]
+
+
+class ClusterObserver:
+    def __init__(self, metrics: GatewayMetrics, started_at: float | None = None) -> None:
+        self._metrics = metrics
+        # Instances that were ready before the gateway started were counted by the gateway
+        # that saw them start (or by nobody); a restart must not count them again.
+        self._started_at = time.time() if started_at is None else started_at
+        self._ready_seen: dict[str, set[str]] = {}  # model -> instance names seen ready
+        self._phase_labels: set[tuple[str, str]] = set()
+
+    def observe_model(self, view: ModelView) -> None:
+        seen = self._ready_seen.setdefault(view.name, set())
+        for instance in newly_ready(seen, view.instances):
+            if instance.ready_at is None or instance.ready_at >= self._started_at:
+                self._record_cold_start(view.name, instance)
+        # Forget instances that are gone, so the set stays as small as the model.
+        seen.intersection_update(i.name for i in view.instances)
+        seen.update(i.name for i in view.instances if i.phase == InstancePhase.READY)
+
+    def observe(self, views: list[ModelView]) -> None:
+        labels: set[tuple[str, str]] = set()
+        for view in views:
+            self.observe_model(view)
+            counts: dict[InstancePhase, int] = dict.fromkeys(InstancePhase, 0)
+            for instance in view.instances:
+                counts[instance.phase] += 1
+            for phase, count in counts.items():
+                self._metrics.instances.labels(view.name, phase.value).set(count)
+                labels.add((view.name, phase.value))
+        for model, phase_name in self._phase_labels - labels:
+            self._metrics.instances.remove(model, phase_name)
+        self._phase_labels = labels
+        for gone in set(self._ready_seen) - {v.name for v in views}:
+            del self._ready_seen[gone]
+
+    def _record_cold_start(self, model: str, instance: InstanceView) -> None:
+        self._metrics.cold_starts.labels(model).inc()
+        total = None
+        if instance.ready_at is not None and instance.started_at:
+            total = max(0.0, instance.ready_at - instance.started_at)
+            self._metrics.cold_start_seconds.labels(model).observe(total)
+        stages = {}
+        for timing in instance.cold_start:
+            seconds = max(0.0, timing.end - timing.start)
+            self._metrics.cold_start_stage_seconds.labels(model, timing.stage).observe(seconds)
+            stages[timing.stage] = round(seconds, 3)
+        log.info(
+            "coldstart.ready",
+            model=model,
+            instance=instance.name,
+            pp=instance.pp,
+            seconds=None if total is None else round(total, 3),
+            stages=stages,
+        )
+
+    async def run(self, list_models: Callable[[], list[ModelView]], interval: float) -> None:
+        while True:
+            try:
+                self.observe(list_models())
+            except Exception as exc:  # keep exporting after a backend hiccup
+                log.error("observer.failed", error=repr(exc))
+            await asyncio.sleep(interval)

@@ -1,0 +1,89 @@
+"""Typed settings of the gateway, read from ``HYDRASERVE_GATEWAY_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    """Everything the gateway's behaviour depends on; defaults suit a cluster deployment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HYDRASERVE_GATEWAY_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    host: str = Field(default="0.0.0.0", description="Address the gateway listens on.")
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    # --- auth -------------------------------------------------------------------------
+    auth_enabled: bool = Field(
+        default=True,
+        description="Require API keys. Only the embedded one-machine platform turns this off.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="YAML file of hashed API keys (a mounted Kubernetes Secret works as is).",
+    )
+    api_keys_reload_seconds: float = Field(
+        default=10.0, gt=0, description="How often the keys file is checked for changes."
+    )
+
+    # --- requests ---------------------------------------------------------------------
+    max_request_bytes: int = Field(
+        default=4 << 20, ge=1024, description="Largest request body accepted (413 above)."
+    )
+
+    # --- admission queue (scale from zero) --------------------------------------------
+    queue_size_per_model: int = Field(
+        default=64,
+        ge=1,
+        description="Requests that may wait per model for an instance; more get 429.",
+    )
+    queue_timeout_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="Deadline for a waiting request to reach an instance; then 503.",
+    )
+    queue_full_retry_after_seconds: int = Field(default=2, ge=1)
+    timeout_retry_after_seconds: int = Field(default=10, ge=1)
+    stream_keepalive_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Streaming requests waiting this long get SSE headers and then a "
+        "keep-alive comment every interval, so proxies do not cut idle connections.",
+    )
+    watch_poll_seconds: float = Field(
+        default=0.5, gt=0, description="Safety-net poll while requests wait for an instance."
+    )
+
+    # --- routing and upstream ---------------------------------------------------------
+    max_outstanding_per_instance: int = Field(
+        default=256,
+        ge=1,
+        description="Requests in flight on one instance before more wait in the queue "
+        "(vLLM's default max_num_seqs).",
+    )
+    connect_attempts: int = Field(
+        default=3, ge=1, description="Instances tried for a request that cannot connect."
+    )
+    unreachable_cooldown_seconds: float = Field(
+        default=2.0, ge=0, description="How long an instance that refused a connection is skipped."
+    )
+    upstream_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    upstream_read_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="Longest silence from an engine before giving up."
+    )
+    upstream_max_connections: int = Field(default=1024, ge=1)
+
+    # --- autoscaling and observation ---------------------------------------------------
+    autoscale_interval_seconds: float = Field(
+        default=1.0, gt=0, description="How often scale-down and keep-alive are evaluated."
+    )
+    observe_interval_seconds: float = Field(
+        default=1.0, gt=0, description="How often instance phases are exported as metrics."
+    )
+
+    access_log: bool = Field(default=True, description="One log event per finished request.")

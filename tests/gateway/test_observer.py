@@ -1,0 +1,81 @@
+"""Cold-start and instance metrics, from the backend's views alone."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from hydraserve.api.models import StageTiming
+from hydraserve.cluster.base import InstancePhase, InstanceView, ModelView
+from hydraserve.gateway.metrics import GatewayMetrics
+from hydraserve.gateway.observer import ClusterObserver, newly_ready
+from hydraserve.gateway.testing import make_model
+
+
+def sample(metrics: GatewayMetrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def starting(name: str) -> InstanceView:
+    return InstanceView(name=name, model="m", pp=2, phase=InstancePhase.STARTING,
+                        started_at=time.time())  # fmt: skip
+
+
+def became_ready(instance: InstanceView, seconds: float = 8.0) -> InstanceView:
+    timings = (
+        StageTiming(stage="fetch", start=0.0, end=5.0),
+        StageTiming(stage="imports", start=0.0, end=3.0),
+        StageTiming(stage="weight_load", start=3.0, end=5.5),
+    )
+    return replace(instance, phase=InstancePhase.READY, endpoint="http://x",
+                   ready_at=instance.started_at + seconds, cold_start=timings)  # fmt: skip
+
+
+def test_newly_ready_ignores_seen_and_unready_instances() -> None:
+    a = became_ready(starting("a"))
+    b = starting("b")
+    assert newly_ready(set(), [a, b]) == [a]
+    assert newly_ready({"a"}, [a, b]) == []
+
+
+def test_each_cold_start_is_recorded_once_with_its_stages() -> None:
+    metrics = GatewayMetrics()
+    observer = ClusterObserver(metrics)
+    model = make_model("m")
+    instance = starting("m-0")
+    observer.observe([ModelView(model, 1, (instance,))])
+    assert sample(metrics, "hydraserve_cold_starts_total", model="m") == 0
+    assert sample(metrics, "hydraserve_instances", model="m", phase="Starting") == 1
+    ready = became_ready(instance)
+    for _ in range(3):  # seen again and again (periodic and on routing)
+        observer.observe([ModelView(model, 1, (ready,))])
+        observer.observe_model(ModelView(model, 1, (ready,)))
+    assert sample(metrics, "hydraserve_cold_starts_total", model="m") == 1
+    assert sample(metrics, "hydraserve_cold_start_seconds_sum", model="m") == 8.0
+    assert sample(metrics, "hydraserve_cold_start_stage_seconds_sum", model="m",
+                  stage="fetch") == 5.0  # fmt: skip
+    assert sample(metrics, "hydraserve_cold_start_stage_seconds_sum", model="m",
+                  stage="weight_load") == 2.5  # fmt: skip
+    assert sample(metrics, "hydraserve_instances", model="m", phase="Ready") == 1
+    assert sample(metrics, "hydraserve_instances", model="m", phase="Starting") == 0
+
+
+def test_instances_ready_before_the_gateway_started_are_not_counted() -> None:
+    metrics = GatewayMetrics()
+    old = became_ready(replace(starting("m-0"), started_at=time.time() - 100), seconds=10)
+    observer = ClusterObserver(metrics)
+    observer.observe([ModelView(make_model("m"), 1, (old,))])
+    assert sample(metrics, "hydraserve_cold_starts_total", model="m") == 0
+
+
+def test_gone_models_leave_no_stale_series() -> None:
+    metrics = GatewayMetrics()
+    observer = ClusterObserver(metrics)
+    observer.observe([ModelView(make_model("m"), 1, (starting("m-0"),))])
+    observer.observe([])
+    assert (
+        metrics.registry.get_sample_value(
+            "hydraserve_instances", {"model": "m", "phase": "Starting"}
+        )
+        is None
+    )

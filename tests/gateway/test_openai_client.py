@@ -1,0 +1,107 @@
+"""The official ``openai`` client against the gateway and a fast fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import openai
+import pytest
+
+from hydraserve.gateway.testing import FakeClusterBackend, make_model
+
+from .conftest import Harness, RunningEngine, fast_settings
+
+StartEngine = Callable[..., Awaitable[RunningEngine]]
+StartGateway = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def gw(start_engine: StartEngine, start_gateway: StartGateway) -> Harness:
+    engine = await start_engine()
+    backend = FakeClusterBackend(
+        [make_model("m")], endpoint_for=lambda m, i: engine.url, cold_start_seconds=0.1
+    )
+    return await start_gateway(backend, fast_settings(queue_size_per_model=2))
+
+
+def sync_client(gw: Harness) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+
+
+def async_client(gw: Harness) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+
+
+async def test_sync_client_completion_chat_and_models(gw: Harness) -> None:
+    def run() -> None:
+        client = sync_client(gw)
+        completion = client.completions.create(model="m", prompt="hello", max_tokens=3)
+        assert completion.choices[0].text == "tok0 tok1 tok2 "
+        assert completion.usage is not None and completion.usage.completion_tokens == 3
+        chat = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2, n=2
+        )
+        assert [c.message.content for c in chat.choices] == ["tok0 tok1 "] * 2
+        assert [m.id for m in client.models.list()] == ["m"]
+
+    await asyncio.to_thread(run)
+
+
+async def test_async_client_streaming(gw: Harness) -> None:
+    client = async_client(gw)
+    stream = await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+    )
+    text = ""
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+    assert text == "tok0 tok1 tok2 tok3 "
+    completion_stream = await client.completions.create(
+        model="m", prompt="x", max_tokens=2, stream=True
+    )
+    assert "".join([c.choices[0].text async for c in completion_stream]) == "tok0 tok1 "
+
+
+async def test_client_exceptions_match_the_status_codes(gw: Harness) -> None:
+    client = async_client(gw)
+    with pytest.raises(openai.NotFoundError) as not_found:
+        await client.completions.create(model="nope", prompt="x")
+    assert not_found.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        await client.completions.create(model="m", prompt="x", temperature=9)
+    assert bad.value.param == "temperature"
+
+
+async def test_engine_failure_mid_stream_raises_in_the_client(
+    start_engine: StartEngine, start_gateway: StartGateway
+) -> None:
+    engine = await start_engine(break_after_tokens=1)
+    backend = FakeClusterBackend([make_model("m")], endpoint_for=lambda m, i: engine.url)
+    gw = await start_gateway(backend)
+    stream = await async_client(gw).completions.create(
+        model="m", prompt="x", max_tokens=5, stream=True
+    )
+    received = []
+    with pytest.raises(openai.APIError, match="failed"):
+        async for chunk in stream:
+            received.append(chunk.choices[0].text)
+    assert received == ["tok0 "]
+
+
+async def test_queue_full_is_a_rate_limit_error_in_the_client(
+    start_gateway: StartGateway,
+) -> None:
+    gw = await start_gateway(
+        FakeClusterBackend([make_model("m")]), fast_settings(queue_size_per_model=1)
+    )
+    client = async_client(gw)
+    waiting = asyncio.create_task(client.completions.create(model="m", prompt="x"))
+    while gw.gateway.dispatcher.queue_length("m") == 0:
+        await asyncio.sleep(0.01)
+    with pytest.raises(openai.RateLimitError) as limited:
+        await client.completions.create(model="m", prompt="x")
+    assert limited.value.response.headers["retry-after"]
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
