@@ -21,16 +21,22 @@ class BackendUnavailableError(RuntimeError):
 
 
 def build_backend(settings: GatewaySettings) -> ClusterBackend:
-    """The cluster backend the standalone gateway talks to.
+    """The Kubernetes backend: ServerlessModel objects (list/watch) for the views, their
+    scale subresource for ``scale``; in-cluster credentials, or a kubeconfig."""
+    from hydraserve.cluster.kubeapi import KubeClient, KubeConfigError, load_config
+    from hydraserve.cluster.kubernetes import KubernetesBackend
 
-    TODO(kubernetes backend): return the Kubernetes backend here (ServerlessModel
-    resources: list/watch for views, the scale subresource for ``scale``), built from the
-    in-cluster config or KUBECONFIG.
-    """
-    raise BackendUnavailableError(
-        "the Kubernetes cluster backend is not part of this build yet; "
-        "run `hydraserve up` for the embedded platform on this machine"
-    )
+    try:
+        config = load_config(settings.kubeconfig)
+    except KubeConfigError as exc:
+        raise BackendUnavailableError(
+            f"{exc}; run inside a cluster, set KUBECONFIG, or use `hydraserve up` for the "
+            "embedded platform on this machine"
+        ) from exc
+    client = KubeClient(config)
+    if len(settings.namespaces) == 1:
+        return KubernetesBackend(client, settings.namespaces[0])
+    return KubernetesBackend(client, None, frozenset(settings.namespaces))
 
 
 def gateway_server(

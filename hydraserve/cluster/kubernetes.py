@@ -93,9 +93,16 @@ class KubernetesBackend(ClusterBackend):
     on a clash the first one seen wins and the clash is logged.
     """
 
-    def __init__(self, client: KubeClient, namespace: str | None = None) -> None:
+    def __init__(
+        self,
+        client: KubeClient,
+        namespace: str | None = None,
+        only_namespaces: frozenset[str] = frozenset(),
+    ) -> None:
         self.client = client
         self.namespace = namespace
+        # Watching all namespaces but serving a few (several namespaces, one watch).
+        self.only_namespaces = only_namespaces
         self._views: dict[str, ModelView] = {}
         self._owners: dict[str, tuple[str, str]] = {}  # model name -> (namespace, name)
         self._changed: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
@@ -149,7 +156,7 @@ class KubernetesBackend(ClusterBackend):
     def _apply(self, kind: str, obj: Mapping[str, Any]) -> None:
         meta = obj.get("metadata") or {}
         name, namespace = meta.get("name"), meta.get("namespace", "default")
-        if not name:
+        if not name or (self.only_namespaces and namespace not in self.only_namespaces):
             return
         owner = self._owners.get(name)
         if owner is not None and owner != (namespace, name):
@@ -172,7 +179,8 @@ class KubernetesBackend(ClusterBackend):
         seen = set()
         for obj in items:
             self._apply("ADDED", obj)
-            seen.add((obj.get("metadata") or {}).get("name"))
+            if (obj.get("metadata") or {}).get("name") in self._owners:
+                seen.add((obj.get("metadata") or {}).get("name"))
         for gone in set(self._views) - seen:
             self._apply("DELETED", {"metadata": {"name": gone, "namespace": self._owners[gone][0]}})
         self._synced.set()

@@ -18,6 +18,14 @@ class GatewaySettings(BaseSettings):
     host: str = Field(default="0.0.0.0", description="Address the gateway listens on.")
     port: int = Field(default=8000, ge=0, le=65535)
 
+    namespaces: list[str] = Field(
+        default_factory=list,
+        description="Kubernetes namespaces whose ServerlessModels are served; empty = all.",
+    )
+    kubeconfig: Path | None = Field(
+        default=None, description="Kubeconfig to use instead of the in-cluster credentials."
+    )
+
     # --- auth -------------------------------------------------------------------------
     auth_enabled: bool = Field(
         default=True,

@@ -241,8 +241,15 @@ def test_s3_secret_and_api_keys(
     secret = find(rendered["ha-namespaced"], "Secret", "hydraserve-s3")
     assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"}
     gateway = find(rendered["ha-namespaced"], "Deployment", "-gateway")
-    env = env_of(gateway["spec"]["template"]["spec"]["containers"][0])
-    assert env["HYDRASERVE_GATEWAY_API_KEYS"]["secretKeyRef"]["name"] == "hydraserve-keys"
+    pod = gateway["spec"]["template"]["spec"]
+    assert "--api-keys-file=/etc/hydraserve/api-keys/keys.yaml" in pod["containers"][0]["args"]
+    (keys,) = [v for v in pod["volumes"] if v["name"] == "api-keys"]
+    assert keys["secret"]["secretName"] == "hydraserve-keys"
+    env = env_of(pod["containers"][0])
+    assert env["HYDRASERVE_GATEWAY_NAMESPACES"] == '["team-a","team-b"]'
+    # Without a keys Secret the gateway is open, and says so in its arguments.
+    open_gateway = find(rendered["defaults"], "Deployment", "-gateway")
+    assert "--no-auth" in open_gateway["spec"]["template"]["spec"]["containers"][0]["args"]
     peerings = [d for d in rendered["ha-namespaced"] if d["kind"] == "KopfPeering"]
     assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
     assert not [
@@ -304,3 +311,18 @@ def test_container_build_dirs_are_not_python_packages() -> None:
     dockerfile = (ROOT / "operator" / "Dockerfile").read_text()
     assert "USER 10001" in dockerfile and '".[operator]"' in dockerfile
     assert "USER 10001" in (ROOT / "worker" / "Dockerfile").read_text()
+
+
+def test_gateway_env_is_read_by_its_settings(
+    rendered: dict[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hydraserve.gateway.settings import GatewaySettings
+
+    gateway = find(rendered["ha-namespaced"], "Deployment", "-gateway")
+    env = env_of(gateway["spec"]["template"]["spec"]["containers"][0])
+    prefix = "HYDRASERVE_GATEWAY_"
+    for name, value in env.items():
+        if name.startswith(prefix):
+            assert name.removeprefix(prefix).lower() in GatewaySettings.model_fields, name
+            monkeypatch.setenv(name, value)
+    assert GatewaySettings().namespaces == ["team-a", "team-b"]
