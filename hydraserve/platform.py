@@ -81,10 +81,8 @@ def platform_models(settings: PlatformSettings) -> list[ServerlessModel]:
 
 
 def run_platform(settings: PlatformSettings) -> None:
-    import uvicorn
-
     from hydraserve.cluster.local import LocalBackend, LocalSettings
-    from hydraserve.gateway.app import create_app
+    from hydraserve.gateway.server import gateway_server
     from hydraserve.gateway.settings import GatewaySettings
 
     models = platform_models(settings)
@@ -92,10 +90,10 @@ def run_platform(settings: PlatformSettings) -> None:
     gateway_settings = GatewaySettings(
         host=settings.host, port=settings.port, auth_enabled=settings.auth_enabled
     )
-    app = create_app(backend, gateway_settings)
     log.info(
         "platform.up",
         url=f"http://{settings.host}:{settings.port}/v1",
         models=[m.name for m in models],
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    # The app's lifespan starts the backend and, on shutdown, stops every worker it began.
+    gateway_server(backend, gateway_settings, manage_backend=True).run()

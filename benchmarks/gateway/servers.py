@@ -10,8 +10,8 @@ import argparse
 
 import uvicorn
 
-from hydraserve.cli.gateway import CLIENT_KEEPALIVE_SECONDS
 from hydraserve.gateway import GatewaySettings, create_app
+from hydraserve.gateway.server import CLIENT_KEEPALIVE_SECONDS
 from hydraserve.gateway.testing import (
     FakeClusterBackend,
     FakeEngine,

@@ -9,11 +9,8 @@ import typer
 
 from hydraserve.cli.common import setup_logging
 from hydraserve.cluster.base import ClusterBackend
+from hydraserve.gateway.server import gateway_server
 from hydraserve.gateway.settings import GatewaySettings
-
-# Keep-alive on client connections: longer than the usual load-balancer idle timeout (60 s),
-# so the balancer, not the gateway, closes idle connections (no reset races).
-CLIENT_KEEPALIVE_SECONDS = 65
 
 
 class BackendUnavailableError(RuntimeError):
@@ -37,28 +34,6 @@ def build_backend(settings: GatewaySettings) -> ClusterBackend:
     if len(settings.namespaces) == 1:
         return KubernetesBackend(client, settings.namespaces[0])
     return KubernetesBackend(client, None, frozenset(settings.namespaces))
-
-
-def gateway_server(
-    backend: ClusterBackend, settings: GatewaySettings, *, manage_backend: bool = True
-) -> Any:
-    """A uvicorn server running the gateway app; ``await server.serve()`` runs it in the
-    caller's event loop (``hydraserve up`` does so next to the local backend)."""
-    import uvicorn
-
-    from hydraserve.gateway import create_app
-
-    app = create_app(backend, settings, manage_backend=manage_backend)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # our structured logging, not uvicorn's
-        access_log=False,  # the gateway logs one request.done event per request
-        timeout_keep_alive=CLIENT_KEEPALIVE_SECONDS,
-        lifespan="on",
-    )
-    return uvicorn.Server(config)
 
 
 def run_gateway(backend: ClusterBackend, settings: GatewaySettings) -> None:
