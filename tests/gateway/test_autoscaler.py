@@ -22,10 +22,11 @@ def test_desired_is_ceil_of_demand_over_target_within_bounds(in_flight: int, exp
     assert desired_replicas(spec, in_flight) == expected
 
 
-def test_min_replicas_hold_without_demand_and_win_over_a_crossed_max() -> None:
+def test_min_replicas_hold_without_demand() -> None:
+    # (minReplicas > maxReplicas cannot happen: the spec's validator and CEL rule reject it.)
     assert desired_replicas(scaling(min_replicas=2, max_replicas=4), 0) == 2
     assert desired_replicas(scaling(min_replicas=2, max_replicas=4), 1) == 2
-    assert desired_replicas(scaling(min_replicas=3, max_replicas=1), 100) == 3
+    assert desired_replicas(scaling(min_replicas=3, max_replicas=3), 100) == 3
 
 
 def test_demand_window_keeps_the_peak_for_the_window_after_it_ended() -> None:
