@@ -27,6 +27,14 @@ from pydantic_settings import BaseSettings
 from hydraserve.api.models import ServerlessModel, StageTiming
 from hydraserve.cluster.base import ClusterBackend, InstancePhase, InstanceView, ModelView
 from hydraserve.cluster.reconcile import plan_instances
+from hydraserve.controller import plan
+from hydraserve.controller.profile import (
+    model_key,
+    plan_request_for,
+    profile_from_manifest,
+    replica_bytes,
+)
+from hydraserve.controller.types import ClusterState, GPUState, NodeState, Plan, Unschedulable
 from hydraserve.logs import get_logger
 from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name
 from hydraserve.settings import CommonSettings, component_config
@@ -45,7 +53,20 @@ class LocalSettings(BaseSettings):
         default=None, description="vLLM compile cache; default <state_dir>/vllm-cache."
     )
     enforce_eager: bool = True
-    pipeline_size: int = Field(default=1, ge=1, le=4, description="pp of local instances.")
+    pipeline_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4,
+        description="Force this pp for local instances (demos, tests); None = the planner's.",
+    )
+    memory_budget_bytes: int | None = Field(
+        default=None,
+        description="Memory the planner may give instances on this machine (None: 80% of "
+        "what is available at start).",
+    )
+    local_read_bytes_per_s: float = Field(
+        default=2e9, gt=0, description="How fast this machine reads its local store."
+    )
     startup_timeout_seconds: float = 600.0
     poll_seconds: float = 0.1
     stop_grace_seconds: float = 10.0
@@ -121,6 +142,7 @@ class LocalBackend(ClusterBackend):
         self._task: asyncio.Task[None] | None = None
         self._http = httpx.AsyncClient(timeout=2)
         self.instances_dir = self.settings.common.state_dir / "instances"
+        self._budget: int | None = None
 
     # -- ClusterBackend ------------------------------------------------------------------
 
@@ -224,7 +246,14 @@ class LocalBackend(ClusterBackend):
             log.error("instance.store_error", model=model.name, error=str(exc))
             return
         manifest = state.manifest
-        pp = min(self.settings.pipeline_size, model.spec.pipeline.max_size, manifest.num_layers)
+        planned = self._plan(state, manifest)
+        if isinstance(planned, Unschedulable):
+            state.error = f"cannot place {model.name} on this machine: {planned.reason}"
+            log.error("instance.unschedulable", model=model.name, reason=planned.reason)
+            return
+        pp = planned.pp
+        if self.settings.pipeline_size is not None:
+            pp = min(self.settings.pipeline_size, model.spec.pipeline.max_size, manifest.num_layers)
         name = f"{model.name}-{uuid.uuid4().hex[:6]}"
         inst_dir = self.instances_dir / name
         inst_dir.mkdir(parents=True, exist_ok=True)
@@ -263,6 +292,39 @@ class LocalBackend(ClusterBackend):
             inst.stages.append(self._spawn(inst, config, rank))
         state.instances[name] = inst
         log.info("instance.starting", model=model.name, instance=name, pp=pp, port=inst.port)
+
+    def _plan(self, state: _ModelState, manifest: Manifest) -> Plan | Unschedulable:
+        """The controller's plan on this machine, seen as one node whose "GPU" is the
+        memory budget minus what running instances were given."""
+        spec = state.model.spec
+        try:
+            profile = profile_from_manifest(manifest, replica_bytes(spec), model_key(spec))
+        except ValueError as exc:
+            return Unschedulable(reason=f"{exc}; raise spec.resources.gpuMemoryGiB")
+        used = sum(replica_bytes(s.model.spec) * len(s.instances) for s in self._models.values())
+        budget = self._memory_budget()
+        source = spec.source
+        shm = ModelShm(self.settings.common.shm_dir, source.uri, source.revision)
+        full = shm.read_status(fetch_name(None, None))
+        cached = frozenset({model_key(spec)}) if full and full.state == FetchState.DONE else None
+        node = NodeState(
+            name="local",
+            gpus=(GPUState(index=0, total_bytes=budget, free_bytes=max(0, budget - used)),),
+            nic_bytes_per_s=self.settings.local_read_bytes_per_s,
+            cached_models=cached or frozenset(),
+        )
+        return plan(plan_request_for(spec, profile), ClusterState(nodes=(node,)))
+
+    def _memory_budget(self) -> int:
+        if self.settings.memory_budget_bytes is not None:
+            return self.settings.memory_budget_bytes
+        if self._budget is None:
+            available = 0
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+            self._budget = int(available * 0.8)
+        return self._budget
 
     def _spawn(self, inst: _Instance, config: WorkerConfig, rank: int) -> _Stage:
         config_path = inst.dir / f"stage{rank}.json"

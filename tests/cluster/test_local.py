@@ -1,0 +1,55 @@
+"""The local backend's decisions that need no engine: planning and store errors."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from hydraserve.api.models import ServerlessModel
+from hydraserve.cluster.local import LocalBackend, LocalSettings
+from hydraserve.settings import CommonSettings
+from hydraserve.store import ModelStore
+
+
+def model(name: str, uri: str, gib: float = 1.0) -> ServerlessModel:
+    return ServerlessModel.model_validate(
+        {
+            "metadata": {"name": name},
+            "spec": {"source": {"uri": uri}, "resources": {"gpuMemoryGiB": gib}},
+        }
+    )
+
+
+def settings(tmp_path: Path, budget: int) -> LocalSettings:
+    common = CommonSettings(state_dir=tmp_path / "state", shm_dir=tmp_path / "shm")
+    return LocalSettings(common=common, memory_budget_bytes=budget)
+
+
+async def scaled_error(backend: LocalBackend, name: str) -> str | None:
+    await backend.start()
+    try:
+        await backend.scale(name, 1)
+        for _ in range(50):
+            await backend.wait_for_change(name, 0.2)
+            view = backend.get_model(name)
+            assert view is not None
+            if view.error:
+                return view.error
+        return None
+    finally:
+        await backend.close()
+
+
+def test_a_model_larger_than_the_machine_is_refused_with_the_planners_reason(
+    tmp_path: Path, local_store: ModelStore
+) -> None:
+    backend = LocalBackend([model("big", local_store.ref.uri, gib=64)], settings(tmp_path, 8 << 30))
+    error = asyncio.run(scaled_error(backend, "big"))
+    assert error is not None and "cannot place big" in error and "GiB" in error
+    assert backend.get_model("big").instances == ()  # type: ignore[union-attr]
+
+
+def test_a_model_missing_from_the_store_says_how_to_fix_it(tmp_path: Path) -> None:
+    backend = LocalBackend([model("gone", str(tmp_path / "nothing"))], settings(tmp_path, 8 << 30))
+    error = asyncio.run(scaled_error(backend, "gone"))
+    assert error is not None and "hydraserve model push" in error
