@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --no-deps -r requirements/lock.txt
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e . || $(BIN)/pip install -q --no-deps -e .
+	$(BIN)/pip install -q --no-deps -e .
 	-$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null
 	touch $@
 

@@ -16,7 +16,8 @@ from hydraserve.store.demo import make_demo_model
 
 pytestmark = pytest.mark.netns
 
-RATE_MBIT = 40.0
+# Slow enough that fixed costs (HTTP, polling, manifest) are small next to the transfer.
+RATE_MBIT = 12.0
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +68,7 @@ def test_links_are_shaped_and_stages_fetch_in_parallel(tmp_path: Path) -> None:
         parallel = fetch_seconds(cluster, "s3://models/small", 2)
         # One node cannot beat its link; two nodes each pulling half nearly halve the time.
         assert total * 8 / single / 1e6 < RATE_MBIT * 1.05
-        assert single / parallel > 1.6, (single, parallel)
+        assert single / parallel > 1.7, (single, parallel)
         # Each node's bytes stay in its own shared-memory directory.
         assert all(node.shm_dir.exists() for node in cluster.node_list)
         shm_root = cluster.shm_root / cluster.run_id
