@@ -67,7 +67,8 @@ def test_links_are_shaped_and_stages_fetch_in_parallel(tmp_path: Path) -> None:
             httpx.post(f"{node.prefetcher_url}/v1/evict", json={"uri": "s3://models/small"})
         parallel = fetch_seconds(cluster, "s3://models/small", 2)
         # One node cannot beat its link; two nodes each pulling half nearly halve the time.
-        assert total * 8 / single / 1e6 < RATE_MBIT * 1.05
+        # (tbf lets a 256 KB burst through at line rate: allow a little over the rate.)
+        assert total * 8 / single / 1e6 < RATE_MBIT * 1.1, (total, single)
         assert single / parallel > 1.7, (single, parallel)
         # Each node's bytes stay in its own shared-memory directory.
         assert all(node.shm_dir.exists() for node in cluster.node_list)
