@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from hydraserve.api.models import ServerlessModel, StageTiming
+from hydraserve.api.models import ModelPhase, ServerlessModel, StageTiming
 
 
 class InstancePhase(StrEnum):
@@ -20,6 +20,11 @@ class InstancePhase(StrEnum):
     READY = "Ready"
     DRAINING = "Draining"  # taking no new requests (replaced or scaling down)
     FAILED = "Failed"
+
+
+class InstanceOrigin(StrEnum):
+    COLD_START = "cold_start"  # started for demand: its start is a cold start
+    CONSOLIDATION = "consolidation"  # a standalone engine that replaced a pipeline
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,34 @@ class InstanceView:
     ready_at: float | None = None
     error: str | None = None
     cold_start: tuple[StageTiming, ...] = ()
+    origin: InstanceOrigin = InstanceOrigin.COLD_START
+    # Where the instance's stage 0 runs, and whether its engine saves and loads KV caches
+    # through the node's shared memory (HydraServe's KV connector): together they say
+    # whether a request can move between two instances by KV transfer.
+    node: str | None = None
+    kv_transfer: bool = False
+
+
+@dataclass(frozen=True)
+class ConsolidationRecord:
+    """One finished (or abandoned) consolidation of a pipeline into a standalone engine.
+
+    Times are wall-clock seconds; ``None`` where the step did not happen."""
+
+    model: str
+    pipeline: str
+    standalone: str
+    started_at: float  # the pipeline became ready; the background fetch began
+    fetched_at: float | None  # the whole model was verified in the node's shared memory
+    promoted_at: float | None  # the standalone took over; the pipeline began draining
+    released_at: float | None  # the pipeline's stage processes were stopped
+    outcome: str = "done"  # "done" | "abandoned"
+    reason: str = ""
+
+    @property
+    def seconds(self) -> float | None:
+        end = self.released_at if self.outcome == "done" else None
+        return None if end is None else max(0.0, end - self.started_at)
 
 
 @dataclass(frozen=True)
@@ -44,6 +77,14 @@ class ModelView:
         default=None,
         metadata={"doc": "Why the model cannot start at all (e.g. missing from the store)."},
     )
+    # The model's phase as the control plane sees it (Cold, Starting, Serving,
+    # Consolidating, Failed); None when the backend does not say (derive it instead).
+    phase: ModelPhase | None = None
+    # Finished consolidations, oldest first (a bounded history; metrics read it once each).
+    consolidations: tuple[ConsolidationRecord, ...] = ()
+    # KV cache bytes one token occupies (all layers, K and V): the migration cost model's
+    # input; None when unknown (then requests move by recompute only).
+    kv_bytes_per_token: int | None = None
 
     @property
     def name(self) -> str:
@@ -52,6 +93,19 @@ class ModelView:
     @property
     def ready_instances(self) -> tuple[InstanceView, ...]:
         return tuple(i for i in self.instances if i.phase == InstancePhase.READY and i.endpoint)
+
+    @property
+    def effective_phase(self) -> ModelPhase:
+        """``phase`` when the backend gave one, else derived from the instances."""
+        if self.phase is not None:
+            return self.phase
+        if self.error is not None and not self.ready_instances:
+            return ModelPhase.FAILED
+        if self.ready_instances:
+            return ModelPhase.SERVING
+        if self.desired_replicas > 0 or self.instances:
+            return ModelPhase.STARTING
+        return ModelPhase.COLD
 
 
 class ClusterBackend(ABC):

@@ -4,6 +4,12 @@ Same planner and data plane as the cluster, minus Kubernetes: ``scale()`` record
 desired replica count, a reconcile loop turns the difference into start/stop actions
 (:func:`plan_instances`), and a monitor moves instances Starting → Ready (``/health``
 answers) or Failed (a stage process exited), collecting the cold-start timeline.
+
+This machine is one node with an in-process node prefetcher: stage fetches are preloaded
+through it before a worker starts (as the operator asks a node's prefetcher), and once a
+pipelined instance serves, it consolidates (:mod:`hydraserve.cluster.consolidation`): the
+whole model is fetched at low priority, a standalone pp = 1 engine starts from shared
+memory, takes over, and the pipeline drains and is released.
 """
 
 from __future__ import annotations
@@ -25,10 +31,31 @@ from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from hydraserve.api.models import ServerlessModel, StageTiming
-from hydraserve.cluster.base import ClusterBackend, InstancePhase, InstanceView, ModelView
+from hydraserve.cluster.base import (
+    ClusterBackend,
+    ConsolidationRecord,
+    InstanceOrigin,
+    InstancePhase,
+    InstanceView,
+    ModelView,
+)
+from hydraserve.cluster.consolidation import (
+    Abandon,
+    ConsolidationAction,
+    ConsolidationPolicy,
+    FetchWholeModel,
+    PipelineConsolidation,
+    Promote,
+    Release,
+    StandaloneState,
+    StartStandalone,
+    consolidation_plan,
+    model_phase,
+)
 from hydraserve.cluster.reconcile import plan_instances
 from hydraserve.controller import plan
 from hydraserve.controller.profile import (
+    kv_bytes_per_token,
     model_key,
     plan_request_for,
     profile_from_manifest,
@@ -36,10 +63,12 @@ from hydraserve.controller.profile import (
 )
 from hydraserve.controller.types import ClusterState, GPUState, NodeState, Plan, Unschedulable
 from hydraserve.logs import get_logger
+from hydraserve.prefetcher.node import Prefetcher, PreloadRequest
 from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name
 from hydraserve.settings import CommonSettings, component_config
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
 from hydraserve.worker.config import StageAddress, WorkerConfig
+from hydraserve.worker.inflight import INFLIGHT_PATH
 from hydraserve.worker.timeline import Timeline, read_timeline, stage_timings
 
 log = get_logger("cluster.local")
@@ -76,8 +105,36 @@ class LocalSettings(BaseSettings):
         default_factory=list,
         description="VLLM_CPU_OMP_THREADS_BIND per stage, round-robin (empty: vLLM's auto).",
     )
-    prefetcher_url: str | None = None
+    prefetcher_url: str | None = Field(
+        default=None,
+        description="A node prefetcher's HTTP API to fetch through; None = one in-process.",
+    )
+    node_name: str = "local"
     extra_engine_args: list[str] = Field(default_factory=list)
+
+    # --- consolidation ----------------------------------------------------------------
+    consolidation: bool = Field(
+        default=True,
+        description="Replace a serving pipeline (pp > 1) by a standalone pp = 1 engine "
+        "started from shared memory, then release the pipeline's stages.",
+    )
+    consolidation_enforce_eager: bool = Field(
+        default=True,
+        description="Start the standalone engine eager and in-process (fastest start; it "
+        "streams weights as the background fetch verifies them).",
+    )
+    consolidation_cpu_bind: str | None = Field(
+        default=None,
+        description="VLLM_CPU_OMP_THREADS_BIND of the standalone engine; None = the "
+        "pipeline stages' binds together (it takes over their cores).",
+    )
+    drain_grace_seconds: float = Field(default=0.5, ge=0)
+    drain_timeout_seconds: float = Field(default=300.0, gt=0)
+    kv_transfer: bool = Field(
+        default=False,
+        description="Engines save and load KV caches through the node's shared memory "
+        "(HydraServe's KV connector), so requests can move by KV transfer.",
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -94,6 +151,21 @@ class _Stage:
 
 
 @dataclass
+class _Consolidation:
+    """A pipeline's consolidation as this backend carries it out."""
+
+    started_at: float
+    standalone: str | None = None
+    fetched_at: float | None = None
+    promoted_at: float | None = None
+    draining_since: float | None = None
+    in_flight: int | None = None
+    idle_since: float | None = None
+    abandoned: bool = False
+    error: str | None = None
+
+
+@dataclass
 class _Instance:
     name: str
     model: str
@@ -106,19 +178,37 @@ class _Instance:
     ready_at: float | None = None
     error: str | None = None
     cold_start: tuple[StageTiming, ...] = ()
+    origin: InstanceOrigin = InstanceOrigin.COLD_START
+    node: str = "local"
+    kv_transfer: bool = False
+    replaces: str | None = None  # a standalone: the pipeline it consolidates
+    warm: bool = False  # a standalone: healthy with the whole model verified, not routed yet
+    consolidation: _Consolidation | None = None  # a pipeline: its consolidation
+
+    @property
+    def routed(self) -> bool:
+        """Counts as a replica (a standalone does from its promotion on)."""
+        return self.replaces is None or self.phase == InstancePhase.READY
 
     def view(self, host: str) -> InstanceView:
+        serving = self.phase in (InstancePhase.READY, InstancePhase.DRAINING)
         return InstanceView(
             name=self.name,
             model=self.model,
             pp=self.pp,
             phase=self.phase,
-            endpoint=f"http://{host}:{self.port}" if self.phase == InstancePhase.READY else None,
+            endpoint=f"http://{host}:{self.port}" if serving else None,
             started_at=self.started_at,
             ready_at=self.ready_at,
             error=self.error,
             cold_start=self.cold_start,
+            origin=self.origin,
+            node=self.node,
+            kv_transfer=self.kv_transfer,
         )
+
+
+CONSOLIDATION_HISTORY = 16
 
 
 @dataclass
@@ -130,6 +220,8 @@ class _ModelState:
     consecutive_failures: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     manifest: Manifest | None = None
+    kv_bytes_per_token: int | None = None
+    consolidations: list[ConsolidationRecord] = field(default_factory=list)
 
 
 class LocalBackend(ClusterBackend):
@@ -143,6 +235,12 @@ class LocalBackend(ClusterBackend):
         self._http = httpx.AsyncClient(timeout=2)
         self.instances_dir = self.settings.common.state_dir / "instances"
         self._budget: int | None = None
+        self._prefetcher: Prefetcher | None = None
+        self.policy = ConsolidationPolicy(
+            enabled=self.settings.consolidation,
+            drain_grace_seconds=self.settings.drain_grace_seconds,
+            drain_timeout_seconds=self.settings.drain_timeout_seconds,
+        )
 
     # -- ClusterBackend ------------------------------------------------------------------
 
@@ -185,17 +283,43 @@ class LocalBackend(ClusterBackend):
         for state in self._models.values():
             for inst in list(state.instances.values()):
                 await asyncio.to_thread(self._terminate, inst)
+        if self._prefetcher is not None:
+            self._prefetcher.close()
         await self._http.aclose()
 
     # -- views and notifications -----------------------------------------------------------
 
     def _view(self, state: _ModelState) -> ModelView:
+        instances = tuple(i.view(self.settings.worker_host) for i in state.instances.values())
+        ready = sum(1 for i in instances if i.phase == InstancePhase.READY)
+        live = sum(1 for i in state.instances.values() if i.routed and i.phase in (
+            InstancePhase.STARTING, InstancePhase.READY))  # fmt: skip
         return ModelView(
             model=state.model,
             desired_replicas=state.desired,
-            instances=tuple(i.view(self.settings.worker_host) for i in state.instances.values()),
+            instances=instances,
             error=state.error,
+            phase=model_phase(
+                error=state.error,
+                desired=state.desired,
+                ready=ready,
+                live=live,
+                consolidating=self._consolidating(state),
+            ),
+            consolidations=tuple(state.consolidations),
+            kv_bytes_per_token=state.kv_bytes_per_token,
         )
+
+    def _consolidating(self, state: _ModelState) -> bool:
+        for inst in state.instances.values():
+            c = inst.consolidation
+            if c is None or c.abandoned:
+                continue
+            if inst.phase == InstancePhase.DRAINING:
+                return True
+            if inst.phase == InstancePhase.READY and self.policy.enabled:
+                return True
+        return False
 
     def _notify(self, state: _ModelState) -> None:
         state.changed.set()
@@ -209,6 +333,7 @@ class LocalBackend(ClusterBackend):
                 try:
                     await self._reconcile(state)
                     await self._monitor(state)
+                    await self._consolidate(state)
                 except Exception as exc:  # keep serving other models
                     log.exception("reconcile.error", model=state.model.name, error=str(exc))
             self._wake.clear()
@@ -218,7 +343,13 @@ class LocalBackend(ClusterBackend):
     async def _reconcile(self, state: _ModelState) -> None:
         if state.error:
             return
-        views = [i.view(self.settings.worker_host) for i in state.instances.values()]
+        # A standalone engine that is still on its way to replace a pipeline is not a
+        # replica yet: the consolidation owns it, not the replica count.
+        views = [
+            i.view(self.settings.worker_host)
+            for i in state.instances.values()
+            if i.routed and i.phase != InstancePhase.DRAINING
+        ]
         actions = plan_instances(state.desired, views, state.consecutive_failures)
         for name in actions.stop:
             inst = state.instances.pop(name)
@@ -231,9 +362,8 @@ class LocalBackend(ClusterBackend):
         if not actions.empty:
             self._notify(state)
 
-    async def _start_instance(self, state: _ModelState) -> None:
+    async def _load_manifest(self, state: _ModelState) -> Manifest | None:
         model = state.model
-        requested = time.time()
         try:
             if state.manifest is None:
                 store = ModelStore(
@@ -241,19 +371,38 @@ class LocalBackend(ClusterBackend):
                     self.settings.common.s3,
                 )
                 state.manifest = await asyncio.to_thread(store.manifest)
+                with contextlib.suppress(StoreError, ValueError):
+                    config = await asyncio.to_thread(store.read_config)
+                    state.kv_bytes_per_token = kv_bytes_per_token(config)
         except StoreError as exc:
             state.error = str(exc)
             log.error("instance.store_error", model=model.name, error=str(exc))
-            return
-        manifest = state.manifest
-        planned = self._plan(state, manifest)
-        if isinstance(planned, Unschedulable):
-            state.error = f"cannot place {model.name} on this machine: {planned.reason}"
-            log.error("instance.unschedulable", model=model.name, reason=planned.reason)
-            return
-        pp = planned.pp
-        if self.settings.pipeline_size is not None:
-            pp = min(self.settings.pipeline_size, model.spec.pipeline.max_size, manifest.num_layers)
+            return None
+        return state.manifest
+
+    async def _start_instance(
+        self, state: _ModelState, *, replaces: _Instance | None = None
+    ) -> _Instance | None:
+        """Start an instance: a cold start for demand (the planner's pp), or the standalone
+        engine that consolidates ``replaces`` (pp = 1, on its all-card worker's node)."""
+        model = state.model
+        requested = time.time()
+        manifest = await self._load_manifest(state)
+        if manifest is None:
+            return None
+        if replaces is None:
+            planned = self._plan(state, manifest)
+            if isinstance(planned, Unschedulable):
+                state.error = f"cannot place {model.name} on this machine: {planned.reason}"
+                log.error("instance.unschedulable", model=model.name, reason=planned.reason)
+                return None
+            pp = planned.pp
+            if self.settings.pipeline_size is not None:
+                pp = min(
+                    self.settings.pipeline_size, model.spec.pipeline.max_size, manifest.num_layers
+                )
+        else:
+            pp = 1
         name = f"{model.name}-{uuid.uuid4().hex[:6]}"
         inst_dir = self.instances_dir / name
         inst_dir.mkdir(parents=True, exist_ok=True)
@@ -264,34 +413,102 @@ class LocalBackend(ClusterBackend):
             started_at=requested,
             dir=inst_dir,
             port=free_port(self.settings.worker_host),
+            origin=InstanceOrigin.CONSOLIDATION if replaces else InstanceOrigin.COLD_START,
+            node=self.settings.node_name,
+            kv_transfer=self.settings.kv_transfer,
+            replaces=replaces.name if replaces else None,
         )
         timeline = Timeline(inst_dir / "timeline.jsonl", model=model.name, instance=name)
         timeline.record("placement", requested, time.time(), pp=pp)
+        if self.settings.prefetcher_url is None:
+            # As the operator asks a node's prefetcher: bytes flow before the worker exists.
+            for rank in range(pp):
+                await self._preload(state, pp if pp > 1 else None, rank if pp > 1 else None)
         master_port = free_port(self.settings.worker_host)
+        eager = self.settings.consolidation_enforce_eager if replaces else None
         for rank in range(pp):
-            config = WorkerConfig(
-                model_name=model.name,
-                uri=model.spec.source.uri,
-                revision=model.spec.source.revision,
-                instance=name,
-                pp=pp,
-                rank=rank,
-                host=self.settings.worker_host,
-                port=inst.port,
-                rendezvous=StageAddress(
-                    master_addr=self.settings.worker_host, master_port=master_port
-                ),
-                prefetcher_url=self.settings.prefetcher_url,
-                shm_dir=self.settings.common.shm_dir,
-                timeline=inst_dir / "timeline.jsonl",
-                enforce_eager=self.settings.enforce_eager,
-                max_model_len=self.settings.max_model_len,
-                kv_cache_bytes=self.settings.kv_cache_bytes,
-                engine_args=[*self.settings.extra_engine_args, *model.spec.engine.args],
-            )
-            inst.stages.append(self._spawn(inst, config, rank))
+            config = self._worker_config(state, inst, rank, master_port, eager)
+            inst.stages.append(self._spawn(inst, config, rank, self._cpu_bind(rank, replaces)))
         state.instances[name] = inst
-        log.info("instance.starting", model=model.name, instance=name, pp=pp, port=inst.port)
+        log.info(
+            "instance.starting",
+            model=model.name,
+            instance=name,
+            pp=pp,
+            port=inst.port,
+            origin=inst.origin.value,
+            replaces=inst.replaces,
+        )
+        return inst
+
+    def _worker_config(
+        self,
+        state: _ModelState,
+        inst: _Instance,
+        rank: int,
+        master_port: int,
+        enforce_eager: bool | None,
+    ) -> WorkerConfig:
+        model = state.model
+        return WorkerConfig(
+            model_name=model.name,
+            uri=model.spec.source.uri,
+            revision=model.spec.source.revision,
+            instance=inst.name,
+            pp=inst.pp,
+            rank=rank,
+            host=self.settings.worker_host,
+            port=inst.port,
+            rendezvous=StageAddress(master_addr=self.settings.worker_host, master_port=master_port),
+            prefetcher_url=self.settings.prefetcher_url,
+            shm_dir=self.settings.common.shm_dir,
+            timeline=inst.dir / "timeline.jsonl",
+            enforce_eager=self.settings.enforce_eager if enforce_eager is None else enforce_eager,
+            max_model_len=self.settings.max_model_len,
+            kv_cache_bytes=self.settings.kv_cache_bytes,
+            kv_transfer=self.settings.kv_transfer,
+            engine_args=[*self.settings.extra_engine_args, *model.spec.engine.args],
+        )
+
+    def _cpu_bind(self, rank: int, replaces: _Instance | None) -> str | None:
+        binds = self.settings.cpu_binds
+        if replaces is not None:
+            if self.settings.consolidation_cpu_bind is not None:
+                return self.settings.consolidation_cpu_bind
+            # The standalone takes over the cores the pipeline's stages had.
+            used = [binds[r % len(binds)] for r in range(replaces.pp)] if binds else []
+            return ",".join(dict.fromkeys(used)) or None
+        return binds[rank % len(binds)] if binds else None
+
+    def _node_prefetcher(self) -> Prefetcher:
+        if self._prefetcher is None:
+            self._prefetcher = Prefetcher(
+                node=self.settings.node_name,
+                shm_dir=self.settings.common.shm_dir,
+                capacity_bytes=self._memory_budget(),
+                s3=self.settings.common.s3,
+            )
+        return self._prefetcher
+
+    async def _preload(
+        self,
+        state: _ModelState,
+        pp: int | None,
+        rank: int | None,
+        *,
+        low_priority: bool = False,
+    ) -> None:
+        source = state.model.spec.source
+        request = PreloadRequest(
+            uri=source.uri, revision=source.revision, pp=pp, rank=rank, low_priority=low_priority
+        )
+        if self.settings.prefetcher_url is not None:
+            resp = await self._http.post(
+                f"{self.settings.prefetcher_url}/v1/preload", json=request.model_dump(), timeout=30
+            )
+            resp.raise_for_status()
+            return
+        await asyncio.to_thread(self._node_prefetcher().preload, request)
 
     def _plan(self, state: _ModelState, manifest: Manifest) -> Plan | Unschedulable:
         """The controller's plan on this machine, seen as one node whose "GPU" is the
@@ -308,7 +525,7 @@ class LocalBackend(ClusterBackend):
         full = shm.read_status(fetch_name(None, None))
         cached = frozenset({model_key(spec)}) if full and full.state == FetchState.DONE else None
         node = NodeState(
-            name="local",
+            name=self.settings.node_name,
             gpus=(GPUState(index=0, total_bytes=budget, free_bytes=max(0, budget - used)),),
             nic_bytes_per_s=self.settings.local_read_bytes_per_s,
             cached_models=cached or frozenset(),
@@ -326,7 +543,9 @@ class LocalBackend(ClusterBackend):
             self._budget = int(available * 0.8)
         return self._budget
 
-    def _spawn(self, inst: _Instance, config: WorkerConfig, rank: int) -> _Stage:
+    def _spawn(
+        self, inst: _Instance, config: WorkerConfig, rank: int, cpu_bind: str | None
+    ) -> _Stage:
         config_path = inst.dir / f"stage{rank}.json"
         config_path.write_text(config.model_dump_json())
         env = dict(os.environ)
@@ -334,10 +553,8 @@ class LocalBackend(ClusterBackend):
         env["VLLM_CACHE_ROOT"] = str(
             self.settings.vllm_cache_root or self.settings.common.state_dir / "vllm-cache"
         )
-        if self.settings.cpu_binds:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = self.settings.cpu_binds[
-                rank % len(self.settings.cpu_binds)
-            ]
+        if cpu_bind:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
         log_path = inst.dir / f"stage{rank}.log"
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(
@@ -370,31 +587,43 @@ class LocalBackend(ClusterBackend):
                     f"{stage.process.returncode}: {_tail(stage.log_path)}",
                 )
                 continue
-            if inst.phase == InstancePhase.STARTING:
-                if time.time() - inst.started_at > self.settings.startup_timeout_seconds:
-                    self._fail(
-                        state, inst, f"not ready after {self.settings.startup_timeout_seconds:.0f}s"
-                    )
-                    continue
-                if await self._healthy(inst) and self._weights_verified(state, inst):
-                    inst.phase = InstancePhase.READY
-                    inst.ready_at = time.time()
-                    events = read_timeline(inst.dir / "timeline.jsonl")
-                    inst.cold_start = tuple(stage_timings(events, inst.started_at))
-                    state.consecutive_failures = 0
-                    log.info(
-                        "instance.ready",
-                        model=state.model.name,
-                        instance=inst.name,
-                        cold_start_s=round(inst.ready_at - inst.started_at, 3),
-                        stages={t.stage: round(t.end - t.start, 3) for t in inst.cold_start},
-                    )
-                    self._notify(state)
+            if inst.phase != InstancePhase.STARTING or inst.warm:
+                continue
+            if time.time() - inst.started_at > self.settings.startup_timeout_seconds:
+                self._fail(
+                    state, inst, f"not ready after {self.settings.startup_timeout_seconds:.0f}s"
+                )
+                continue
+            if not (await self._healthy(inst) and self._weights_verified(state, inst)):
+                continue
+            now = time.time()
+            events = read_timeline(inst.dir / "timeline.jsonl")
+            inst.cold_start = tuple(stage_timings(events, inst.started_at))
+            if inst.replaces is not None:
+                # Routed only when the consolidation promotes it (with the pipeline's
+                # drain, in one view change).
+                inst.warm = True
+                log.info("consolidation.standalone_warm", model=state.model.name,
+                         instance=inst.name, replaces=inst.replaces,
+                         start_s=round(now - inst.started_at, 3))  # fmt: skip
+                continue
+            inst.phase = InstancePhase.READY
+            inst.ready_at = now
+            state.consecutive_failures = 0
+            log.info(
+                "instance.ready",
+                model=state.model.name,
+                instance=inst.name,
+                cold_start_s=round(inst.ready_at - inst.started_at, 3),
+                stages={t.stage: round(t.end - t.start, 3) for t in inst.cold_start},
+            )
+            self._notify(state)
 
     def _fail(self, state: _ModelState, inst: _Instance, error: str) -> None:
         inst.phase = InstancePhase.FAILED
         inst.error = error
-        state.consecutive_failures += 1
+        if inst.replaces is None:  # a failed consolidation is not a failed cold start
+            state.consecutive_failures += 1
         log.error("instance.failed", model=state.model.name, instance=inst.name, error=error)
         self._terminate(inst)
         self._notify(state)
@@ -422,6 +651,153 @@ class LocalBackend(ClusterBackend):
             return False
         return resp.status_code == 200
 
+    async def _engine_in_flight(self, inst: _Instance) -> int | None:
+        """Requests the instance's engine serves now (None: it did not answer)."""
+        url = f"http://{self.settings.worker_host}:{inst.port}{INFLIGHT_PATH}"
+        try:
+            resp = await self._http.get(url)
+            return int(resp.json()["in_flight"]) if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
+    # -- consolidation -----------------------------------------------------------------------
+
+    async def _consolidate(self, state: _ModelState) -> None:
+        """Observe every pipeline's consolidation, plan, apply (see cluster.consolidation)."""
+        now = time.time()
+        observed: list[PipelineConsolidation] = []
+        for inst in list(state.instances.values()):
+            if inst.pp <= 1 or inst.phase not in (InstancePhase.READY, InstancePhase.DRAINING):
+                continue
+            if inst.consolidation is None:
+                inst.consolidation = _Consolidation(started_at=inst.ready_at or now)
+            observed.append(await self._observe(state, inst, now))
+        # A standalone whose pipeline went away (scaled down, failed) has nothing to replace.
+        for inst in list(state.instances.values()):
+            if inst.replaces is not None and inst.phase != InstancePhase.READY:
+                pipeline = state.instances.get(inst.replaces)
+                if pipeline is None or pipeline.phase not in (
+                    InstancePhase.READY,
+                    InstancePhase.DRAINING,
+                ):
+                    await self._stop(state, inst, "its pipeline is gone")
+        for action in consolidation_plan(observed, self.policy, now):
+            await self._apply(state, action, now)
+
+    async def _observe(
+        self, state: _ModelState, pipeline: _Instance, now: float
+    ) -> PipelineConsolidation:
+        c = pipeline.consolidation
+        assert c is not None
+        source = state.model.spec.source
+        shm = ModelShm(self.settings.common.shm_dir, source.uri, source.revision)
+        full = shm.read_status(fetch_name(None, None))
+        if full is not None and full.state == FetchState.DONE and c.fetched_at is None:
+            c.fetched_at = full.finished_at or now
+        standalone = state.instances.get(c.standalone) if c.standalone else None
+        if pipeline.phase == InstancePhase.DRAINING:
+            c.in_flight = await self._engine_in_flight(pipeline)
+            if c.in_flight == 0:
+                c.idle_since = c.idle_since or now
+            else:
+                c.idle_since = None
+        return PipelineConsolidation(
+            pipeline=pipeline.name,
+            pp=pipeline.pp,
+            phase=pipeline.phase,
+            all_card_node=pipeline.node,
+            standalone=_standalone_state(standalone, c.standalone),
+            full_fetch=full.state if full is not None else None,
+            draining_since=c.draining_since,
+            in_flight=c.in_flight,
+            idle_since=c.idle_since,
+            abandoned=c.abandoned,
+            error=standalone.error if standalone is not None else c.error,
+        )
+
+    async def _apply(self, state: _ModelState, action: ConsolidationAction, now: float) -> None:
+        pipeline = state.instances.get(action.pipeline)
+        if pipeline is None or pipeline.consolidation is None:
+            return
+        c = pipeline.consolidation
+        model = state.model.name
+        if isinstance(action, FetchWholeModel):
+            log.info("consolidation.fetch", model=model, instance=pipeline.name, node=action.node)
+            await self._preload(state, None, None, low_priority=True)
+        elif isinstance(action, StartStandalone):
+            standalone = await self._start_instance(state, replaces=pipeline)
+            if standalone is None:
+                c.abandoned, c.error = True, "the standalone engine could not be started"
+                self._record(state, pipeline, now, outcome="abandoned", reason=c.error)
+            else:
+                c.standalone = standalone.name
+                log.info("consolidation.start", model=model, instance=pipeline.name,
+                         standalone=standalone.name)  # fmt: skip
+            self._notify(state)
+        elif isinstance(action, Promote):
+            standalone = state.instances[c.standalone or ""]
+            # One view change: new requests go to the standalone, the gateway moves the
+            # pipeline's in-flight requests, and the pipeline takes no new ones.
+            standalone.phase, standalone.ready_at, standalone.warm = InstancePhase.READY, now, False
+            pipeline.phase = InstancePhase.DRAINING
+            c.promoted_at = c.draining_since = now
+            log.info(
+                "consolidation.promoted",
+                model=model,
+                instance=pipeline.name,
+                standalone=standalone.name,
+                since_start_s=round(now - c.started_at, 3),
+            )
+            self._notify(state)
+        elif isinstance(action, Release):
+            await self._stop(state, pipeline, action.reason)
+            record = self._record(state, pipeline, now, outcome="done", reason=action.reason)
+            log.info(
+                "consolidation.done",
+                model=model,
+                instance=pipeline.name,
+                standalone=c.standalone,
+                seconds=round(record.seconds or 0.0, 3),
+                fetch_s=_since(c.started_at, c.fetched_at),
+                promote_s=_since(c.started_at, c.promoted_at),
+                drain_s=_since(c.promoted_at, now),
+                reason=action.reason,
+            )
+        elif isinstance(action, Abandon):
+            c.abandoned, c.error = True, action.reason
+            standalone = state.instances.get(c.standalone or "")
+            if standalone is not None:
+                await self._stop(state, standalone, "consolidation abandoned")
+            self._record(state, pipeline, now, outcome="abandoned", reason=action.reason)
+            log.warning("consolidation.abandoned", model=model, instance=pipeline.name,
+                        reason=action.reason)  # fmt: skip
+            self._notify(state)
+
+    def _record(
+        self, state: _ModelState, pipeline: _Instance, now: float, *, outcome: str, reason: str
+    ) -> ConsolidationRecord:
+        c = pipeline.consolidation
+        assert c is not None
+        record = ConsolidationRecord(
+            model=state.model.name,
+            pipeline=pipeline.name,
+            standalone=c.standalone or "",
+            started_at=c.started_at,
+            fetched_at=c.fetched_at,
+            promoted_at=c.promoted_at,
+            released_at=now if outcome == "done" else None,
+            outcome=outcome,
+            reason=reason,
+        )
+        state.consolidations = [*state.consolidations, record][-CONSOLIDATION_HISTORY:]
+        return record
+
+    async def _stop(self, state: _ModelState, inst: _Instance, why: str) -> None:
+        state.instances.pop(inst.name, None)
+        await asyncio.to_thread(self._terminate, inst)
+        log.info("instance.stopped", model=state.model.name, instance=inst.name, reason=why)
+        self._notify(state)
+
     def _terminate(self, inst: _Instance) -> None:
         """Stop every process of an instance (each stage runs in its own session)."""
         for stage in inst.stages:
@@ -434,6 +810,20 @@ class LocalBackend(ClusterBackend):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(stage.process.pid, signal.SIGKILL)
             stage.process.wait()
+
+
+def _standalone_state(inst: _Instance | None, name: str | None) -> StandaloneState:
+    if name is None:
+        return StandaloneState.NONE
+    if inst is None or inst.phase == InstancePhase.FAILED:
+        return StandaloneState.FAILED
+    if inst.phase == InstancePhase.READY:
+        return StandaloneState.SERVING
+    return StandaloneState.WARM if inst.warm else StandaloneState.STARTING
+
+
+def _since(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else round(end - start, 3)
 
 
 def _tail(path: Path, lines: int = 5) -> str:

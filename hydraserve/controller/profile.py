@@ -74,3 +74,29 @@ def plan_request_for(
         waited_s=waited_s,
         defer_when_busy=defer_when_busy,
     )
+
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}
+
+
+def kv_bytes_per_token(config: Mapping[str, object]) -> int | None:
+    """KV-cache bytes one token occupies in an engine serving this Hugging Face config:
+    layers × 2 (K and V) × KV heads × head size × dtype bytes (the cache keeps the model's
+    dtype). None when the config lacks what it takes (then only recompute is costed)."""
+
+    def number(key: str) -> int | None:
+        value = config.get(key)
+        return value if isinstance(value, int) and value > 0 else None
+
+    layers = number("num_hidden_layers")
+    heads = number("num_attention_heads")
+    hidden = number("hidden_size")
+    if layers is None or heads is None or hidden is None:
+        return None
+    kv_heads = number("num_key_value_heads") or heads
+    head_dim = number("head_dim") or hidden // heads
+    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    size = DTYPE_BYTES.get(str(dtype).removeprefix("torch."))
+    if size is None:
+        return None
+    return layers * 2 * kv_heads * head_dim * size

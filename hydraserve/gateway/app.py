@@ -194,6 +194,7 @@ class Gateway:
                 desired_replicas=view.desired_replicas,
                 ready_instances=len(view.ready_instances),
                 starting_instances=starting,
+                phase=view.effective_phase.value,
                 error=view.error,
             ),
         )

@@ -8,17 +8,23 @@ disconnected request never keeps capacity.
 
 While a model has waiting requests, one watcher task follows the backend
 (``wait_for_change``) and hands freed or new capacity to the head of the queue.
+
+Requests that can move between instances (on a pipeline that may be consolidated) ask
+:meth:`Dispatcher.watch_move` for an event; while any exist, another watcher sets a
+request's event when its instance stops being Ready (drains, fails, goes away) and another
+Ready instance exists, and :meth:`Dispatcher.move` moves its lease there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
 
-from hydraserve.cluster.base import ClusterBackend, InstanceView, ModelView
+from hydraserve.cluster.base import ClusterBackend, InstancePhase, InstanceView, ModelView
 from hydraserve.gateway import errors
 from hydraserve.gateway.admission import Admission, admit, describe_progress
 from hydraserve.gateway.metrics import GatewayMetrics
@@ -42,6 +48,8 @@ class ModelRuntime:
         self.outstanding: dict[str, int] = {}
         self.unreachable: dict[str, float] = {}  # instance -> skipped until (monotonic)
         self.watcher: asyncio.Task[None] | None = None
+        self.movable: dict[Ticket, asyncio.Event] = {}  # requests that may move, and their
+        self.move_watcher: asyncio.Task[None] | None = None  # "move now" events
         self.queue_depth_gauge = metrics.queue_depth.labels(self.name)
         self.in_flight_gauge = metrics.in_flight.labels(self.name)
         self.queue_wait_histogram = metrics.queue_wait.labels(self.name)
@@ -94,6 +102,10 @@ class Dispatcher:
         self._runtimes: dict[str, ModelRuntime] = {}
 
     # --- queries -------------------------------------------------------------------
+
+    @property
+    def backend(self) -> ClusterBackend:
+        return self._backend
 
     def in_flight(self, model: str) -> int:
         runtime = self._runtimes.get(model)
@@ -188,12 +200,93 @@ class Dispatcher:
         ticket.attempts += 1
         self._enqueue(ticket, front=True)
 
+    # --- moving running requests --------------------------------------------------------
+
+    def watch_move(self, ticket: Ticket) -> asyncio.Event:
+        """An event set when the ticket's instance stops being Ready while another Ready
+        instance exists (the request should then move; see :meth:`move`)."""
+        runtime = ticket.runtime
+        event = asyncio.Event()
+        runtime.movable[ticket] = event
+        with contextlib.suppress(Exception):
+            view = self._backend.get_model(runtime.name)
+            if view is not None:
+                self._check_moves(runtime, view)
+        if runtime.move_watcher is None:
+            runtime.move_watcher = asyncio.get_running_loop().create_task(
+                self._watch_moves(runtime)
+            )
+        return event
+
+    def unwatch_move(self, ticket: Ticket) -> None:
+        ticket.runtime.movable.pop(ticket, None)
+
+    def move(self, ticket: Ticket) -> InstanceView | None:
+        """Move the ticket's lease to another Ready instance (least loaded; over the
+        per-instance cap if need be: the request was admitted long ago). None if there
+        is none; the lease then stays."""
+        runtime = ticket.runtime
+        current = ticket.instance
+        try:
+            view = self._backend.get_model(runtime.name)
+        except Exception as exc:
+            log.error("backend.get_model_failed", model=runtime.name, error=repr(exc))
+            return None
+        if view is None:
+            return None
+        exclude = {current.name} if current is not None else set()
+        target = self._move_target(runtime, view, exclude)
+        if target is None:
+            return None
+        self._release(ticket)
+        self._lease(ticket, target)
+        return target
+
+    def _move_target(
+        self, runtime: ModelRuntime, view: ModelView, exclude: set[str]
+    ) -> InstanceView | None:
+        unreachable = set(runtime.unreachable) | exclude
+        capacity = self._settings.max_outstanding_per_instance
+        return choose_instance(
+            view.instances, runtime.outstanding, capacity, unreachable
+        ) or choose_instance(view.instances, runtime.outstanding, sys.maxsize, unreachable)
+
+    def _check_moves(self, runtime: ModelRuntime, view: ModelView) -> None:
+        if not runtime.movable:
+            return
+        phases = {i.name: i.phase for i in view.instances}
+        for ticket, event in runtime.movable.items():
+            leased = ticket.instance
+            if event.is_set() or leased is None:
+                continue
+            if phases.get(leased.name) == InstancePhase.READY:
+                continue
+            if self._move_target(runtime, view, {leased.name}) is not None:
+                event.set()
+
+    async def _watch_moves(self, runtime: ModelRuntime) -> None:
+        poll = self._settings.watch_poll_seconds
+        try:
+            while runtime.movable:
+                try:
+                    await self._backend.wait_for_change(runtime.name, poll)
+                    view = self._backend.get_model(runtime.name)
+                except Exception as exc:
+                    log.error("backend.wait_failed", model=runtime.name, error=repr(exc))
+                    await asyncio.sleep(poll)
+                    continue
+                if view is not None:
+                    self._check_moves(runtime, view)
+        finally:
+            runtime.move_watcher = None
+
     def close(self, ticket: Ticket) -> None:
         """The request is over (answered, failed or abandoned). Idempotent."""
         if ticket.closed:
             return
         ticket.closed = True
         runtime = ticket.runtime
+        runtime.movable.pop(ticket, None)
         if ticket.instance is not None:
             self._release(ticket)
         else:
@@ -231,6 +324,7 @@ class Dispatcher:
         runtime.view = view
         if self._on_view is not None:
             self._on_view(view)
+        self._check_moves(runtime, view)
         now = self._clock()
         while runtime.queue:
             instance = self._choose(runtime, view, now)
@@ -258,6 +352,7 @@ class Dispatcher:
 
     async def close_all(self) -> None:
         watchers = [r.watcher for r in self._runtimes.values() if r.watcher is not None]
+        watchers += [r.move_watcher for r in self._runtimes.values() if r.move_watcher]
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)

@@ -126,6 +126,47 @@ class GatewayMetrics:
             registry=r,
         )
 
+        self.migrations = Counter(
+            "hydraserve_gateway_migrations",
+            "Running requests moved to another instance, by method (recompute, kv).",
+            ["model", "method"],
+            registry=r,
+        )
+        self.migrations_skipped = Counter(
+            "hydraserve_gateway_migrations_skipped",
+            "Requests left to finish on a draining instance, by why they cannot move exactly.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.migration_stall = Histogram(
+            "hydraserve_gateway_migration_stall_seconds",
+            "Longest gap between token events a moved stream saw.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.consolidations = Counter(
+            "hydraserve_consolidations",
+            "Pipelines replaced by a standalone engine (outcome done), or not (abandoned).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.consolidation_seconds = Histogram(
+            "hydraserve_consolidation_seconds",
+            "From a pipeline serving to its stages released (a standalone engine serving).",
+            ["model"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.consolidation_stage_seconds = Histogram(
+            "hydraserve_consolidation_stage_seconds",
+            "Steps of a consolidation: fetch (whole model verified), promote (standalone "
+            "routed), drain (promotion to stages released).",
+            ["model", "stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:

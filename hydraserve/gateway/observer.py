@@ -1,7 +1,10 @@
-"""Cluster observer: exports instance phases and records each cold start once.
+"""Cluster observer: exports instance phases, records each cold start and each
+consolidation once.
 
-It reads the same ``ModelView``s as routing does, so cold-start metrics come out the same
-whichever backend (local processes, Kubernetes) produced the instance and its timings.
+It reads the same ``ModelView``s as routing does, so cold-start and consolidation metrics
+come out the same whichever backend (local processes, Kubernetes) produced them. A
+standalone engine that replaced a pipeline is not a cold start; its consolidation is
+recorded instead, when the backend reports it finished.
 """
 
 from __future__ import annotations
@@ -10,7 +13,13 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 
-from hydraserve.cluster.base import InstancePhase, InstanceView, ModelView
+from hydraserve.cluster.base import (
+    ConsolidationRecord,
+    InstanceOrigin,
+    InstancePhase,
+    InstanceView,
+    ModelView,
+)
 from hydraserve.gateway.metrics import GatewayMetrics
 from hydraserve.logs import get_logger
 
@@ -29,13 +38,25 @@ class ClusterObserver:
         # that saw them start (or by nobody); a restart must not count them again.
         self._started_at = time.time() if started_at is None else started_at
         self._ready_seen: dict[str, set[str]] = {}  # model -> instance names seen ready
+        self._consolidations_seen: dict[str, set[str]] = {}  # model -> pipelines recorded
         self._phase_labels: set[tuple[str, str]] = set()
 
     def observe_model(self, view: ModelView) -> None:
         seen = self._ready_seen.setdefault(view.name, set())
         for instance in newly_ready(seen, view.instances):
+            if instance.origin == InstanceOrigin.CONSOLIDATION:
+                continue
             if instance.ready_at is None or instance.ready_at >= self._started_at:
                 self._record_cold_start(view.name, instance)
+        recorded = self._consolidations_seen.setdefault(view.name, set())
+        for record in view.consolidations:
+            if record.pipeline in recorded:
+                continue
+            recorded.add(record.pipeline)
+            if record.started_at >= self._started_at:
+                self._record_consolidation(record)
+        if len(recorded) > 4 * max(1, len(view.consolidations)):
+            recorded.intersection_update(r.pipeline for r in view.consolidations)
         # Forget instances that are gone, so the set stays as small as the model.
         seen.intersection_update(i.name for i in view.instances)
         seen.update(i.name for i in view.instances if i.phase == InstancePhase.READY)
@@ -55,6 +76,34 @@ class ClusterObserver:
         self._phase_labels = labels
         for gone in set(self._ready_seen) - {v.name for v in views}:
             del self._ready_seen[gone]
+            self._consolidations_seen.pop(gone, None)
+
+    def _record_consolidation(self, record: ConsolidationRecord) -> None:
+        model, metrics = record.model, self._metrics
+        metrics.consolidations.labels(model, record.outcome).inc()
+        total = record.seconds
+        if total is not None:
+            metrics.consolidation_seconds.labels(model).observe(total)
+        steps = {
+            "fetch": (record.started_at, record.fetched_at),
+            "promote": (record.started_at, record.promoted_at),
+            "drain": (record.promoted_at, record.released_at),
+        }
+        durations = {}
+        for stage, (start, end) in steps.items():
+            if start is not None and end is not None:
+                durations[stage] = round(max(0.0, end - start), 3)
+                metrics.consolidation_stage_seconds.labels(model, stage).observe(durations[stage])
+        log.info(
+            "consolidation.recorded",
+            model=model,
+            pipeline=record.pipeline,
+            standalone=record.standalone,
+            outcome=record.outcome,
+            seconds=None if total is None else round(total, 3),
+            stages=durations,
+            reason=record.reason,
+        )
 
     def _record_cold_start(self, model: str, instance: InstanceView) -> None:
         self._metrics.cold_starts.labels(model).inc()

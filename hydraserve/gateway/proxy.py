@@ -7,6 +7,11 @@ the engine's, or a gateway error in the OpenAI shape; once a stream has started,
 become a well-formed error event followed by ``[DONE]``. A client that disconnects
 cancels the work at once, which closes the engine connection (vLLM then aborts the
 generation) and frees the request's lease or queue slot.
+
+Requests on a pipelined instance (which consolidation will replace) are relayed through a
+:class:`~hydraserve.gateway.migration.StreamStitcher` instead of byte for byte: when the
+instance drains, the request moves to the new instance mid-stream (recompute or KV
+transfer, by the cost model) and the client sees one uninterrupted stream.
 """
 
 from __future__ import annotations
@@ -14,23 +19,33 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
-from hydraserve.cluster.base import InstanceView
+from hydraserve.cluster.base import InstanceView, ModelView
 from hydraserve.gateway import errors
 from hydraserve.gateway.dispatcher import Dispatcher, Ticket
 from hydraserve.gateway.errors import GatewayError
 from hydraserve.gateway.metrics import GatewayMetrics
+from hydraserve.gateway.migration import (
+    MigrationChoice,
+    MigrationCosts,
+    MigrationMethod,
+    PrefillEstimator,
+    StreamStitcher,
+    choose_method,
+    pinned_reason,
+)
 from hydraserve.gateway.settings import GatewaySettings
 from hydraserve.gateway.sse import (
     DONE_MARK,
     KEEPALIVE,
     EventFramer,
     count_token_events,
+    data_payloads,
     error_event,
 )
 from hydraserve.logs import get_logger
@@ -93,6 +108,15 @@ class ProxyContext:
     upstream: Upstream
     metrics: GatewayMetrics
     settings: GatewaySettings
+    prefill: dict[str, PrefillEstimator] = field(default_factory=dict)
+
+    def prefill_estimator(self, model: str) -> PrefillEstimator:
+        found = self.prefill.get(model)
+        if found is None:
+            found = self.prefill[model] = PrefillEstimator(
+                self.settings.migration_prefill_tokens_per_s
+            )
+        return found
 
 
 @dataclass
@@ -158,6 +182,10 @@ class ProxyResponse:
         self._token_events = 0
         self._queue_wait = 0.0
         self._response_complete = False  # the last body message was sent
+        self._parsed: dict[str, Any] = {}
+        self._migrations = 0
+        self._legs = 0
+        self._max_gap: float | None = None  # longest gap between relayed token events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # A plain task watching for the disconnect (cheaper per request than a task group):
@@ -196,6 +224,9 @@ class ProxyResponse:
     async def _serve(self, send: Send) -> None:
         try:
             instance = await self._acquire(send)
+            if self._may_move(instance):
+                await self._serve_movable(instance, send)
+                return
             while True:
                 try:
                     response = await self._ctx.upstream.post(
@@ -235,6 +266,223 @@ class ProxyResponse:
                 500, "Internal error in the gateway.", type=errors.INTERNAL, code="internal"
             )
             await self._send_error(send, internal)
+
+    # --- requests that can move (on a pipeline that consolidation will replace) ----------
+
+    def _may_move(self, instance: InstanceView) -> bool:
+        if not self._ctx.settings.migration_enabled or instance.pp <= 1:
+            return False
+        try:
+            body = json.loads(self._req.body)
+        except ValueError:
+            return False
+        reason = pinned_reason(self._req.endpoint, body) if isinstance(body, dict) else "body"
+        if reason is not None:
+            # It will finish where it is, even if that instance drains.
+            self._ctx.metrics.migrations_skipped.labels(self._req.model, reason).inc()
+            return False
+        self._parsed = body
+        return True
+
+    def _kv_save_key(self, instance: InstanceView, view: ModelView | None) -> str | None:
+        """Ask the engine to keep this request's KV if it is aborted (a move), when a move
+        by KV transfer could be chosen at all."""
+        settings = self._ctx.settings
+        if settings.migration_method == "recompute" or not instance.kv_transfer:
+            return None
+        if view is None or not view.kv_bytes_per_token:
+            return None
+        self._legs += 1
+        return f"{self._req.request_id}-{self._legs}"
+
+    async def _post_leg(
+        self, instance: InstanceView, endpoint: str, body: bytes, send: Send
+    ) -> tuple[InstanceView, aiohttp.ClientResponse]:
+        """POST to the leased instance; one that refuses the connection is skipped (the
+        request never started there) and the request goes elsewhere, as in :meth:`_serve`."""
+        while True:
+            try:
+                response = await self._ctx.upstream.post(
+                    _url(instance, endpoint), body, self._req.request_id
+                )
+                return instance, response
+            except Exception as exc:
+                if not _is_retryable_before_response(exc):
+                    raise
+                self._ctx.dispatcher.retry_elsewhere(self._ticket)
+                instance = await self._acquire(send)
+
+    async def _serve_movable(self, instance: InstanceView, send: Send) -> None:
+        dispatcher, metrics, req = self._ctx.dispatcher, self._ctx.metrics, self._req
+        stitcher = StreamStitcher(req.endpoint, self._parsed, req.stream)
+        view = self._backend_view()
+        save_key = self._kv_save_key(instance, view)
+        endpoint, body = req.endpoint, stitcher.upstream_body(save_key)
+        moved = dispatcher.watch_move(self._ticket)
+        posted_at = time.perf_counter()
+        try:
+            while True:
+                instance, response = await self._post_leg(instance, endpoint, body, send)
+                self._instance = instance
+                try:
+                    content_type = response.headers.get("Content-Type", "")
+                    if response.status != 200 or not content_type.startswith("text/event-stream"):
+                        await self._relay(response, send)
+                        return
+                    if req.stream and not self._committed:
+                        await self._start(send, 200, SSE_HEADERS)
+                    outcome = await self._pump(response, stitcher, moved, send, posted_at)
+                finally:
+                    response.close()  # on a move: the old engine aborts (and may save KV)
+                if outcome == "done":
+                    break
+                if stitcher.finished:
+                    # Only the stream's tail (usage, [DONE]) was left: end it here.
+                    if req.stream:
+                        await self._body(send, stitcher.finish_early().data, more=True)
+                    break
+                old = instance
+                target = dispatcher.move(self._ticket)
+                if target is None:
+                    detail = "the stream broke off" if outcome == "broken" else "no instance"
+                    raise aiohttp.ClientPayloadError(f"{detail} and nowhere to move it")
+                choice = self._choose(old, target, stitcher, view, save_key)
+                load_key = save_key if choice.method == MigrationMethod.KV else None
+                view = self._backend_view()
+                save_key = self._kv_save_key(target, view)
+                endpoint, body = stitcher.continuation(
+                    choice.method, load_key=load_key, save_key=save_key
+                )
+                self._migrations += 1
+                metrics.child(metrics.migrations, req.model, choice.method.value).inc()
+                log.info(
+                    "request.moved",
+                    model=req.model,
+                    request_id=req.request_id,
+                    from_instance=old.name,
+                    to_instance=target.name,
+                    method=choice.method.value,
+                    why=outcome,
+                    context_tokens=choice.tokens,
+                    generated=len(stitcher.generated),
+                    cost=choice.reason,
+                )
+                instance = target
+                moved = dispatcher.watch_move(self._ticket)
+                posted_at = time.perf_counter()
+        finally:
+            dispatcher.unwatch_move(self._ticket)
+            if self._migrations and self._max_gap is not None:
+                metrics.child(metrics.migration_stall, req.model).observe(self._max_gap)
+        if stitcher.error is not None and not req.stream:
+            body_bytes = normalize_error_body(json.dumps(stitcher.error).encode(), 500)
+            await self._start(send, 502, [(b"content-type", b"application/json")])
+            await self._body(send, body_bytes, more=False)
+            return
+        if req.stream:
+            await self._body(send, b"", more=False)
+        else:
+            await self._start(send, 200, [(b"content-type", b"application/json")])
+            await self._body(send, stitcher.final_body(), more=False)
+
+    def _backend_view(self) -> ModelView | None:
+        try:
+            return self._ctx.dispatcher.backend.get_model(self._req.model)
+        except Exception:
+            return None
+
+    def _choose(
+        self,
+        old: InstanceView,
+        new: InstanceView,
+        stitcher: StreamStitcher,
+        view: ModelView | None,
+        save_key: str | None,
+    ) -> MigrationChoice:
+        settings = self._ctx.settings
+        costs = MigrationCosts(
+            kv_bytes_per_token=view.kv_bytes_per_token if view is not None else None,
+            kv_bytes_per_s=settings.migration_kv_bytes_per_s,
+            kv_fixed_seconds=settings.migration_kv_fixed_seconds,
+            prefill_tokens_per_s=self._ctx.prefill_estimator(self._req.model).tokens_per_s,
+        )
+        # KV moves through the node's shared memory: both engines there, both with the
+        # connector, and the old one asked to save (the save key) before it started.
+        kv_possible = (
+            save_key is not None
+            and stitcher.prompt_ids is not None
+            and old.kv_transfer
+            and new.kv_transfer
+            and old.node is not None
+            and old.node == new.node
+        )
+        return choose_method(
+            stitcher.context_tokens,
+            costs,
+            kv_possible=kv_possible,
+            prefer=settings.migration_method,
+        )
+
+    async def _pump(
+        self,
+        response: aiohttp.ClientResponse,
+        stitcher: StreamStitcher,
+        moved: asyncio.Event,
+        send: Send,
+        posted_at: float,
+    ) -> str:
+        """Relay one upstream leg through the stitcher until it ends ("done"), breaks
+        ("broken") or its instance drains ("moved")."""
+        framer = EventFramer()
+        move_wait = asyncio.ensure_future(moved.wait())
+        first_at: float | None = None
+        try:
+            while True:
+                read = asyncio.ensure_future(response.content.readany())
+                finished, _ = await asyncio.wait(
+                    (read, move_wait), return_when=asyncio.FIRST_COMPLETED
+                )
+                if read not in finished:
+                    read.cancel()
+                    return "moved"
+                try:
+                    chunk = read.result()
+                except (aiohttp.ClientError, TimeoutError):
+                    return "broken"
+                if not chunk:
+                    tail = framer.pending.strip()
+                    if tail:
+                        await self._relay_events(stitcher, tail + b"\n\n", send)
+                    return "done" if stitcher.done else "broken"
+                events = framer.feed(chunk)
+                if not events:
+                    continue
+                if first_at is None:
+                    first_at = time.perf_counter()
+                    if stitcher.prompt_ids is None or len(stitcher.legs) == 1:
+                        prompt = len(stitcher.prompt_ids or [])
+                        estimator = self._ctx.prefill_estimator(self._req.model)
+                        estimator.observe(prompt, first_at - posted_at)
+                await self._relay_events(stitcher, events, send)
+                if stitcher.done:
+                    return "done"
+        finally:
+            move_wait.cancel()
+
+    async def _relay_events(self, stitcher: StreamStitcher, events: bytes, send: Send) -> None:
+        for payload in data_payloads(events):
+            relayed = stitcher.feed(payload)
+            if relayed.token_events:
+                now = time.perf_counter()
+                if self._first_token_at is None:
+                    self._first_token_at = now
+                if self._last_token_at is not None:
+                    gap = now - self._last_token_at
+                    self._max_gap = gap if self._max_gap is None else max(self._max_gap, gap)
+                self._last_token_at = now
+                self._token_events += relayed.token_events
+            if relayed.data and self._req.stream:
+                await self._body(send, relayed.data, more=True)
 
     async def _acquire(self, send: Send) -> InstanceView:
         dispatcher = self._ctx.dispatcher

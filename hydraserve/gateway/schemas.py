@@ -113,6 +113,9 @@ class ModelStatus(BaseModel):
     desired_replicas: int
     ready_instances: int
     starting_instances: int
+    phase: str | None = Field(
+        default=None, description="Cold, Starting, Serving, Consolidating or Failed."
+    )
     error: str | None = None
 
 

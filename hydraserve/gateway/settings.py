@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -85,6 +86,29 @@ class GatewaySettings(BaseSettings):
         default=600.0, gt=0, description="Longest silence from an engine before giving up."
     )
     upstream_max_connections: int = Field(default=1024, ge=1)
+
+    # --- moving running requests (consolidation) ------------------------------------------
+    migration_enabled: bool = Field(
+        default=True,
+        description="Requests on a pipelined instance move to its replacement when it "
+        "drains (one uninterrupted stream for the client); off: they finish where they are.",
+    )
+    migration_method: Literal["auto", "recompute", "kv"] = Field(
+        default="auto",
+        description="How a request moves: the cost model's choice, or always one method "
+        "(KV transfer only where both engines share a node and load HydraServe's connector).",
+    )
+    migration_kv_bytes_per_s: float = Field(
+        default=2e9, gt=0, description="Bandwidth the KV cache crosses when it moves."
+    )
+    migration_kv_fixed_seconds: float = Field(
+        default=0.05, ge=0, description="Fixed cost of a KV transfer (save on abort, handshake)."
+    )
+    migration_prefill_tokens_per_s: float = Field(
+        default=4000.0,
+        gt=0,
+        description="Prefill throughput assumed until the gateway has measured one.",
+    )
 
     # --- autoscaling and observation ---------------------------------------------------
     autoscale_interval_seconds: float = Field(

@@ -45,6 +45,16 @@ def _last_event_end(data: bytes) -> int:
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
+def data_payloads(events: bytes) -> list[bytes]:
+    """The ``data`` of each event in whole events (comments such as keep-alives skipped)."""
+    out = []
+    for event in events.replace(b"\r\n", b"\n").split(b"\n\n"):
+        lines = [line[5:] for line in event.split(b"\n") if line.startswith(DATA_MARK)]
+        if lines:
+            out.append(b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines))
+    return out
+
+
 def count_token_events(events: bytes) -> int:
     """Data events carrying output (every ``data:`` line but ``[DONE]``)."""
     count = events.count(DATA_MARK)

@@ -402,6 +402,296 @@ class FakeEngine:
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
+# --- a deterministic language model --------------------------------------------------------
+
+
+@dataclass
+class FakeLMBehaviour:
+    """How :class:`FakeLMEngine` answers; tests change it while the engine runs."""
+
+    name: str = "fake-lm"
+    vocab: int = 97
+    eos: int | None = None  # a token that ends generation (None: only max_tokens does)
+    incomplete_every: int = 5  # tokens t with t % this == 0 carry half a character
+    first_token_delay: float = 0.0
+    token_delay: float = 0.0
+    max_model_len: int = 512
+
+
+@dataclass
+class FakeLMStats:
+    requests: int = 0
+    completed: int = 0
+    disconnected: int = 0
+    active: int = 0
+    bodies: list[dict[str, Any]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    tokens_sent: int = 0
+
+
+class FakeLMEngine:
+    """A deterministic stand-in for a vLLM engine (``/v1/completions`` and
+    ``/v1/chat/completions``, JSON and SSE, vLLM's chunk shapes incl. ``return_token_ids``).
+
+    Its "model" is greedy decoding of a fixed function: the next token depends on the whole
+    context, so a request continued on another engine from its prompt and generated token
+    ids yields exactly the tokens an unmoved run would. Its "tokenizer" maps each character
+    to a token and each token ``t`` to the text ``<t>``; tokens with ``t % incomplete_every
+    == 0`` are half a character (their text comes out with the next token), and a prompt
+    ending in one makes the detokenizer re-emit the whole prompt's text first, as
+    ``tokenizers``' ``DecodeStream`` does. Both are what migration must get right."""
+
+    def __init__(self, behaviour: FakeLMBehaviour | None = None) -> None:
+        self.behaviour = behaviour or FakeLMBehaviour()
+        self.stats = FakeLMStats()
+
+    # --- the model ---------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        vocab = self.behaviour.vocab
+        return [2 + ord(c) % (vocab - 2) for c in text]
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = "".join(f"{m.get('role')}: {m.get('content')}\n" for m in messages)
+        return self.tokenize(text + "assistant: ")
+
+    def next_token(self, context: list[int]) -> int:
+        last = context[-1] if context else 3
+        before = context[-2] if len(context) > 1 else 7
+        return (last * 31 + before * 17 + len(context) * 13) % self.behaviour.vocab
+
+    def incomplete(self, token: int) -> bool:
+        return token % self.behaviour.incomplete_every == 0
+
+    def generate(self, prompt: list[int], max_tokens: int, ignore_eos: bool) -> list[int]:
+        context, out = list(prompt), []
+        for _ in range(max_tokens):
+            token = self.next_token(context)
+            out.append(token)
+            context.append(token)
+            if token == self.behaviour.eos and not ignore_eos:
+                break
+        return out
+
+    def detokenize_stream(self, prompt: list[int], tokens: list[int]) -> list[str]:
+        """Text emitted per generated token, DecodeStream-style (see the class doc)."""
+        pending = list(prompt) if prompt and self.incomplete(prompt[-1]) else []
+        texts = []
+        for token in tokens:
+            pending.append(token)
+            if self.incomplete(token):
+                texts.append("")
+                continue
+            texts.append("".join(f"<{t}>" for t in pending))
+            pending = []
+        return texts
+
+    # --- HTTP ----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if method == "GET" and path == "/health":
+            await _send_json(send, 200, b"{}")
+        elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+            await self._complete(receive, send, path)
+        else:
+            await _send_json(send, 404, b'{"error": {"message": "not found"}}')
+
+    def answer(self, path: str, body: dict[str, Any]) -> FakeLMAnswer:
+        """What the engine generates for a request (pure: the tests' reference)."""
+        chat = path.endswith("chat/completions")
+        if chat:
+            prompt = self.chat_prompt(body["messages"])
+        elif isinstance(body.get("prompt"), list):
+            prompt = [int(t) for t in body["prompt"]]
+        else:
+            prompt = self.tokenize(str(body.get("prompt", "")))
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if limit is None and not chat:
+            limit = 16
+        room = self.behaviour.max_model_len - len(prompt)
+        max_tokens = room if limit is None else min(int(limit), room)
+        tokens = self.generate(prompt, max_tokens, bool(body.get("ignore_eos")))
+        texts = self.detokenize_stream(prompt, tokens)
+        finish = "length"
+        if tokens and tokens[-1] == self.behaviour.eos and not body.get("ignore_eos"):
+            finish = "stop"
+        return FakeLMAnswer(chat, prompt, tokens, texts, finish)
+
+    def stream_chunks(self, body: dict[str, Any], answer: FakeLMAnswer) -> list[dict[str, Any]]:
+        """The SSE chunks (before ``[DONE]``) vLLM would send for ``answer``."""
+        chat, prompt, tokens = answer.chat, answer.prompt, answer.tokens
+        ids = bool(body.get("return_token_ids"))
+        options = body.get("stream_options") or {}
+        usage_wanted = bool(options.get("include_usage"))
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:12]}"
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def head(choices: list[dict[str, Any]]) -> dict[str, Any]:
+            return {
+                "id": ident,
+                "object": kind,
+                "created": created,
+                "model": body.get("model"),
+                "choices": choices,
+            }
+
+        chunks = []
+        if chat:
+            role = head([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None}])  # fmt: skip
+            role["prompt_token_ids"] = prompt if ids else None
+            role["prompt_text"] = None
+            chunks.append(role)
+        for index, (token, text) in enumerate(zip(tokens, answer.texts, strict=True)):
+            last = index == len(tokens) - 1
+            choice: dict[str, Any]
+            if chat:
+                choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
+                          "finish_reason": answer.finish if last else None}  # fmt: skip
+                if last:
+                    choice["stop_reason"] = None
+                choice["token_ids"] = [token] if ids else None
+            else:
+                choice = {
+                    "index": 0,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": answer.finish if last else None,
+                    "stop_reason": None,
+                    "prompt_token_ids": prompt if ids and index == 0 else None,
+                    "token_ids": [token] if ids else None,
+                }
+            chunk = head([choice])
+            if last and not usage_wanted:
+                chunk["system_fingerprint"] = self.behaviour.name
+            chunks.append(chunk)
+        if usage_wanted:
+            tail = head([])
+            tail["usage"] = _usage(len(prompt), len(tokens))
+            tail["system_fingerprint"] = self.behaviour.name
+            chunks.append(tail)
+        return chunks
+
+    def whole_answer(self, body: dict[str, Any], answer: FakeLMAnswer) -> dict[str, Any]:
+        """The JSON vLLM would answer a non-streaming request with."""
+        ids = bool(body.get("return_token_ids"))
+        text = "".join(answer.texts)
+        choice: dict[str, Any]
+        if answer.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": answer.finish,
+                "stop_reason": None,
+                "token_ids": answer.tokens if ids else None,
+            }
+        else:
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": answer.finish,
+                "stop_reason": None,
+                "token_ids": answer.tokens if ids else None,
+                "prompt_token_ids": answer.prompt if ids else None,
+            }
+        return {
+            "id": f"{'chatcmpl' if answer.chat else 'cmpl'}-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion" if answer.chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "choices": [choice],
+            "usage": _usage(len(answer.prompt), len(answer.tokens)),
+            "system_fingerprint": self.behaviour.name,
+        }
+
+    async def _complete(self, receive: Receive, send: Send, path: str) -> None:
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        body = json.loads(raw)
+        stats = self.stats
+        stats.requests += 1
+        stats.bodies.append(body)
+        stats.paths.append(path)
+        answer = self.answer(path, body)
+        stats.active += 1
+        try:
+            if body.get("stream"):
+                await self._stream(body, answer, receive, send)
+            else:
+                behaviour = self.behaviour
+                delay = behaviour.first_token_delay + behaviour.token_delay * max(
+                    0, len(answer.tokens) - 1
+                )
+                if delay > 0:
+                    await _sleep_unless_disconnected(delay, receive)
+                stats.tokens_sent += len(answer.tokens)
+                await _send_json(send, 200, json.dumps(self.whole_answer(body, answer)).encode())
+            stats.completed += 1
+        except _DisconnectedError:
+            stats.disconnected += 1
+        finally:
+            stats.active -= 1
+
+    async def _stream(
+        self, body: dict[str, Any], answer: FakeLMAnswer, receive: Receive, send: Send
+    ) -> None:
+        behaviour = self.behaviour
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
+            }
+        )
+        tokens_seen = 0
+        for chunk in self.stream_chunks(body, answer):
+            carries_token = bool(chunk["choices"]) and (
+                "text" in chunk["choices"][0] or "content" in chunk["choices"][0].get("delta", {})
+            )
+            is_token = carries_token and not (
+                answer.chat and chunk["choices"][0]["delta"].get("role")
+            )
+            if is_token:
+                delay = behaviour.first_token_delay if tokens_seen == 0 else behaviour.token_delay
+                if delay > 0:
+                    await _sleep_unless_disconnected(delay, receive)
+                tokens_seen += 1
+                self.stats.tokens_sent += 1
+            await send({"type": "http.response.body", "body": sse_event(chunk), "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+@dataclass(frozen=True)
+class FakeLMAnswer:
+    chat: bool
+    prompt: list[int]
+    tokens: list[int]
+    texts: list[str]  # per token, as the detokenizer emits it
+    finish: str
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "total_tokens": prompt + completion,
+            "completion_tokens": completion}  # fmt: skip
+
+
+def sse_event(data: Any) -> bytes:
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
 async def _sleep_unless_disconnected(seconds: float, receive: Receive) -> None:
     """Sleep, but raise :class:`_DisconnectedError` as soon as the client goes away."""
     disconnect = asyncio.ensure_future(receive())

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from hydraserve.logs import get_logger
 from hydraserve.prefetcher.shm import FetchState, FetchStatus, ModelShm, now
 from hydraserve.store.backends import StoreError
-from hydraserve.store.manifest import Manifest, TensorInfo
+from hydraserve.store.manifest import Manifest, TensorInfo, merge_ranges
 from hydraserve.store.model_store import ChecksumError, ModelStore
 
 log = get_logger("prefetcher.fetch")
@@ -52,6 +52,24 @@ def tensors_in_ranges(manifest: Manifest, ranges: list[tuple[int, int]]) -> list
     return out
 
 
+def subtract_ranges(
+    ranges: list[tuple[int, int]], holes: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """``ranges`` without the bytes in ``holes`` (both sorted, non-overlapping), in order."""
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        cursor = start
+        for h_start, h_end in holes:
+            if h_end <= cursor or h_start >= end:
+                continue
+            if h_start > cursor:
+                out.append((cursor, h_start))
+            cursor = max(cursor, h_end)
+        if cursor < end:
+            out.append((cursor, end))
+    return out
+
+
 def stage_position(ranges: list[tuple[int, int]], file_offset: int) -> int:
     """Position of a file offset in the concatenation of ``ranges`` (for watermarks)."""
     pos = 0
@@ -75,6 +93,7 @@ class RangeFetcher:
         options: FetchOptions | None = None,
         on_bytes: Callable[[int], None] | None = None,
         gate: Callable[[], None] | None = None,
+        present: list[tuple[int, int]] | None = None,
     ) -> None:
         self.store = store
         self.manifest = manifest
@@ -84,6 +103,9 @@ class RangeFetcher:
         self.options = options or FetchOptions()
         self.on_bytes = on_bytes
         self.gate = gate  # called before each request; may block (low-priority fetches)
+        # Byte ranges already in the node's file, verified by another fetch (a stage the
+        # node holds): checked in place instead of fetched again.
+        self.present = merge_ranges(list(present or []))
         self.tensors = tensors_in_ranges(manifest, ranges)
         self.status = FetchStatus(total=sum(e - s for s, e in ranges), ranges=ranges)
         self._lock = threading.Lock()
@@ -170,7 +192,10 @@ class RangeFetcher:
 
     def _fetch_all(self, fd: int, view: mmap.mmap) -> None:
         chunks: list[tuple[int, int]] = []
-        for start, end in self.ranges:
+        missing = subtract_ranges(self.ranges, self.present)
+        with self._lock:
+            self.status.fetched += self.status.total - sum(e - s for s, e in missing)
+        for start, end in missing:
             for s in range(start, end, self.options.chunk_bytes):
                 chunks.append((s, min(s + self.options.chunk_bytes, end)))
         chunk_starts = [c[0] for c in chunks]
@@ -188,7 +213,8 @@ class RangeFetcher:
                 progressed.notify_all()
 
         def written_through(offset: int) -> bool:
-            # True when every chunk up to the one holding ``offset - 1`` is written.
+            # True when every chunk up to the one holding ``offset - 1`` (or the last one
+            # before it, when that byte was already present) is written.
             idx = bisect.bisect_right(chunk_starts, offset - 1) - 1
             return idx < contiguous
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from hydraserve.logs import get_logger
-from hydraserve.prefetcher.fetcher import FetchOptions, RangeFetcher
+from hydraserve.prefetcher.fetcher import FetchOptions, RangeFetcher, subtract_ranges
 from hydraserve.prefetcher.shm import (
     FetchState,
     FetchStatus,
@@ -29,6 +29,7 @@ from hydraserve.prefetcher.shm import (
 )
 from hydraserve.settings import S3Settings
 from hydraserve.store import Manifest, ModelRef, ModelStore
+from hydraserve.store.manifest import merge_ranges
 
 log = get_logger("prefetcher")
 
@@ -113,7 +114,8 @@ class Prefetcher:
             if full and full.state == FetchState.DONE:
                 return full  # the whole model is here: every stage is satisfied
             ranges = manifest.fetch_ranges(request.pp, request.rank)
-            self._make_room(sum(e - s for s, e in ranges), keep=model)
+            present = self._present(model, exclude=name)
+            self._make_room(sum(e - s for s, e in subtract_ranges(ranges, present)), keep=model)
             fetcher = RangeFetcher(
                 model.store,
                 manifest,
@@ -123,6 +125,7 @@ class Prefetcher:
                 self.options,
                 on_bytes=self._count_bytes,
                 gate=self._low_priority_gate if request.low_priority else None,
+                present=present,
             )
             model.fetchers[name] = fetcher
             thread = threading.Thread(
@@ -209,6 +212,20 @@ class Prefetcher:
                 with self._lock:
                     self._normal_active -= 1
                     self._normal_idle.notify_all()
+
+    def _present(self, model: _Model, exclude: str) -> list[tuple[int, int]]:
+        """Byte ranges of the model's file that finished fetches on this node verified
+        (e.g. the stage a pipeline worker fetched): a whole-model fetch for consolidation
+        checks them in place and moves only the rest over the network."""
+        present: list[tuple[int, int]] = []
+        for path in model.shm.dir.glob("*.state.json"):
+            name = path.name.removesuffix(".state.json")
+            if name == exclude:
+                continue
+            status = model.shm.read_status(name)
+            if status is not None and status.state == FetchState.DONE:
+                present += status.ranges
+        return merge_ranges(present)
 
     def _low_priority_gate(self) -> None:
         """Consolidation fetches pause while a cold-start fetch uses this node's NIC."""

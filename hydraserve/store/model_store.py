@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydraserve.settings import S3Settings
 from hydraserve.store.backends import (
@@ -233,6 +234,17 @@ class ModelStore:
 
     def read_range(self, start: int, end: int) -> bytes:
         return self.backend.read_range(self.manifest().weights_file, start, end)
+
+    def read_config(self) -> dict[str, Any]:
+        """The checkpoint's ``config.json`` (architecture sizes), verified."""
+        info = next((f for f in self.manifest().files if f.name == "config.json"), None)
+        if info is None:
+            raise ModelNotFound(f"{self.ref.uri}: the model has no config.json")
+        data = self._read_small(info.name)
+        if sha256_hex(data) != info.sha256:
+            raise ChecksumError(f"{self.ref.uri}: config.json failed its sha256 check")
+        config: dict[str, Any] = json.loads(data)
+        return config
 
     def read_tensor(self, name: str) -> bytes:
         """Bytes of one tensor, verified against its sha256."""

@@ -41,5 +41,10 @@ class WorkerConfig(BaseModel):
     max_num_batched_tokens: int = 256
     max_num_seqs: int = 16
     kv_cache_bytes: int = Field(default=256 << 20, description="KV cache size, bytes.")
+    kv_transfer: bool = Field(
+        default=False,
+        description="Load HydraServe's KV connector: save the KV of requests that move away "
+        "(aborted with a save key) and load it for requests that move here.",
+    )
     engine_args: list[str] = Field(default_factory=list)
     fetch_timeout_seconds: float = 600.0

@@ -108,6 +108,9 @@ def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
     ]
     if config.enforce_eager:
         args.append("--enforce-eager")
+    if config.rank == 0:
+        # Counts the requests this instance serves, for draining (GET /hydraserve/inflight).
+        args += ["--middleware", "hydraserve.worker.inflight.InFlightMiddleware"]
     if config.pp == 1 and config.inprocess_engine:
         args += ["--distributed-executor-backend", "uni"]
     if config.pp > 1:
