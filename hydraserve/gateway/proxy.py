@@ -140,6 +140,11 @@ def _is_retryable_before_response(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ClientOSError | aiohttp.ServerDisconnectedError)
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _url(instance: InstanceView, path: str) -> str:
     return (instance.endpoint or "").rstrip("/") + path
 
@@ -444,6 +449,7 @@ class ProxyResponse:
                 )
                 if read not in finished:
                     read.cancel()
+                    read.add_done_callback(_retrieve)  # it may have failed meanwhile
                     return "moved"
                 try:
                     chunk = read.result()

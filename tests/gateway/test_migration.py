@@ -142,7 +142,7 @@ def run_moved(
             path, raw = stitcher.continuation(method)
             cont = json.loads(raw)
             moved_bodies.append({"path": path, **cont})
-            more: list[Any] = new.stream_chunks(cont, new.answer(path, cont)) + ["[DONE]"]
+            more: list[Any] = [*new.stream_chunks(cont, new.answer(path, cont)), "[DONE]"]
             for chunk in more:
                 out += stitcher.feed(payload(chunk)).data
     assert stitcher.done
@@ -334,7 +334,7 @@ def test_a_move_after_the_last_token_only_ends_the_stream() -> None:
     engine, ref = reference(COMPLETIONS, body)
     chunks = engine.stream_chunks(body, ref)
     last_token = len(chunks) - 1  # the usage chunk comes after it
-    stitcher, raw, moved = run_moved(COMPLETIONS, body, last_token)
+    _, raw, moved = run_moved(COMPLETIONS, body, last_token)
     assert moved == []
     events = client_view(raw)
     assert events[-1]["usage"]["completion_tokens"] == 5

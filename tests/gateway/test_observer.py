@@ -79,3 +79,32 @@ def test_gone_models_leave_no_stale_series() -> None:
         )
         is None
     )
+
+
+def test_a_consolidation_is_recorded_once_and_its_standalone_is_no_cold_start() -> None:
+    from hydraserve.cluster.base import ConsolidationRecord, InstanceOrigin
+
+    metrics = GatewayMetrics()
+    observer = ClusterObserver(metrics, started_at=0.0)
+    model = make_model("m")
+    standalone = replace(
+        became_ready(starting("m-solo")), pp=1, origin=InstanceOrigin.CONSOLIDATION
+    )
+    record = ConsolidationRecord(
+        model="m", pipeline="m-pipe", standalone="m-solo", started_at=100.0,
+        fetched_at=102.0, promoted_at=118.0, released_at=119.5,
+    )  # fmt: skip
+    view = ModelView(model, 1, (standalone,), consolidations=(record,))
+    for _ in range(3):
+        observer.observe([view])
+    assert sample(metrics, "hydraserve_cold_starts_total", model="m") == 0
+    assert sample(metrics, "hydraserve_consolidations_total", model="m", outcome="done") == 1
+    assert sample(metrics, "hydraserve_consolidation_seconds_sum", model="m") == 19.5
+    for stage, seconds in (("fetch", 2.0), ("promote", 18.0), ("drain", 1.5)):
+        assert sample(metrics, "hydraserve_consolidation_stage_seconds_sum", model="m",
+                      stage=stage) == seconds  # fmt: skip
+    abandoned = replace(record, pipeline="m-pipe2", outcome="abandoned", promoted_at=None,
+                        released_at=None)  # fmt: skip
+    observer.observe([replace(view, consolidations=(record, abandoned))])
+    assert sample(metrics, "hydraserve_consolidations_total", model="m", outcome="abandoned") == 1
+    assert sample(metrics, "hydraserve_consolidation_seconds_count", model="m") == 1

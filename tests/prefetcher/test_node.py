@@ -130,3 +130,26 @@ def test_stage_names(local_store: ModelStore, tmp_path: Path, pp: int, rank: int
     prefetcher.wait(local_store.ref.uri, "main", timeout=30)
     (holding,) = prefetcher.status().models
     assert holding.fetches[f"pp{pp}-rank{rank}"].state == FetchState.DONE
+
+
+def test_a_whole_model_fetch_checks_held_stages_in_place_and_moves_only_the_rest(
+    local_store: ModelStore, tmp_path: Path
+) -> None:
+    # Consolidation: a node holding stage 0 fetches the rest of the model in the background.
+    prefetcher = make_prefetcher(tmp_path)
+    uri = local_store.ref.uri
+    prefetcher.preload(PreloadRequest(uri=uri, pp=2, rank=0))
+    prefetcher.wait(uri, "main", timeout=30)
+    moved_for_stage = prefetcher.status().bytes_from_store
+    prefetcher.preload(PreloadRequest(uri=uri, low_priority=True))
+    prefetcher.wait(uri, "main", timeout=30)
+    (holding,) = prefetcher.status().models
+    assert holding.complete
+    manifest = local_store.manifest()
+    stage1_only = manifest.stage(2, 1).nbytes
+    assert prefetcher.status().bytes_from_store - moved_for_stage == stage1_only
+    # Every byte is verified: the whole model reads back as the store has it.
+    shm = ModelShm(tmp_path / "shm", uri, "main")
+    data = shm.weights_path.read_bytes()
+    for tensor in manifest.tensors:
+        assert data[tensor.offset : tensor.end] == local_store.read_tensor(tensor.name)
