@@ -75,6 +75,10 @@ def stream_text(events: list[dict[str, Any]], chat: bool) -> str:
     return "".join(parts)
 
 
+def carries_text(choice: dict[str, Any]) -> bool:
+    return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
+
+
 async def stream_request(
     client: httpx.AsyncClient,
     path: str,
@@ -98,12 +102,10 @@ async def stream_request(
                     data = json.loads(payload)
                     assert "error" not in data, data
                     events.append(data)
-                    tokens += sum(1 for c in data.get("choices") or [] if c.get("token_ids")
-                                  or c.get("text") or (c.get("delta") or {}).get("content"))  # fmt: skip
-                    if on_tokens is not None and after_tokens is not None:
-                        if tokens >= after_tokens:
-                            on_tokens()
-                            on_tokens = None
+                    tokens += sum(1 for c in data.get("choices") or [] if carries_text(c))
+                    if on_tokens is not None and tokens >= (after_tokens or 0):
+                        on_tokens()
+                        on_tokens = None
     return events
 
 
