@@ -99,6 +99,12 @@ class LocalSettings(BaseSettings):
     startup_timeout_seconds: float = 600.0
     poll_seconds: float = 0.1
     stop_grace_seconds: float = 10.0
+    release_grace_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="SIGTERM-to-SIGKILL grace for a drained pipeline's stages (idle: "
+        "nothing to finish, so its memory is given back at once).",
+    )
     kv_cache_bytes: int = 256 << 20
     max_model_len: int = 1024
     cpu_binds: list[str] = Field(
@@ -131,9 +137,15 @@ class LocalSettings(BaseSettings):
     drain_grace_seconds: float = Field(default=0.5, ge=0)
     drain_timeout_seconds: float = Field(default=300.0, gt=0)
     kv_transfer: bool = Field(
-        default=False,
+        default=True,
         description="Engines save and load KV caches through the node's shared memory "
         "(HydraServe's KV connector), so requests can move by KV transfer.",
+    )
+    kv_block_size: int = Field(
+        default=32,
+        ge=16,
+        description="KV block size of every engine when kv_transfer is on (whole blocks "
+        "move; the CPU default of 128 would leave short requests nothing to move).",
     )
 
 
@@ -467,6 +479,7 @@ class LocalBackend(ClusterBackend):
             max_model_len=self.settings.max_model_len,
             kv_cache_bytes=self.settings.kv_cache_bytes,
             kv_transfer=self.settings.kv_transfer,
+            block_size=self.settings.kv_block_size if self.settings.kv_transfer else None,
             engine_args=[*self.settings.extra_engine_args, *model.spec.engine.args],
         )
 
@@ -750,7 +763,8 @@ class LocalBackend(ClusterBackend):
             )
             self._notify(state)
         elif isinstance(action, Release):
-            await self._stop(state, pipeline, action.reason)
+            await self._stop(state, pipeline, action.reason, self.settings.release_grace_seconds)
+            now = time.time()  # released: its stage processes are gone
             record = self._record(state, pipeline, now, outcome="done", reason=action.reason)
             log.info(
                 "consolidation.done",
@@ -792,18 +806,20 @@ class LocalBackend(ClusterBackend):
         state.consolidations = [*state.consolidations, record][-CONSOLIDATION_HISTORY:]
         return record
 
-    async def _stop(self, state: _ModelState, inst: _Instance, why: str) -> None:
+    async def _stop(
+        self, state: _ModelState, inst: _Instance, why: str, grace: float | None = None
+    ) -> None:
         state.instances.pop(inst.name, None)
-        await asyncio.to_thread(self._terminate, inst)
+        await asyncio.to_thread(self._terminate, inst, grace)
         log.info("instance.stopped", model=state.model.name, instance=inst.name, reason=why)
         self._notify(state)
 
-    def _terminate(self, inst: _Instance) -> None:
+    def _terminate(self, inst: _Instance, grace: float | None = None) -> None:
         """Stop every process of an instance (each stage runs in its own session)."""
         for stage in inst.stages:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(stage.process.pid, signal.SIGTERM)
-        deadline = time.time() + self.settings.stop_grace_seconds
+        deadline = time.time() + (self.settings.stop_grace_seconds if grace is None else grace)
         for stage in inst.stages:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 stage.process.wait(max(0.0, deadline - time.time()))

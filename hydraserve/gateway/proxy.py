@@ -463,13 +463,14 @@ class ProxyResponse:
                 events = framer.feed(chunk)
                 if not events:
                     continue
+                await self._relay_events(stitcher, events, send)
                 if first_at is None:
+                    # The first output follows the prompt's prefill: learn its throughput.
                     first_at = time.perf_counter()
-                    if stitcher.prompt_ids is None or len(stitcher.legs) == 1:
+                    if self._ctx.settings.migration_learn_prefill and len(stitcher.legs) == 1:
                         prompt = len(stitcher.prompt_ids or [])
                         estimator = self._ctx.prefill_estimator(self._req.model)
                         estimator.observe(prompt, first_at - posted_at)
-                await self._relay_events(stitcher, events, send)
                 if stitcher.done:
                     return "done"
         finally:

@@ -109,6 +109,11 @@ class GatewaySettings(BaseSettings):
         gt=0,
         description="Prefill throughput assumed until the gateway has measured one.",
     )
+    migration_learn_prefill: bool = Field(
+        default=True,
+        description="Learn the prefill throughput from observed first tokens (else always "
+        "use migration_prefill_tokens_per_s).",
+    )
 
     # --- autoscaling and observation ---------------------------------------------------
     autoscale_interval_seconds: float = Field(

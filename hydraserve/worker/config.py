@@ -41,6 +41,12 @@ class WorkerConfig(BaseModel):
     max_num_batched_tokens: int = 256
     max_num_seqs: int = 16
     kv_cache_bytes: int = Field(default=256 << 20, description="KV cache size, bytes.")
+    block_size: int | None = Field(
+        default=None,
+        ge=16,
+        description="KV cache block size (tokens); None = the engine's (128 on CPU). A KV "
+        "transfer moves whole blocks, so engines that exchange KV must agree on it.",
+    )
     kv_transfer: bool = Field(
         default=False,
         description="Load HydraServe's KV connector: save the KV of requests that move away "

@@ -111,6 +111,11 @@ def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
     if config.rank == 0:
         # Counts the requests this instance serves, for draining (GET /hydraserve/inflight).
         args += ["--middleware", "hydraserve.worker.inflight.InFlightMiddleware"]
+    if config.block_size is not None:
+        args += ["--block-size", str(config.block_size)]
+    if config.kv_transfer:
+        args += ["--kv-transfer-config", json.dumps(kv_transfer_config(config))]
+        args.append("--disable-hybrid-kv-cache-manager")  # the connector API requires it
     if config.pp == 1 and config.inprocess_engine:
         args += ["--distributed-executor-backend", "uni"]
     if config.pp > 1:
@@ -131,6 +136,17 @@ def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
         if config.rank > 0:
             args.append("--headless")
     return args + list(config.engine_args)
+
+
+def kv_transfer_config(config: WorkerConfig) -> dict[str, object]:
+    """vLLM's ``--kv-transfer-config`` for HydraServe's connector (requests moving between
+    engines of this node save and load KV through its shared memory)."""
+    return {
+        "kv_connector": "HydraServeKVConnector",
+        "kv_connector_module_path": "hydraserve.worker.kv_connector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"store_dir": str(config.shm_dir / "kv")},
+    }
 
 
 def engine_env(config: WorkerConfig, manifest: Manifest) -> dict[str, str]:

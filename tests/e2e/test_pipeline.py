@@ -33,6 +33,8 @@ def test_pipelined_greedy_output_equals_transformers(pp: int, tmp_path: Path) ->
             # vLLM 0.32 on CPU needs compiled mode for pp > 1.
             "HYDRASERVE_LOCAL_ENFORCE_EAGER": "false",
             "HYDRASERVE_LOCAL_CPU_BINDS": '["' + '","'.join(binds) + '"]',
+            # This test is about pipelines; test_consolidation covers what follows them.
+            "HYDRASERVE_LOCAL_CONSOLIDATION": "false",
         },
     )
     try:
