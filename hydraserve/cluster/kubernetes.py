@@ -70,7 +70,10 @@ def model_view(obj: Mapping[str, Any]) -> ModelView | None:
         failing = [c for c in status.conditions if c.status == "False" and c.message]
         error = failing[0].message if failing else "the model failed"
     desired = desired_replicas(model.spec) if errors is None else 0
-    return ModelView(model=model, desired_replicas=desired, instances=instances, error=error)
+    phase = status.phase if raw_status.get("phase") else None
+    return ModelView(
+        model=model, desired_replicas=desired, instances=instances, error=error, phase=phase
+    )
 
 
 def _known_status(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,12 +18,12 @@ from pydantic import ValidationError
 from hydraserve.api.models import (
     Condition,
     InstanceStatus,
-    ModelPhase,
     ServerlessModelSpec,
     ServerlessModelStatus,
     StageTiming,
     WorkerStatus,
 )
+from hydraserve.cluster.consolidation import model_phase
 from hydraserve.operator.naming import (
     INSTANCE_LABEL,
     PLAN_ANNOTATION,
@@ -328,7 +328,11 @@ def build_status(
     invalid_reason: str = "InvalidSpec",
     unschedulable: str | None = None,
     generation: int | None = None,
+    consolidating: bool = False,
 ) -> ServerlessModelStatus:
+    """What the user and the gateway read. ``consolidating``: a serving pipeline is being
+    replaced by a standalone engine (see ``hydraserve.cluster.consolidation``); the phase
+    is then Consolidating until its stages are released."""
     live = [i for i in instances if i.record is not None]
     statuses = [instance_status(i, endpoints.get(i.name)) for i in live]
     ready = sum(1 for s in statuses if s.ready)
@@ -362,14 +366,9 @@ def build_status(
         conditions = set_condition(
             conditions, READY, False, "Starting", f"{ready}/{desired} instances ready", now
         )
-    if invalid is not None and not ready:
-        phase = ModelPhase.FAILED
-    elif ready:
-        phase = ModelPhase.SERVING
-    elif live or desired > 0:
-        phase = ModelPhase.STARTING
-    else:
-        phase = ModelPhase.COLD
+    phase = model_phase(
+        error=invalid, desired=desired, ready=ready, live=len(live), consolidating=consolidating
+    )
     # The latest cold start that completed: request -> stage 0 ready.
     last_cold = previous.last_cold_start_seconds
     done = [s for s in statuses if s.ready and s.cold_start]

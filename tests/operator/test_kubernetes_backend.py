@@ -80,3 +80,18 @@ async def test_invalid_model_is_listed_with_its_error(cluster: Cluster) -> None:
         assert view.desired_replicas == 0
     finally:
         await backend.close()
+
+
+def test_the_models_phase_comes_from_its_status() -> None:
+    from hydraserve.api.models import ModelPhase
+    from hydraserve.cluster.kubernetes import model_view
+
+    obj = {
+        "metadata": {"name": "m", "namespace": "ns"},
+        "spec": {"source": {"uri": "s3://models/m"}},
+        "status": {"phase": "Consolidating"},
+    }
+    view = model_view(obj)
+    assert view is not None and view.phase == ModelPhase.CONSOLIDATING
+    bare = model_view({**obj, "status": {}})
+    assert bare is not None and bare.phase is None and bare.effective_phase == ModelPhase.COLD

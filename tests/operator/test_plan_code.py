@@ -310,3 +310,11 @@ def test_instance_plan_roundtrip_from_annotation() -> None:
     raw = record("m-a", "t", NOW, pp=2)["metadata"]["annotations"][PLAN_ANNOTATION]
     plan = InstancePlan.model_validate(json.loads(raw))
     assert [s.layers for s in plan.stages] == ["0-1", "1-2"]
+
+
+def test_build_status_shows_consolidating_while_a_pipeline_is_replaced() -> None:
+    inst = observe([record("m-a", "t", NOW)], [pod("m-a", 0)])
+    status = build_status("m", 1, inst, {}, ServerlessModelStatus(), NOW, consolidating=True)
+    assert status.phase == ModelPhase.CONSOLIDATING and status.ready_replicas == 1
+    after = build_status("m", 1, inst, {}, status, NOW + 1)
+    assert after.phase == ModelPhase.SERVING

@@ -1,0 +1,399 @@
+"""Consolidation benchmark: what a pipeline costs, and what consolidating it gives back.
+
+Three runs of the embedded platform (gateway + local backend + real vLLM workers, in this
+process), each a cold start of the same model followed by the same load (``--clients``
+streams back to back for ``--horizon`` seconds from the first request):
+
+(a) **standalone**: pp = 1, eager, on the cores a consolidated standalone gets: the
+    reference TPOT;
+(b) **pipeline**: pp = 2 (compiled, one core per stage), consolidation off: the pipeline's
+    TPOT and memory for the whole horizon;
+(c) **consolidated**: pp = 2 with consolidation: the pipeline serves, a standalone engine
+    starts from shared memory, takes over the in-flight streams (moved by the gateway) and
+    the pipeline's stages are released.
+
+Reported: TPOT of (b), of (c) before the switch, of (c) after it, of (a), and
+``tpot_after_over_standalone``; the longest gap between tokens any stream moved in (c) saw
+(client side), failed requests; the memory-time cost (GB·s of the instance processes'
+proportional set size, sampled) over the same window for (b) and (c). Writes
+``benchmarks/results/consolidation.json``.
+
+``.venv/bin/python -m benchmarks.consolidation.run [--size small] [--horizon 150]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.common import machine_info, write_result
+from hydraserve.api.models import ServerlessModel
+from hydraserve.cluster.base import ModelView
+from hydraserve.cluster.local import LocalBackend, LocalSettings
+from hydraserve.gateway import GatewaySettings, create_app
+from hydraserve.gateway.testing import serve_asgi
+from hydraserve.logs import configure_logging, get_logger
+from hydraserve.settings import CommonSettings
+from hydraserve.store import ModelRef, ModelStore
+from hydraserve.store.demo import make_demo_model
+
+log = get_logger("bench.consolidation")
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "bench"
+
+
+@dataclass
+class Stream:
+    """One streamed request as the client saw it."""
+
+    started: float
+    tokens: list[float] = field(default_factory=list)  # arrival time of each token event
+    ended: float = 0.0
+    status: int = 0
+    error: str | None = None
+
+    @property
+    def tpot(self) -> float | None:
+        if len(self.tokens) < 8:
+            return None
+        return (self.tokens[-1] - self.tokens[0]) / (len(self.tokens) - 1)
+
+    @property
+    def max_gap(self) -> float:
+        gaps = [b - a for a, b in itertools.pairwise(self.tokens)]
+        return max(gaps, default=0.0)
+
+
+@dataclass
+class RunResult:
+    name: str
+    started: float
+    streams: list[Stream]
+    memory: list[tuple[float, int]]  # (time, bytes of every instance process)
+    view: ModelView | None
+    metrics: dict[str, float]
+    cold_start_s: float | None = None
+
+    def tpot_ms(self, since: float | None = None, until: float | None = None) -> float | None:
+        values = [
+            s.tpot
+            for s in self.streams
+            if s.tpot is not None
+            and (since is None or s.started >= since)
+            and (until is None or s.ended <= until)
+        ]
+        return round(statistics.median(values) * 1000, 3) if values else None
+
+    def memory_gb_s(self, horizon: float) -> float:
+        """∫ memory dt over [started, started + horizon], trapezoids, GB·s."""
+        points = [(t, b) for t, b in self.memory if t <= self.started + horizon]
+        total = 0.0
+        for (t0, b0), (t1, b1) in itertools.pairwise(points):
+            total += (t1 - t0) * (b0 + b1) / 2
+        return round(total / 1e9, 1)
+
+
+def instance_memory(backend: LocalBackend) -> int:
+    """Proportional set size of every process of every instance (worker and its children):
+    shared pages (the weights in /dev/shm, libraries) are split among their users."""
+    import psutil
+
+    total = 0
+    for view in backend.list_models():
+        state = backend._models[view.name]  # the benchmark reads the backend's processes
+        for inst in state.instances.values():
+            for stage in inst.stages:
+                try:
+                    root = psutil.Process(stage.process.pid)
+                    procs = [root, *root.children(recursive=True)]
+                except psutil.Error:
+                    continue
+                for proc in procs:
+                    try:
+                        total += proc.memory_full_info().pss
+                    except psutil.Error:
+                        continue
+    return total
+
+
+async def stream_once(client: httpx.AsyncClient, serial: int, max_tokens: int) -> Stream:
+    body = {
+        "model": MODEL,
+        "prompt": f"Request {serial}: once upon a time the cluster scaled from zero and",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    stream = Stream(started=time.time())
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            stream.status = response.status_code
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    stream.error = json.dumps(data)
+                    continue
+                if any(c.get("text") for c in data.get("choices") or []):
+                    stream.tokens.append(time.time())
+    except Exception as exc:
+        stream.error = repr(exc)
+    stream.ended = time.time()
+    return stream
+
+
+async def run_scenario(
+    name: str,
+    model: ServerlessModel,
+    local: LocalSettings,
+    gateway: GatewaySettings,
+    *,
+    horizon: float,
+    clients: int,
+    max_tokens: int,
+) -> RunResult:
+    log.info("scenario.start", scenario=name, horizon_s=horizon)
+    backend = LocalBackend([model], local)
+    app = create_app(backend, gateway)
+    streams: list[Stream] = []
+    memory: list[tuple[float, int]] = []
+    async with serve_asgi(app) as url:
+        started = time.time()
+        stop_at = started + horizon
+
+        async def client(worker: int) -> None:
+            async with httpx.AsyncClient(base_url=url, timeout=900) as http:
+                serial = 0
+                while time.time() < stop_at:
+                    streams.append(await stream_once(http, worker * 10_000 + serial, max_tokens))
+                    serial += 1
+
+        async def sample() -> None:
+            while time.time() < stop_at + 5:
+                memory.append((time.time(), await asyncio.to_thread(instance_memory, backend)))
+                await asyncio.sleep(0.5)
+
+        await asyncio.gather(sample(), *(client(w) for w in range(clients)))
+        view = backend.get_model(MODEL)
+        registry = app.state.gateway.metrics.registry
+        metrics = {
+            f"{metric.name}{json.dumps(sample.labels, sort_keys=True)}": sample.value
+            for metric in registry.collect()
+            if metric.name.startswith(("hydraserve_gateway_migration", "hydraserve_consol"))
+            for sample in metric.samples
+        }
+    cold = None
+    if view is not None and view.instances:
+        first = min(view.instances, key=lambda i: i.started_at)
+        for record in view.consolidations:
+            cold = record.started_at - started
+            break
+        if cold is None and first.ready_at is not None:
+            cold = first.ready_at - started
+    log.info("scenario.done", scenario=name, streams=len(streams))
+    return RunResult(name, started, streams, memory, view, metrics, cold)
+
+
+def prepare_model(state: Path, size: str) -> ServerlessModel:
+    checkpoint = state / "checkpoints" / size
+    if not (checkpoint / "config.json").exists():
+        make_demo_model(checkpoint, size)
+    store_dir = state / "store" / MODEL
+    store = ModelStore(ModelRef(str(store_dir)))
+    try:
+        store.manifest()
+    except Exception:
+        store.push(checkpoint, name=MODEL)
+    return ServerlessModel.model_validate(
+        {
+            "metadata": {"name": MODEL},
+            "spec": {
+                "source": {"uri": f"file://{store_dir}"},
+                "resources": {"gpuMemoryGiB": 2},
+                "scaling": {"minReplicas": 0, "keepAliveSeconds": 3600},
+            },
+        }
+    )
+
+
+def local_settings(state: Path, name: str, *, pp: int, consolidation: bool) -> LocalSettings:
+    common = CommonSettings(state_dir=state / name, shm_dir=Path(f"/dev/shm/hs-bench-{name}"))
+    shutil.rmtree(common.shm_dir, ignore_errors=True)
+    return LocalSettings(
+        common=common,
+        vllm_cache_root=REPO / ".cache" / "vllm",
+        pipeline_size=pp,
+        enforce_eager=pp == 1,  # pp > 1 must be compiled on CPU (decision 0004)
+        cpu_binds=["0", "1"] if pp > 1 else ["0,1"],
+        consolidation=consolidation,
+    )
+
+
+def summarize(
+    standalone: RunResult, pipeline: RunResult, consolidated: RunResult, horizon: float
+) -> dict[str, Any]:
+    record = None
+    if consolidated.view is not None and consolidated.view.consolidations:
+        record = consolidated.view.consolidations[-1]
+    promoted = record.promoted_at if record else None
+    released = record.released_at if record else None
+    moved = [
+        s
+        for s in consolidated.streams
+        if promoted is not None and s.started < promoted < s.ended and s.tokens
+    ]
+    failed = sum(
+        1
+        for run in (standalone, pipeline, consolidated)
+        for s in run.streams
+        if s.status != 200 or s.error
+    )
+    tpot_standalone = standalone.tpot_ms(since=standalone.started)
+    tpot_after = consolidated.tpot_ms(since=released) if released else None
+    with_gbs = consolidated.memory_gb_s(horizon)
+    without_gbs = pipeline.memory_gb_s(horizon)
+
+    def count(prefix: str, **labels: str) -> float:
+        key = prefix + json.dumps(labels, sort_keys=True)
+        return consolidated.metrics.get(key, 0.0)
+
+    return {
+        "tpot_standalone_ms": tpot_standalone,
+        "tpot_pipeline_ms": pipeline.tpot_ms(),
+        "tpot_before_ms": consolidated.tpot_ms(until=promoted) if promoted else None,
+        "tpot_after_ms": tpot_after,
+        "tpot_after_over_standalone": (
+            round(tpot_after / tpot_standalone, 3) if tpot_after and tpot_standalone else None
+        ),
+        "tpot_pipeline_over_standalone": (
+            round(pipeline.tpot_ms() / tpot_standalone, 3)  # type: ignore[operator]
+            if pipeline.tpot_ms() and tpot_standalone
+            else None
+        ),
+        "max_intertoken_gap_ms": round(max((s.max_gap for s in moved), default=0.0) * 1000, 1),
+        "moved_streams": len(moved),
+        "migrations": {
+            method: count("hydraserve_gateway_migrations_total", method=method, model=MODEL)
+            for method in ("recompute", "kv")
+        },
+        "failed_requests": failed,
+        "requests": sum(len(r.streams) for r in (standalone, pipeline, consolidated)),
+        "cold_start_s": {
+            "standalone": _round(standalone.cold_start_s),
+            "pipeline": _round(pipeline.cold_start_s),
+            "consolidated": _round(consolidated.cold_start_s),
+        },
+        "consolidation_s": {
+            "total": _round(record.seconds if record else None),
+            "fetch": _round(_gap(record.started_at, record.fetched_at) if record else None),
+            "promote": _round(_gap(record.started_at, promoted) if record else None),
+            "drain": _round(_gap(promoted, released)),
+        },
+        "memory_gb_s_with_consolidation": with_gbs,
+        "memory_gb_s_without_consolidation": without_gbs,
+        "memory_saving": round(1 - with_gbs / without_gbs, 3) if without_gbs else None,
+        "horizon_s": horizon,
+    }
+
+
+def _gap(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else end - start
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    rows = [
+        ("TPOT standalone pp1 (ms)", result["tpot_standalone_ms"]),
+        ("TPOT pipeline pp2, no consolidation (ms)", result["tpot_pipeline_ms"]),
+        ("TPOT pp2 before the switch (ms)", result["tpot_before_ms"]),
+        ("TPOT after consolidation (ms)", result["tpot_after_ms"]),
+        ("after / standalone", result["tpot_after_over_standalone"]),
+        ("pipeline / standalone", result["tpot_pipeline_over_standalone"]),
+        ("longest gap in a moved stream (ms)", result["max_intertoken_gap_ms"]),
+        ("moved streams (client side)", result["moved_streams"]),
+        ("moves by method", result["migrations"]),
+        ("failed requests", f"{result['failed_requests']} of {result['requests']}"),
+        ("consolidation (s)", result["consolidation_s"]),
+        ("memory-time with consolidation (GB·s)", result["memory_gb_s_with_consolidation"]),
+        ("memory-time without (GB·s)", result["memory_gb_s_without_consolidation"]),
+        ("memory-time saved", result["memory_saving"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    state = Path(args.state_dir or tempfile.mkdtemp(prefix="hs-bench-consolidation-"))
+    model = prepare_model(state, args.size)
+    gateway = GatewaySettings(auth_enabled=False, access_log=False)
+    load = {"horizon": args.horizon, "clients": args.clients, "max_tokens": args.max_tokens}
+    standalone = await run_scenario(
+        "standalone",
+        model,
+        local_settings(state, "standalone", pp=1, consolidation=False),
+        gateway,
+        **{**load, "horizon": args.standalone_horizon},
+    )
+    pipeline = await run_scenario(
+        "pipeline", model, local_settings(state, "pipeline", pp=2, consolidation=False),
+        gateway, **load,
+    )  # fmt: skip
+    consolidated = await run_scenario(
+        "consolidated", model, local_settings(state, "consolidated", pp=2, consolidation=True),
+        gateway, **load,
+    )  # fmt: skip
+    result = summarize(standalone, pipeline, consolidated, args.horizon)
+    result["config"] = {
+        "size": args.size,
+        "clients": args.clients,
+        "max_tokens": args.max_tokens,
+        "horizon_s": args.horizon,
+        "standalone_horizon_s": args.standalone_horizon,
+        "pipeline": "pp 2, compiled, VLLM_CPU_OMP_THREADS_BIND 0|1",
+        "standalone": "pp 1, eager, in-process engine, VLLM_CPU_OMP_THREADS_BIND 0,1",
+    }
+    result["machine"] = machine_info()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--size", default="small", help="demo model size (tiny, small, 100m)")
+    parser.add_argument(
+        "--horizon",
+        type=float,
+        default=150.0,
+        help="seconds of load from the cold-start request (pipeline runs)",
+    )
+    parser.add_argument("--standalone-horizon", type=float, default=60.0)
+    parser.add_argument("--clients", type=int, default=2, help="concurrent streams")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--state-dir", default=None)
+    args = parser.parse_args()  # fmt: skip
+    configure_logging("INFO")
+    result = asyncio.run(main_async(args))
+    print_table(result)
+    path = write_result("consolidation", result)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
