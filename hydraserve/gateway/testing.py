@@ -416,6 +416,7 @@ class FakeLMBehaviour:
     first_token_delay: float = 0.0
     token_delay: float = 0.0
     max_model_len: int = 512
+    break_after_tokens: int | None = None  # streams: crash after N tokens (half an event)
 
 
 @dataclass
@@ -668,6 +669,12 @@ class FakeLMEngine:
                 delay = behaviour.first_token_delay if tokens_seen == 0 else behaviour.token_delay
                 if delay > 0:
                     await _sleep_unless_disconnected(delay, receive)
+                if behaviour.break_after_tokens is not None and (
+                    tokens_seen >= behaviour.break_after_tokens
+                ):
+                    await send({"type": "http.response.body", "body": b'data: {"id": "cm',
+                                "more_body": True})  # fmt: skip
+                    raise RuntimeError("fake engine crashed mid-stream")
                 tokens_seen += 1
                 self.stats.tokens_sent += 1
             await send({"type": "http.response.body", "body": sse_event(chunk), "more_body": True})

@@ -248,6 +248,34 @@ async def test_a_request_still_waiting_for_its_first_token_starts_over_elsewhere
     assert again["prompt"] == COMPLETION["prompt"]
 
 
+async def test_a_stream_that_breaks_resumes_on_another_ready_instance(
+    stack: AsyncExitStack, start_gateway: StartGateway
+) -> None:
+    c = await cluster(stack)
+    c.a.behaviour.break_after_tokens = 7  # the pipeline's engine dies mid-stream
+    c.backend.set_instances("m", [c.pipeline, c.standalone])
+    gw = await start_gateway(c.backend, fast_settings())
+    events = await stream_request(gw.client, "/v1/completions", COMPLETION)
+    assert stream_text(events, chat=False) == expected("/v1/completions", COMPLETION)[0]
+    assert c.a.stats.requests == 1 and len(c.b.stats.bodies) == 1
+    assert c.b.stats.bodies[0]["prompt"] != COMPLETION["prompt"]  # continued, not restarted
+
+
+async def test_a_broken_stream_with_nowhere_to_go_ends_with_an_error_event(
+    stack: AsyncExitStack, start_gateway: StartGateway
+) -> None:
+    c = await cluster(stack)
+    c.a.behaviour.break_after_tokens = 3
+    gw = await start_gateway(c.backend, fast_settings())
+    body = {**COMPLETION, "stream": True}
+    async with gw.client.stream("POST", "/v1/completions", json=body) as response:
+        raw = await response.aread()
+    payloads = data_payloads(raw)
+    assert payloads[-1] == b"[DONE]"
+    error = json.loads(payloads[-2])
+    assert error["error"]["type"] and "nowhere to move" in error["error"]["message"]
+
+
 def test_views_of_a_draining_instance_keep_no_route() -> None:
     # The router never picks a draining instance, whatever its load.
     from hydraserve.gateway.router import choose_instance
