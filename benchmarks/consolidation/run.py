@@ -84,7 +84,7 @@ class RunResult:
     memory: list[tuple[float, int]]  # (time, bytes of every instance process)
     view: ModelView | None
     metrics: dict[str, float]
-    cold_start_s: float | None = None
+    cold_ttft_s: float | None = None
 
     def tpot_ms(self, since: float | None = None, until: float | None = None) -> float | None:
         values = [
@@ -111,20 +111,18 @@ def instance_memory(backend: LocalBackend) -> int:
     import psutil
 
     total = 0
-    for view in backend.list_models():
-        state = backend._models[view.name]  # the benchmark reads the backend's processes
-        for inst in state.instances.values():
-            for stage in inst.stages:
+    for pids in backend.instance_pids(MODEL).values():
+        for pid in pids:
+            try:
+                root = psutil.Process(pid)
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for proc in procs:
                 try:
-                    root = psutil.Process(stage.process.pid)
-                    procs = [root, *root.children(recursive=True)]
+                    total += proc.memory_full_info().pss
                 except psutil.Error:
                     continue
-                for proc in procs:
-                    try:
-                        total += proc.memory_full_info().pss
-                    except psutil.Error:
-                        continue
     return total
 
 
@@ -196,14 +194,9 @@ async def run_scenario(
             if metric.name.startswith(("hydraserve_gateway_migration", "hydraserve_consol"))
             for sample in metric.samples
         }
-    cold = None
-    if view is not None and view.instances:
-        first = min(view.instances, key=lambda i: i.started_at)
-        for record in view.consolidations:
-            cold = record.started_at - started
-            break
-        if cold is None and first.ready_at is not None:
-            cold = first.ready_at - started
+    # The first streams waited for the cold start: their first token is the cold TTFT.
+    firsts = [s.tokens[0] for s in streams if s.tokens and s.started - started < 1.0]
+    cold = min(firsts) - started if firsts else None
     log.info("scenario.done", scenario=name, streams=len(streams))
     return RunResult(name, started, streams, memory, view, metrics, cold)
 
@@ -292,10 +285,10 @@ def summarize(
         },
         "failed_requests": failed,
         "requests": sum(len(r.streams) for r in (standalone, pipeline, consolidated)),
-        "cold_start_s": {
-            "standalone": _round(standalone.cold_start_s),
-            "pipeline": _round(pipeline.cold_start_s),
-            "consolidated": _round(consolidated.cold_start_s),
+        "cold_ttft_s": {
+            "standalone": _round(standalone.cold_ttft_s),
+            "pipeline": _round(pipeline.cold_ttft_s),
+            "consolidated": _round(consolidated.cold_ttft_s),
         },
         "consolidation_s": {
             "total": _round(record.seconds if record else None),

@@ -299,6 +299,14 @@ class LocalBackend(ClusterBackend):
             self._prefetcher.close()
         await self._http.aclose()
 
+    def instance_pids(self, name: str) -> dict[str, list[int]]:
+        """The stage processes of each of a model's instances (for accounting; a stage's
+        engine may have child processes)."""
+        state = self._models.get(name)
+        if state is None:
+            return {}
+        return {i.name: [s.process.pid for s in i.stages] for i in state.instances.values()}
+
     # -- views and notifications -----------------------------------------------------------
 
     def _view(self, state: _ModelState) -> ModelView:
