@@ -52,6 +52,7 @@ log = get_logger("bench.consolidation")
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "bench"
+WARMUP_S = 10.0  # TPOT of a fresh engine's first seconds is not its steady state
 
 
 @dataclass
@@ -85,6 +86,15 @@ class RunResult:
     view: ModelView | None
     metrics: dict[str, float]
     cold_ttft_s: float | None = None
+
+    @property
+    def serving_since(self) -> float:
+        """When the cold start's first token arrived (else when the run began)."""
+        return self.started + (self.cold_ttft_s or 0.0)
+
+    def mean_memory_gb(self, since: float, until: float) -> float | None:
+        values = [b for t, b in self.memory if since <= t <= until]
+        return round(statistics.mean(values) / 1e9, 3) if values else None
 
     def tpot_ms(self, since: float | None = None, until: float | None = None) -> float | None:
         values = [
@@ -189,7 +199,7 @@ async def run_scenario(
         view = backend.get_model(MODEL)
         registry = app.state.gateway.metrics.registry
         metrics = {
-            f"{metric.name}{json.dumps(sample.labels, sort_keys=True)}": sample.value
+            f"{sample.name}{json.dumps(sample.labels, sort_keys=True)}": sample.value
             for metric in registry.collect()
             if metric.name.startswith(("hydraserve_gateway_migration", "hydraserve_consol"))
             for sample in metric.samples
@@ -255,7 +265,9 @@ def summarize(
         for s in run.streams
         if s.status != 200 or s.error
     )
-    tpot_standalone = standalone.tpot_ms(since=standalone.started)
+    # Steady state: the first seconds of a fresh engine run first-call paths (kernels).
+    tpot_standalone = standalone.tpot_ms(since=standalone.serving_since + WARMUP_S)
+    tpot_pipeline = pipeline.tpot_ms(since=pipeline.serving_since + WARMUP_S)
     tpot_after = consolidated.tpot_ms(since=released) if released else None
     with_gbs = consolidated.memory_gb_s(horizon)
     without_gbs = pipeline.memory_gb_s(horizon)
@@ -266,16 +278,18 @@ def summarize(
 
     return {
         "tpot_standalone_ms": tpot_standalone,
-        "tpot_pipeline_ms": pipeline.tpot_ms(),
-        "tpot_before_ms": consolidated.tpot_ms(until=promoted) if promoted else None,
+        "tpot_pipeline_ms": tpot_pipeline,
+        "tpot_before_ms": (
+            consolidated.tpot_ms(since=consolidated.serving_since + WARMUP_S, until=promoted)
+            if promoted
+            else None
+        ),
         "tpot_after_ms": tpot_after,
         "tpot_after_over_standalone": (
             round(tpot_after / tpot_standalone, 3) if tpot_after and tpot_standalone else None
         ),
         "tpot_pipeline_over_standalone": (
-            round(pipeline.tpot_ms() / tpot_standalone, 3)  # type: ignore[operator]
-            if pipeline.tpot_ms() and tpot_standalone
-            else None
+            round(tpot_pipeline / tpot_standalone, 3) if tpot_pipeline and tpot_standalone else None
         ),
         "max_intertoken_gap_ms": round(max((s.max_gap for s in moved), default=0.0) * 1000, 1),
         "moved_streams": len(moved),
@@ -296,10 +310,31 @@ def summarize(
             "promote": _round(_gap(record.started_at, promoted) if record else None),
             "drain": _round(_gap(promoted, released)),
         },
+        "memory_gb": {
+            "standalone": standalone.mean_memory_gb(
+                standalone.serving_since, standalone.started + horizon
+            ),
+            "pipeline": pipeline.mean_memory_gb(pipeline.serving_since, pipeline.started + horizon),
+            "consolidating": consolidated.mean_memory_gb(
+                consolidated.serving_since, promoted or 0.0
+            ),
+            "after_release": consolidated.mean_memory_gb(
+                released or 0.0, consolidated.started + horizon
+            ),
+        },
         "memory_gb_s_with_consolidation": with_gbs,
         "memory_gb_s_without_consolidation": without_gbs,
         "memory_saving": round(1 - with_gbs / without_gbs, 3) if without_gbs else None,
         "horizon_s": horizon,
+        "moved_stream_details": [
+            {
+                "started_s": round(s.started - consolidated.started, 2),
+                "tokens": len(s.tokens),
+                "max_gap_ms": round(s.max_gap * 1000, 1),
+                "tpot_ms": round((s.tpot or 0.0) * 1000, 2),
+            }
+            for s in moved
+        ],
     }
 
 
@@ -324,6 +359,7 @@ def print_table(result: dict[str, Any]) -> None:
         ("moves by method", result["migrations"]),
         ("failed requests", f"{result['failed_requests']} of {result['requests']}"),
         ("consolidation (s)", result["consolidation_s"]),
+        ("instance memory, mean (GB)", result["memory_gb"]),
         ("memory-time with consolidation (GB·s)", result["memory_gb_s_with_consolidation"]),
         ("memory-time without (GB·s)", result["memory_gb_s_without_consolidation"]),
         ("memory-time saved", result["memory_saving"]),

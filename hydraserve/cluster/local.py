@@ -195,6 +195,7 @@ class _Instance:
     kv_transfer: bool = False
     replaces: str | None = None  # a standalone: the pipeline it consolidates
     warm: bool = False  # a standalone: healthy with the whole model verified, not routed yet
+    warmup: asyncio.Task[float | None] | None = None  # a standalone's warm-up request
     consolidation: _Consolidation | None = None  # a pipeline: its consolidation
 
     @property
@@ -294,6 +295,8 @@ class LocalBackend(ClusterBackend):
                 await self._task
         for state in self._models.values():
             for inst in list(state.instances.values()):
+                if inst.warmup is not None:
+                    inst.warmup.cancel()
                 await asyncio.to_thread(self._terminate, inst)
         if self._prefetcher is not None:
             self._prefetcher.close()
@@ -622,11 +625,16 @@ class LocalBackend(ClusterBackend):
             inst.cold_start = tuple(stage_timings(events, inst.started_at))
             if inst.replaces is not None:
                 # Routed only when the consolidation promotes it (with the pipeline's
-                # drain, in one view change).
-                inst.warm = True
-                log.info("consolidation.standalone_warm", model=state.model.name,
-                         instance=inst.name, replaces=inst.replaces,
-                         start_s=round(now - inst.started_at, 3))  # fmt: skip
+                # drain, in one view change); first its first-call paths run once, so the
+                # requests that move to it do not pay them.
+                if inst.warmup is None:
+                    inst.warmup = asyncio.create_task(self._warm_up(state, inst))
+                elif inst.warmup.done():
+                    inst.warm = True
+                    log.info("consolidation.standalone_warm", model=state.model.name,
+                             instance=inst.name, replaces=inst.replaces,
+                             warmup_s=inst.warmup.result(),
+                             start_s=round(now - inst.started_at, 3))  # fmt: skip
                 continue
             inst.phase = InstancePhase.READY
             inst.ready_at = now
@@ -671,6 +679,23 @@ class LocalBackend(ClusterBackend):
         except httpx.HTTPError:
             return False
         return resp.status_code == 200
+
+    async def _warm_up(self, state: _ModelState, inst: _Instance) -> float | None:
+        """One short request through the engine (a fresh eager engine's first forward
+        passes build their kernels: ~1 s on CPU); seconds it took, None if it failed."""
+        url = f"http://{self.settings.worker_host}:{inst.port}/v1/completions"
+        body = {"model": state.model.name, "prompt": "warm up", "max_tokens": 4,
+                "temperature": 0}  # fmt: skip
+        started = time.perf_counter()
+        try:
+            resp = await self._http.post(url, json=body, timeout=60)
+        except httpx.HTTPError as exc:
+            log.warning("consolidation.warmup_failed", instance=inst.name, error=repr(exc))
+            return None
+        if resp.status_code != 200:
+            log.warning("consolidation.warmup_failed", instance=inst.name, status=resp.status_code)
+            return None
+        return round(time.perf_counter() - started, 3)
 
     async def _engine_in_flight(self, inst: _Instance) -> int | None:
         """Requests the instance's engine serves now (None: it did not answer)."""
