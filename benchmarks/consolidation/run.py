@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import shutil
@@ -75,6 +76,12 @@ class Stream:
     def max_gap(self) -> float:
         gaps = [b - a for a, b in itertools.pairwise(self.tokens)]
         return max(gaps, default=0.0)
+
+    @property
+    def max_gap_ended(self) -> float | None:
+        """When the longest gap ended (its next token arrived)."""
+        pairs = list(itertools.pairwise(self.tokens))
+        return max(pairs, key=lambda p: p[1] - p[0])[1] if pairs else None
 
 
 @dataclass
@@ -164,51 +171,93 @@ async def stream_once(client: httpx.AsyncClient, serial: int, max_tokens: int) -
     return stream
 
 
-async def run_scenario(
-    name: str,
-    model: ServerlessModel,
-    local: LocalSettings,
-    gateway: GatewaySettings,
-    *,
-    horizon: float,
-    clients: int,
-    max_tokens: int,
-) -> RunResult:
-    log.info("scenario.start", scenario=name, horizon_s=horizon)
-    backend = LocalBackend([model], local)
-    app = create_app(backend, gateway)
-    streams: list[Stream] = []
-    memory: list[tuple[float, int]] = []
-    async with serve_asgi(app) as url:
-        started = time.time()
-        stop_at = started + horizon
+class Platform:
+    """One embedded platform (gateway + local backend) in this process, its load and its
+    instances' memory, sampled while it runs."""
+
+    def __init__(self, name: str, model: ServerlessModel, local: LocalSettings) -> None:
+        self.name = name
+        self.backend = LocalBackend([model], local)
+        self.app = create_app(self.backend, GatewaySettings(auth_enabled=False, access_log=False))
+        self.url = ""
+        self.started = 0.0
+        self.streams: list[Stream] = []
+        self.memory: list[tuple[float, int]] = []
+        self._stack = contextlib.AsyncExitStack()
+        self._sampler: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Platform:
+        self.url = await self._stack.enter_async_context(serve_asgi(self.app))
+        self.started = time.time()
+        self._sampler = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+        await self._stack.aclose()
+
+    async def _sample(self) -> None:
+        while True:
+            used = await asyncio.to_thread(instance_memory, self.backend)
+            self.memory.append((time.time(), used))
+            await asyncio.sleep(0.5)
+
+    async def load(self, seconds: float, clients: int, max_tokens: int) -> list[Stream]:
+        """``clients`` streams back to back for ``seconds``."""
+        stop_at = time.time() + seconds
+        streams: list[Stream] = []
 
         async def client(worker: int) -> None:
-            async with httpx.AsyncClient(base_url=url, timeout=900) as http:
+            async with httpx.AsyncClient(base_url=self.url, timeout=900) as http:
                 serial = 0
                 while time.time() < stop_at:
                     streams.append(await stream_once(http, worker * 10_000 + serial, max_tokens))
                     serial += 1
 
-        async def sample() -> None:
-            while time.time() < stop_at + 5:
-                memory.append((time.time(), await asyncio.to_thread(instance_memory, backend)))
-                await asyncio.sleep(0.5)
+        await asyncio.gather(*(client(w) for w in range(clients)))
+        self.streams += streams
+        return streams
 
-        await asyncio.gather(sample(), *(client(w) for w in range(clients)))
-        view = backend.get_model(MODEL)
-        registry = app.state.gateway.metrics.registry
+    def result(self) -> RunResult:
+        view = self.backend.get_model(MODEL)
+        registry = self.app.state.gateway.metrics.registry
         metrics = {
             f"{sample.name}{json.dumps(sample.labels, sort_keys=True)}": sample.value
             for metric in registry.collect()
             if metric.name.startswith(("hydraserve_gateway_migration", "hydraserve_consol"))
             for sample in metric.samples
         }
-    # The first streams waited for the cold start: their first token is the cold TTFT.
-    firsts = [s.tokens[0] for s in streams if s.tokens and s.started - started < 1.0]
-    cold = min(firsts) - started if firsts else None
-    log.info("scenario.done", scenario=name, streams=len(streams))
-    return RunResult(name, started, streams, memory, view, metrics, cold)
+        # The first streams waited for the cold start: their first token is the cold TTFT.
+        firsts = [s.tokens[0] for s in self.streams if s.tokens and s.started - self.started < 1]
+        cold = min(firsts) - self.started if firsts else None
+        return RunResult(self.name, self.started, list(self.streams), list(self.memory), view,
+                         metrics, cold)  # fmt: skip
+
+
+async def paired_load(
+    first: Platform, second: Platform, seconds: float, clients: int, max_tokens: int
+) -> tuple[list[Stream], list[Stream]]:
+    """Streams to two platforms in alternation (each client: one to ``first``, one to
+    ``second``, ...): their TPOTs are then measured under the same background load."""
+    stop_at = time.time() + seconds
+    a: list[Stream] = []
+    b: list[Stream] = []
+
+    async def client(worker: int) -> None:
+        async with (
+            httpx.AsyncClient(base_url=first.url, timeout=900) as one,
+            httpx.AsyncClient(base_url=second.url, timeout=900) as two,
+        ):
+            serial = 0
+            while time.time() < stop_at:
+                # Both clients hit the same platform at a time (same batch sizes).
+                target, into = (one, a) if serial % 2 == 0 else (two, b)
+                into.append(await stream_once(target, 50_000 + worker * 1000 + serial, max_tokens))
+                serial += 1
+
+    await asyncio.gather(*(client(w) for w in range(clients)))
+    return a, b
 
 
 def prepare_model(state: Path, size: str) -> ServerlessModel:
@@ -285,7 +334,8 @@ def summarize(
             else None
         ),
         "tpot_after_ms": tpot_after,
-        "tpot_after_over_standalone": (
+        # Unpaired: (a) and (c) ran minutes apart; see "paired" for the side-by-side figure.
+        "tpot_after_over_standalone_unpaired": (
             round(tpot_after / tpot_standalone, 3) if tpot_after and tpot_standalone else None
         ),
         "tpot_pipeline_over_standalone": (
@@ -331,6 +381,9 @@ def summarize(
                 "started_s": round(s.started - consolidated.started, 2),
                 "tokens": len(s.tokens),
                 "max_gap_ms": round(s.max_gap * 1000, 1),
+                "max_gap_ended_after_promotion_s": round((s.max_gap_ended or 0.0) - promoted, 3)
+                if promoted
+                else None,
                 "tpot_ms": round((s.tpot or 0.0) * 1000, 2),
             }
             for s in moved
@@ -352,7 +405,9 @@ def print_table(result: dict[str, Any]) -> None:
         ("TPOT pipeline pp2, no consolidation (ms)", result["tpot_pipeline_ms"]),
         ("TPOT pp2 before the switch (ms)", result["tpot_before_ms"]),
         ("TPOT after consolidation (ms)", result["tpot_after_ms"]),
-        ("after / standalone", result["tpot_after_over_standalone"]),
+        ("after / standalone (unpaired)", result["tpot_after_over_standalone_unpaired"]),
+        ("paired: after, standalone (ms)", result.get("paired")),
+        ("after / standalone (paired)", result["tpot_after_over_standalone"]),
         ("pipeline / standalone", result["tpot_pipeline_over_standalone"]),
         ("longest gap in a moved stream (ms)", result["max_intertoken_gap_ms"]),
         ("moved streams (client side)", result["moved_streams"]),
@@ -372,30 +427,55 @@ def print_table(result: dict[str, Any]) -> None:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     state = Path(args.state_dir or tempfile.mkdtemp(prefix="hs-bench-consolidation-"))
     model = prepare_model(state, args.size)
-    gateway = GatewaySettings(auth_enabled=False, access_log=False)
-    load = {"horizon": args.horizon, "clients": args.clients, "max_tokens": args.max_tokens}
-    standalone = await run_scenario(
-        "standalone",
-        model,
-        local_settings(state, "standalone", pp=1, consolidation=False),
-        gateway,
-        **{**load, "horizon": args.standalone_horizon},
-    )
-    pipeline = await run_scenario(
-        "pipeline", model, local_settings(state, "pipeline", pp=2, consolidation=False),
-        gateway, **load,
-    )  # fmt: skip
-    consolidated = await run_scenario(
-        "consolidated", model, local_settings(state, "consolidated", pp=2, consolidation=True),
-        gateway, **load,
-    )  # fmt: skip
-    result = summarize(standalone, pipeline, consolidated, args.horizon)
+    load = {"clients": args.clients, "max_tokens": args.max_tokens}
+    settings = {
+        name: local_settings(state, name, pp=pp, consolidation=consolidation)
+        for name, pp, consolidation in (
+            ("standalone", 1, False),
+            ("pipeline", 2, False),
+            ("consolidated", 2, True),
+        )
+    }
+    # The reference standalone stays up (idle) to be measured again, paired with the
+    # consolidated instance, under the same background load.
+    async with Platform("standalone", model, settings["standalone"]) as standalone:
+        log.info("scenario.start", scenario="standalone")
+        await standalone.load(args.standalone_horizon, **load)
+        log.info("scenario.start", scenario="pipeline")
+        async with Platform("pipeline", model, settings["pipeline"]) as pipeline:
+            await pipeline.load(args.horizon, **load)
+            pipeline_result = pipeline.result()
+        log.info("scenario.start", scenario="consolidated")
+        async with Platform("consolidated", model, settings["consolidated"]) as consolidated:
+            await consolidated.load(args.horizon, **load)
+            consolidated_result = consolidated.result()
+            log.info("scenario.start", scenario="paired")
+            paired = await paired_load(consolidated, standalone, args.paired, **load)
+        standalone_result = standalone.result()
+    result = summarize(standalone_result, pipeline_result, consolidated_result, args.horizon)
+    after = [s.tpot for s in paired[0] if s.tpot is not None]
+    alone = [s.tpot for s in paired[1] if s.tpot is not None]
+    paired_failed = sum(1 for s in paired[0] + paired[1] if s.status != 200 or s.error)
+    result["failed_requests"] += paired_failed
+    result["requests"] += len(paired[0]) + len(paired[1])
+    result["tpot_after_over_standalone"] = result["tpot_after_over_standalone_unpaired"]
+    if after and alone:
+        result["paired"] = {
+            "tpot_after_ms": round(statistics.median(after) * 1000, 3),
+            "tpot_standalone_ms": round(statistics.median(alone) * 1000, 3),
+            "streams": [len(after), len(alone)],
+        }
+        # The acceptance figure: measured side by side, so background load cancels.
+        result["tpot_after_over_standalone"] = round(
+            statistics.median(after) / statistics.median(alone), 3
+        )
     result["config"] = {
         "size": args.size,
         "clients": args.clients,
         "max_tokens": args.max_tokens,
         "horizon_s": args.horizon,
         "standalone_horizon_s": args.standalone_horizon,
+        "paired_s": args.paired,
         "pipeline": "pp 2, compiled, VLLM_CPU_OMP_THREADS_BIND 0|1",
         "standalone": "pp 1, eager, in-process engine, VLLM_CPU_OMP_THREADS_BIND 0,1",
     }
@@ -409,10 +489,17 @@ def main() -> None:
     parser.add_argument(
         "--horizon",
         type=float,
-        default=150.0,
+        default=200.0,
         help="seconds of load from the cold-start request (pipeline runs)",
     )
     parser.add_argument("--standalone-horizon", type=float, default=60.0)
+    parser.add_argument(
+        "--paired",
+        type=float,
+        default=60.0,
+        help="seconds of alternating streams to the consolidated instance and "
+        "the reference standalone",
+    )
     parser.add_argument("--clients", type=int, default=2, help="concurrent streams")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--state-dir", default=None)
