@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -93,6 +94,7 @@ class RunResult:
     view: ModelView | None
     metrics: dict[str, float]
     cold_ttft_s: float | None = None
+    mean_load: float | None = None  # 1-minute load average (2 cores: above 2 is contention)
 
     @property
     def serving_since(self) -> float:
@@ -183,6 +185,7 @@ class Platform:
         self.started = 0.0
         self.streams: list[Stream] = []
         self.memory: list[tuple[float, int]] = []
+        self.load_average: list[float] = []  # the machine's 1-minute load average while it ran
         self._stack = contextlib.AsyncExitStack()
         self._sampler: asyncio.Task[None] | None = None
 
@@ -201,6 +204,7 @@ class Platform:
         while True:
             used = await asyncio.to_thread(instance_memory, self.backend)
             self.memory.append((time.time(), used))
+            self.load_average.append(os.getloadavg()[0])
             await asyncio.sleep(0.5)
 
     async def load(self, seconds: float, clients: int, max_tokens: int) -> list[Stream]:
@@ -232,7 +236,8 @@ class Platform:
         firsts = [s.tokens[0] for s in self.streams if s.tokens and s.started - self.started < 1]
         cold = min(firsts) - self.started if firsts else None
         return RunResult(self.name, self.started, list(self.streams), list(self.memory), view,
-                         metrics, cold)  # fmt: skip
+                         metrics, cold, round(statistics.mean(self.load_average), 2) if self.load_average
+                         else None)  # fmt: skip
 
 
 async def paired_load(
@@ -376,6 +381,11 @@ def summarize(
         "memory_gb_s_without_consolidation": without_gbs,
         "memory_saving": round(1 - with_gbs / without_gbs, 3) if without_gbs else None,
         "horizon_s": horizon,
+        "mean_load_average": {
+            "standalone": standalone.mean_load,
+            "pipeline": pipeline.mean_load,
+            "consolidated": consolidated.mean_load,
+        },
         "moved_stream_details": [
             {
                 "started_s": round(s.started - consolidated.started, 2),
