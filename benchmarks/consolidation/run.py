@@ -235,9 +235,9 @@ class Platform:
         # The first streams waited for the cold start: their first token is the cold TTFT.
         firsts = [s.tokens[0] for s in self.streams if s.tokens and s.started - self.started < 1]
         cold = min(firsts) - self.started if firsts else None
+        load = round(statistics.mean(self.load_average), 2) if self.load_average else None
         return RunResult(self.name, self.started, list(self.streams), list(self.memory), view,
-                         metrics, cold, round(statistics.mean(self.load_average), 2) if self.load_average
-                         else None)  # fmt: skip
+                         metrics, cold, load)  # fmt: skip
 
 
 async def paired_load(
