@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.cold_start.fidelity import fidelity
 from benchmarks.common import RESULTS_DIR, machine_info, write_result
 from hydraserve.cluster.netns import EmulatedCluster, EmulatedNode
 from hydraserve.logs import configure_logging, get_logger
@@ -458,6 +459,7 @@ def report(results: dict[str, Outcome], manifest: Manifest, args: argparse.Names
         if ours and b:
             data[f"ttft_over_bound_pp{pp}"] = round(ours.ttft_s / b, 3)
             data[f"bound_pp{pp}_s"] = round(b, 3)
+    data["sim_fidelity"] = fidelity(data)
     path = write_result("cold_start", data)
     plot(
         results,
