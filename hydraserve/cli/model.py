@@ -38,8 +38,7 @@ def push(
     revision: str = typer.Option("main", help="Revision to write under the location."),
     name: str | None = typer.Option(None, help="Model name (default: last path component)."),
 ) -> None:
-    """Convert a checkpoint to the store layout (manifest, checksums, stage partitions) and
-    upload it."""
+    """Convert a checkpoint to the store layout and upload it (with checksums and partitions)."""
     from hydraserve.store import ModelRef, ModelStore
 
     settings = setup_logging()
