@@ -23,7 +23,13 @@ def main() -> None:
 
     target = dest / WEIGHTS_NAME
     if isinstance(backend, S3Backend):
-        backend.client.download_file(backend.bucket, backend._key(WEIGHTS_NAME), str(target))
+        from boto3.s3.transfer import TransferConfig
+
+        # The same 64 MB ranges as the prefetchers read (see run.py).
+        config = TransferConfig(multipart_chunksize=64 << 20, max_concurrency=8)
+        backend.client.download_file(
+            backend.bucket, backend._key(WEIGHTS_NAME), str(target), Config=config
+        )
     else:
         target.write_bytes(backend.read(WEIGHTS_NAME))
 

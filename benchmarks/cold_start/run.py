@@ -50,6 +50,7 @@ MODEL_URI = "s3://models/bench"
 WORKER_PORT = 8100
 MASTER_PORT = 29500
 PROMPT = "Once upon a time"
+RANGE_BYTES = 64 << 20
 
 
 @dataclass
@@ -411,7 +412,12 @@ def main() -> None:
     if args.only:
         scenarios = [s for s in scenarios if any(o in s.name for o in args.only)]
     results: dict[str, Outcome] = {}
-    with EmulatedCluster(nodes=4, rate_mbit=args.rate_mbit, log_dir=work / "logs") as cluster:
+    # The emulated store (moto) copies the whole object for every ranged GET, so its CPU
+    # cost grows with the number of requests: every system here reads 64 MB ranges.
+    prefetcher_env = {"HYDRASERVE_PREFETCHER_CHUNK_BYTES": str(RANGE_BYTES)}
+    with EmulatedCluster(
+        nodes=4, rate_mbit=args.rate_mbit, log_dir=work / "logs", prefetcher_env=prefetcher_env
+    ) as cluster:
         store = ModelStore(ModelRef(MODEL_URI), S3Settings(endpoint_url=cluster.s3_endpoint))
         store.push(checkpoint)
         manifest = store.manifest()
