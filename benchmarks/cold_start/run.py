@@ -412,8 +412,8 @@ def main() -> None:
     if args.only:
         scenarios = [s for s in scenarios if any(o in s.name for o in args.only)]
     results: dict[str, Outcome] = {}
-    # The emulated store (moto) copies the whole object for every ranged GET, so its CPU
-    # cost grows with the number of requests: every system here reads 64 MB ranges.
+    # The emulated store (moto) copies the whole object for every ranged GET: the model is
+    # stored as 64 MB parts (the default) and every system reads whole parts.
     prefetcher_env = {"HYDRASERVE_PREFETCHER_CHUNK_BYTES": str(RANGE_BYTES)}
     with EmulatedCluster(
         nodes=4, rate_mbit=args.rate_mbit, log_dir=work / "logs", prefetcher_env=prefetcher_env

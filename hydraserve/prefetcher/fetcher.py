@@ -171,9 +171,13 @@ class RangeFetcher:
 
     def _fetch_all(self, fd: int, view: mmap.mmap) -> None:
         chunks: list[tuple[int, int]] = []
+        # Cut at the store's part boundaries first, so no request spans two objects.
+        cuts = sorted({start for start, _ in self.manifest.weights_parts})
         for start, end in self.ranges:
-            for s in range(start, end, self.options.chunk_bytes):
-                chunks.append((s, min(s + self.options.chunk_bytes, end)))
+            inner = [c for c in cuts if start < c < end]
+            for lo, hi in zip([start, *inner], [*inner, end], strict=True):
+                for s in range(lo, hi, self.options.chunk_bytes):
+                    chunks.append((s, min(s + self.options.chunk_bytes, hi)))
         chunk_starts = [c[0] for c in chunks]
         done = [False] * len(chunks)
         contiguous = 0  # chunks[:contiguous] are all written
