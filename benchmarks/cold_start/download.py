@@ -1,6 +1,7 @@
 """Baseline fetch: download a model's whole checkpoint from the store to a local directory.
 
-What a serverless vLLM does before it can start: every byte over the node's one NIC.
+What a serverless vLLM does before it can start: every byte over the node's one NIC
+(parallel reads of the stored parts, like `aws s3 cp`), then the config and tokenizer.
 """
 
 from __future__ import annotations
@@ -17,15 +18,7 @@ def main() -> None:
     uri, dest = sys.argv[1], Path(sys.argv[2])
     store = ModelStore(ModelRef(uri), CommonSettings().s3)
     store.download_side_files(dest)
-    backend = store.backend
-    # boto3's managed transfer: parallel ranged GETs, like `aws s3 cp`.
-    from hydraserve.store.backends import S3Backend
-
-    target = dest / WEIGHTS_NAME
-    if isinstance(backend, S3Backend):
-        backend.client.download_file(backend.bucket, backend._key(WEIGHTS_NAME), str(target))
-    else:
-        target.write_bytes(backend.read(WEIGHTS_NAME))
+    store.download_weights(dest / WEIGHTS_NAME)
 
 
 if __name__ == "__main__":

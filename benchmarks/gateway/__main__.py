@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.common import machine_info
 from benchmarks.gateway.servers import COLD, STUCK, WARM, WARM_FAST
 
 REPO = Path(__file__).resolve().parents[2]
@@ -311,31 +311,16 @@ async def bursts(
 # --- the run ---------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     engine_port, fast_engine_port, gateway_port = free_port(), free_port(), free_port()
     direct = f"http://127.0.0.1:{engine_port}"
     direct_fast = f"http://127.0.0.1:{fast_engine_port}"
     gateway = f"http://127.0.0.1:{gateway_port}"
     result: dict[str, Any] = {
-        "machine": machine(),
+        "machine": {
+            **machine_info(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
         "quick": args.quick,
         "engines": {
             "instant": "fake engine, 8 tokens, no delay: the pure cost of the proxy",

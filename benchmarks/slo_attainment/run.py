@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import random
 import statistics
 import sys
@@ -24,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import machine_info
 from hydraserve.controller import (
     SLO,
     ClusterState,
@@ -51,21 +50,6 @@ CVS = (2.0, 4.0, 8.0)
 RATES = (0.6, 0.7, 0.8)
 TARGET_RATIO = 1.74
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if "model name" in line), cpu)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 def synthetic_cluster(nodes: int, gpus: int, rng: random.Random) -> ClusterState:
@@ -291,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     results: dict[str, Any] = {
         "benchmark": "slo_attainment",
-        "machine": machine(),
+        "machine": machine_info(),
         "setting": {
             "cluster": "4 x (4 A10 24 GB) + 4 x (4 V100 32 GB) servers, 16 Gbps NICs, "
             f"model store {REFERENCE_STORE_GBPS:g} Gbps in all (2 storage servers x 32 Gbps)",

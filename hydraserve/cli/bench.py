@@ -35,8 +35,10 @@ def sim(
     popularity: float = typer.Option(0.8, help="Zipf exponent of model popularity."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write results here."),
 ) -> None:
-    """Replay a Gamma-arrival trace on a simulated cluster under each serving policy, with
-    the real planner placing every cold start; print SLO attainment and cost."""
+    """Simulate a cluster under each serving policy; print SLO attainment and cost.
+
+    Replays a Gamma-arrival trace, with the real planner placing every cold start.
+    """
     from rich.console import Console
     from rich.table import Table
 

@@ -37,15 +37,15 @@ def push(
     uri: str = typer.Argument(..., help="Model location: s3://bucket/prefix or a local path."),
     revision: str = typer.Option("main", help="Revision to write under the location."),
     name: str | None = typer.Option(None, help="Model name (default: last path component)."),
+    part_mb: int = typer.Option(64, help="Store the weights as parts of this many MB (0: one)."),
 ) -> None:
-    """Convert a checkpoint to the store layout (manifest, checksums, stage partitions) and
-    upload it."""
+    """Convert a checkpoint to the store layout and upload it (with checksums and partitions)."""
     from hydraserve.store import ModelRef, ModelStore
 
     settings = setup_logging()
     store = ModelStore(ModelRef(uri, revision), settings.s3)
     with byte_progress() as update:
-        manifest = store.push(src, name=name, progress=update)
+        manifest = store.push(src, name=name, progress=update, part_bytes=part_mb << 20)
     console.print(
         f"pushed [bold]{manifest.name}[/] ({manifest.total_bytes / 1e6:.1f} MB, "
         f"{len(manifest.tensors)} tensors, layout {manifest.layout}) to {uri}@{revision}"

@@ -618,7 +618,11 @@ class LocalBackend(ClusterBackend):
                     state, inst, f"not ready after {self.settings.startup_timeout_seconds:.0f}s"
                 )
                 continue
-            if not (await self._healthy(inst) and self._weights_verified(state, inst)):
+            verified, fetch_error = self._fetch_outcome(state, inst)
+            if fetch_error is not None:
+                self._fail(state, inst, fetch_error)
+                continue
+            if not (verified and await self._healthy(inst)):
                 continue
             now = time.time()
             events = read_timeline(inst.dir / "timeline.jsonl")
@@ -657,21 +661,30 @@ class LocalBackend(ClusterBackend):
         self._terminate(inst)
         self._notify(state)
 
-    def _weights_verified(self, state: _ModelState, inst: _Instance) -> bool:
-        """Every stage's bytes are fetched and verified (the engine may have started on
-        early-adopted, still-arriving weights; it must not serve before this)."""
+    def _fetch_outcome(self, state: _ModelState, inst: _Instance) -> tuple[bool, str | None]:
+        """(every stage's bytes are fetched and verified, the error of a failed fetch).
+
+        The engine may have started on early-adopted, still-arriving weights: it must not
+        serve before every byte is verified, and a failed fetch means it never will.
+        """
         source = state.model.spec.source
         shm = ModelShm(self.settings.common.shm_dir, source.uri, source.revision)
         full = shm.read_status(fetch_name(None, None))
         if full is not None and full.state == FetchState.DONE:
-            return True
+            return True, None
+        verified = True
         for rank in range(inst.pp):
-            status = shm.read_status(
-                fetch_name(inst.pp if inst.pp > 1 else None, rank if inst.pp > 1 else None)
-            )
-            if status is None or status.state != FetchState.DONE:
-                return False
-        return True
+            name = fetch_name(inst.pp if inst.pp > 1 else None, rank if inst.pp > 1 else None)
+            status = shm.read_status(name)
+            # A failure left by an earlier instance does not count: this one fetches anew.
+            if (
+                status is not None
+                and status.state == FetchState.FAILED
+                and (status.started_at or 0.0) >= inst.started_at
+            ):
+                return False, f"fetching stage {rank}'s weights failed: {status.error}"
+            verified = verified and status is not None and status.state == FetchState.DONE
+        return verified, None
 
     async def _healthy(self, inst: _Instance) -> bool:
         try:

@@ -26,7 +26,7 @@ class PrefetcherSettings(BaseSettings):
     node_name: str = Field(default_factory=socket.gethostname)
     cache_capacity_bytes: int = Field(default=16 << 30, ge=0)
     concurrency: int = Field(default=8, ge=1, le=256, description="Parallel ranged GETs.")
-    chunk_bytes: int = Field(default=4 << 20, ge=64 << 10, description="Bytes per GET.")
+    chunk_bytes: int = Field(default=16 << 20, ge=64 << 10, description="Bytes per GET.")
     max_retries: int = Field(default=5, ge=0)
 
 

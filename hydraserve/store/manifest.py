@@ -86,6 +86,11 @@ class Manifest(BaseModel):
     weights_sha256: str
     header_size: int = Field(description="Bytes of the safetensors header incl. its length.")
     header_sha256: str = Field(description="sha256 of those header bytes.")
+    weights_parts: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="The weights file stored as several objects: each part's [start, end) "
+        "in the file (empty: one object). Parts keep every request small for the store.",
+    )
     files: list[FileInfo] = Field(description="Config and tokenizer files, copied as they are.")
     tensors: list[TensorInfo]
     partitions: dict[int, list[StageInfo]]
@@ -109,6 +114,20 @@ class Manifest(BaseModel):
         if not 0 <= rank < len(stages):
             raise KeyError(f"model {self.name}: pp={pp} has no rank {rank}")
         return stages[rank]
+
+    def part_key(self, index: int) -> str:
+        return f"{self.weights_file}.parts/{index:05d}"
+
+    def parts_overlapping(self, start: int, end: int) -> list[tuple[str, int, int]]:
+        """(object key, start, end within that object) covering file bytes [start, end)."""
+        if not self.weights_parts:
+            return [(self.weights_file, start, end)]
+        out = []
+        for index, (part_start, part_end) in enumerate(self.weights_parts):
+            lo, hi = max(start, part_start), min(end, part_end)
+            if lo < hi:
+                out.append((self.part_key(index), lo - part_start, hi - part_start))
+        return out
 
     def header(self) -> TensorInfo:
         """The safetensors header as a verifiable unit (every fetch carries it, so a node's
@@ -137,6 +156,13 @@ class Manifest(BaseModel):
     def layer_partition(self, pp: int) -> list[int]:
         """Layers per stage, in the form vLLM's ``VLLM_PP_LAYER_PARTITION`` expects."""
         return [s.num_layers for s in self.partitions[pp]]
+
+
+def split_parts(size: int, part_bytes: int) -> list[tuple[int, int]]:
+    """Fixed-size parts covering ``size`` bytes (one part when ``part_bytes`` is 0)."""
+    if part_bytes <= 0 or size <= part_bytes:
+        return []
+    return [(start, min(start + part_bytes, size)) for start in range(0, size, part_bytes)]
 
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

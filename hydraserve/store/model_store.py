@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from hydraserve.store.manifest import (
     TensorInfo,
     build_partitions,
     layer_of,
+    split_parts,
 )
 from hydraserve.store.safetensors_format import (
     TensorSlot,
@@ -108,8 +111,16 @@ def _load_checkpoint_slots(src: Path) -> tuple[list[TensorSlot], dict[str, Path]
     return slots, owner
 
 
+DEFAULT_PART_BYTES = 64 << 20
+
+
 def build_store_layout(
-    src: Path, out_dir: Path, name: str, revision: str, progress: PushProgress | None = None
+    src: Path,
+    out_dir: Path,
+    name: str,
+    revision: str,
+    progress: PushProgress | None = None,
+    part_bytes: int = DEFAULT_PART_BYTES,
 ) -> Manifest:
     """Convert a Hugging Face checkpoint directory into the store layout under ``out_dir``."""
     config_path = src / "config.json"
@@ -185,6 +196,7 @@ def build_store_layout(
         weights_sha256=file_hash.hexdigest(),
         header_size=len(header),
         header_sha256=sha256_hex(header),
+        weights_parts=split_parts(len(header) + total, part_bytes),
         files=side,
         tensors=tensors,
         partitions=build_partitions(tensors, num_layers, tie),
@@ -233,7 +245,32 @@ class ModelStore:
         raise AssertionError("unreachable")
 
     def read_range(self, start: int, end: int) -> bytes:
-        return self.backend.read_range(self.manifest().weights_file, start, end)
+        """Bytes [start, end) of the weights file, from whichever objects hold them."""
+        pieces = [
+            self.backend.read_range(key, lo, hi)
+            for key, lo, hi in self.manifest().parts_overlapping(start, end)
+        ]
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def download_weights(self, dest: Path, concurrency: int = 8) -> None:
+        """The whole weights file into ``dest`` (parallel reads of its parts), verified."""
+        manifest = self.manifest()
+        parts = manifest.weights_parts or [(0, manifest.weights_size)]
+        with open(dest, "wb") as out:
+            out.truncate(manifest.weights_size)
+            fd = out.fileno()
+
+            def fetch(part: tuple[int, int]) -> None:
+                os.pwrite(fd, self.read_range(*part), part[0])
+
+            with ThreadPoolExecutor(concurrency) as pool:
+                list(pool.map(fetch, parts))
+        digest = hashlib.sha256()
+        with open(dest, "rb") as f:
+            while chunk := f.read(16 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != manifest.weights_sha256:
+            raise ChecksumError(f"{self.ref.uri}: the downloaded weights failed their sha256")
 
     def read_config(self) -> dict[str, Any]:
         """The checkpoint's ``config.json`` (architecture sizes), verified."""
@@ -267,14 +304,20 @@ class ModelStore:
         return dest
 
     def push(
-        self, src: Path, name: str | None = None, progress: PushProgress | None = None
+        self,
+        src: Path,
+        name: str | None = None,
+        progress: PushProgress | None = None,
+        part_bytes: int = DEFAULT_PART_BYTES,
     ) -> Manifest:
         """Convert and upload a Hugging Face checkpoint; the manifest is written last."""
         name = name or Path(StoreURI.parse(self.ref.uri).path).name
         if isinstance(self.backend, S3Backend):
             self.backend.ensure_bucket()
         with tempfile.TemporaryDirectory(prefix="hydraserve-push-") as tmp:
-            manifest = build_store_layout(src, Path(tmp), name, self.ref.revision, progress)
+            manifest = build_store_layout(
+                src, Path(tmp), name, self.ref.revision, progress, part_bytes
+            )
             for info in manifest.files:
                 self.backend.upload_file(info.name, Path(tmp) / info.name)
             uploaded = 0
@@ -285,7 +328,14 @@ class ModelStore:
                 if progress:
                     progress("upload", uploaded, manifest.weights_size)
 
-            self.backend.upload_file(WEIGHTS_NAME, Path(tmp) / WEIGHTS_NAME, on_bytes)
+            weights = Path(tmp) / WEIGHTS_NAME
+            if not manifest.weights_parts:
+                self.backend.upload_file(WEIGHTS_NAME, weights, on_bytes)
+            with open(weights, "rb") as f:
+                for index, (start, end) in enumerate(manifest.weights_parts):
+                    f.seek(start)
+                    self.backend.write(manifest.part_key(index), f.read(end - start))
+                    on_bytes(end - start)
             # The manifest last: its presence means the model is complete.
             self.backend.write(MANIFEST_NAME, (Path(tmp) / MANIFEST_NAME).read_bytes())
         self._manifest = manifest

@@ -69,7 +69,8 @@ def test_links_are_shaped_and_stages_fetch_in_parallel(tmp_path: Path) -> None:
         # One node cannot beat its link; two nodes each pulling half nearly halve the time.
         # (tbf lets a 256 KB burst through at line rate: allow a little over the rate.)
         assert total * 8 / single / 1e6 < RATE_MBIT * 1.1, (total, single)
-        assert single / parallel > 1.7, (single, parallel)
+        # Ideal 2.0; a single link could not exceed 1.0. Margin for a loaded CI machine.
+        assert single / parallel > 1.5, (single, parallel)
         # Each node's bytes stay in its own shared-memory directory.
         assert all(node.shm_dir.exists() for node in cluster.node_list)
         shm_root = cluster.shm_root / cluster.run_id

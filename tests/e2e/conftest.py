@@ -53,10 +53,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+CORRUPT_MODEL = """\
+---
+apiVersion: hydraserve.io/v1alpha1
+kind: ServerlessModel
+metadata: {{name: corrupt}}
+spec:
+  source: {{uri: "file://{uri}"}}
+  resources: {{gpuMemoryGiB: 1}}
+"""
+
+
+def corrupt_store(root: Path) -> Path:
+    """A model whose stored weights have one flipped byte (after the manifest was written)."""
+    from hydraserve.store import ModelRef, ModelStore
+    from hydraserve.store.demo import make_demo_model
+    from hydraserve.store.manifest import WEIGHTS_NAME
+
+    location = root / "corrupt"
+    store = ModelStore(ModelRef(str(location)))
+    store.push(make_demo_model(root / "corrupt-hf", "tiny", seed=1))
+    victim = store.manifest().tensor("model.layers.2.self_attn.o_proj.weight")
+    weights = location / "main" / WEIGHTS_NAME
+    raw = bytearray(weights.read_bytes())
+    raw[victim.offset + 100] ^= 0x40
+    weights.write_bytes(bytes(raw))
+    return location
+
+
 def start_platform(state_dir: Path, env: dict[str, str] | None = None) -> Platform:
     state_dir.mkdir(parents=True, exist_ok=True)
     models = state_dir / "models.yaml"
-    models.write_text(MISSING_MODEL)
+    models.write_text(MISSING_MODEL + CORRUPT_MODEL.format(uri=corrupt_store(state_dir / "bad")))
     port = free_port()
     log = state_dir / "platform.log"
     full_env = {

@@ -23,7 +23,7 @@ def client(platform: Platform) -> OpenAI:
 
 def test_models_lists_the_demo_model(platform: Platform) -> None:
     names = {m.id for m in client(platform).models.list()}
-    assert {"demo", "missing"} <= names
+    assert {"demo", "missing", "corrupt"} <= names
 
 
 def test_cold_then_warm_completion_and_cold_start_metrics(platform: Platform) -> None:
@@ -111,3 +111,16 @@ def test_model_missing_from_the_store_fails_fast_and_clearly(platform: Platform)
     assert resp.status_code >= 400
     message = resp.json()["error"]["message"]
     assert "hydraserve model push" in message and "nonexistent" in message
+
+
+def test_a_worker_never_serves_a_corrupted_model(platform: Platform) -> None:
+    started = time.time()
+    resp = httpx.post(
+        f"{platform.url}/completions",
+        json={"model": "corrupt", "prompt": "x", "max_tokens": 1},
+        timeout=300,
+    )
+    assert resp.status_code == 503, resp.text
+    message = resp.json()["error"]["message"]
+    assert "model.layers.2.self_attn.o_proj.weight" in message and "sha256" in message
+    assert time.time() - started < 240

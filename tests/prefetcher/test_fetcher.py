@@ -9,7 +9,7 @@ import pytest
 
 from hydraserve.prefetcher.fetcher import FetchError, FetchOptions, RangeFetcher
 from hydraserve.prefetcher.shm import FetchState, ModelShm
-from hydraserve.store import ChecksumError, ModelStore, StoreError
+from hydraserve.store import ChecksumError, ModelRef, ModelStore, StoreError
 from hydraserve.worker.source import StageSource, StageUnavailable
 
 FAST = FetchOptions(concurrency=4, chunk_bytes=64 << 10, backoff_seconds=0.01)
@@ -126,3 +126,22 @@ def test_a_whole_model_fetch_satisfies_any_stage(local_store: ModelStore, tmp_pa
     for tensor in source.tensors:
         source.wait_for(tensor)
         assert source.buffer()[tensor.offset : tensor.end] == local_store.read_tensor(tensor.name)
+
+
+def test_fetches_never_straddle_store_parts(demo_checkpoint: Path, tmp_path: Path) -> None:
+    store = ModelStore(ModelRef(str(tmp_path / "store" / "parts")))
+    manifest = store.push(demo_checkpoint, part_bytes=100_000)
+    requests: list[tuple[int, int]] = []
+
+    class Recording(ModelStore):
+        def read_range(self, start: int, end: int) -> bytes:
+            requests.append((start, end))
+            return super().read_range(start, end)
+
+    shm = ModelShm(tmp_path / "shm", store.ref.uri, "main")
+    RangeFetcher(
+        Recording(store.ref), manifest, shm, "full", manifest.fetch_ranges(None, None), FAST
+    ).run()
+    assert requests
+    for start, end in requests:
+        assert len(manifest.parts_overlapping(start, end)) == 1, (start, end)

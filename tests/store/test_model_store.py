@@ -129,3 +129,26 @@ def test_checkpoint_without_safetensors_is_rejected(tmp_path: Path) -> None:
     store = ModelStore(ModelRef(str(tmp_path / "store" / "x")))
     with pytest.raises(Exception, match="safetensors"):
         store.push(src)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_weights_stored_as_parts_read_back_across_boundaries(
+    backend: str, s3_server: S3Settings, demo_checkpoint: Path, tmp_path: Path
+) -> None:
+    uri = str(tmp_path / "parts" / "demo") if backend == "local" else "s3://models/parts-demo"
+    store = ModelStore(ModelRef(uri), s3_server if backend == "s3" else None)
+    manifest = store.push(demo_checkpoint, part_bytes=256 << 10)
+    assert len(manifest.weights_parts) == -(-manifest.weights_size // (256 << 10))
+    keys = set(store.backend.list())
+    assert {manifest.part_key(i) for i in range(len(manifest.weights_parts))} <= keys
+    assert_round_trip(store, demo_checkpoint)
+    boundary = manifest.weights_parts[1][0]
+    whole = ModelStore(ModelRef(str(tmp_path / "single" / "demo")))
+    whole.push(demo_checkpoint, part_bytes=0)
+    assert whole.manifest().weights_parts == []
+    assert store.read_range(boundary - 10, boundary + 10) == whole.read_range(
+        boundary - 10, boundary + 10
+    )
+    target = tmp_path / "downloaded.safetensors"
+    store.download_weights(target)
+    assert target.read_bytes() == whole.read_range(0, manifest.weights_size)
