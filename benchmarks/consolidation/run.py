@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -493,6 +494,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def run_stoppably(args: argparse.Namespace) -> dict[str, Any]:
+    """main_async, cancelled on SIGTERM/SIGINT so every platform stops its workers."""
+    task = asyncio.ensure_future(main_async(args))
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    return await task
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--size", default="small", help="demo model size (tiny, small, 100m)")
@@ -515,7 +525,7 @@ def main() -> None:
     parser.add_argument("--state-dir", default=None)
     args = parser.parse_args()  # fmt: skip
     configure_logging("INFO")
-    result = asyncio.run(main_async(args))
+    result = asyncio.run(run_stoppably(args))
     print_table(result)
     path = write_result("consolidation", result)
     print(f"wrote {path}")
