@@ -694,19 +694,28 @@ class LocalBackend(ClusterBackend):
         return resp.status_code == 200
 
     async def _warm_up(self, state: _ModelState, inst: _Instance) -> float | None:
-        """One short request through the engine (a fresh eager engine's first forward
-        passes build their kernels: ~1 s on CPU); seconds it took, None if it failed."""
+        """Run the engine's first-call paths before it takes over: two concurrent requests
+        (a batched prefill of a longer prompt, then batched decode steps), as the moved
+        requests will. A fresh eager engine builds kernels and touches its KV cache on first
+        use. Seconds it took; None if it failed (the takeover goes on regardless)."""
         url = f"http://{self.settings.worker_host}:{inst.port}/v1/completions"
-        body = {"model": state.model.name, "prompt": "warm up", "max_tokens": 4,
-                "temperature": 0}  # fmt: skip
+        prompt = "HydraServe warms a standalone engine up before it takes over. " * 4
+        bodies = [
+            {"model": state.model.name, "prompt": f"{i} {prompt}", "max_tokens": 8,
+             "temperature": 0, "ignore_eos": True}
+            for i in range(2)
+        ]  # fmt: skip
         started = time.perf_counter()
         try:
-            resp = await self._http.post(url, json=body, timeout=60)
+            answers = await asyncio.gather(
+                *(self._http.post(url, json=body, timeout=60) for body in bodies)
+            )
         except httpx.HTTPError as exc:
             log.warning("consolidation.warmup_failed", instance=inst.name, error=repr(exc))
             return None
-        if resp.status_code != 200:
-            log.warning("consolidation.warmup_failed", instance=inst.name, status=resp.status_code)
+        failed = [a.status_code for a in answers if a.status_code != 200]
+        if failed:
+            log.warning("consolidation.warmup_failed", instance=inst.name, status=failed[0])
             return None
         return round(time.perf_counter() - started, 3)
 
