@@ -79,6 +79,13 @@ class Stream:
         gaps = [b - a for a, b in itertools.pairwise(self.tokens)]
         return max(gaps, default=0.0)
 
+    def gap_across(self, instant: float) -> float | None:
+        """The gap between the last token before ``instant`` and the first after it."""
+        for a, b in itertools.pairwise(self.tokens):
+            if a <= instant < b:
+                return b - a
+        return None
+
     @property
     def max_gap_ended(self) -> float | None:
         """When the longest gap ended (its next token arrived)."""
@@ -348,6 +355,12 @@ def summarize(
             round(tpot_pipeline / tpot_standalone, 3) if tpot_pipeline and tpot_standalone else None
         ),
         "max_intertoken_gap_ms": round(max((s.max_gap for s in moved), default=0.0) * 1000, 1),
+        # The gap the move itself caused: last token before the promotion to the first after.
+        "switch_gap_ms": round(
+            max((s.gap_across(promoted) or 0.0 for s in moved), default=0.0) * 1000, 1
+        )
+        if promoted
+        else None,
         "moved_streams": len(moved),
         "migrations": {
             method: count("hydraserve_gateway_migrations_total", method=method, model=MODEL)
@@ -421,6 +434,7 @@ def print_table(result: dict[str, Any]) -> None:
         ("after / standalone (paired)", result["tpot_after_over_standalone"]),
         ("pipeline / standalone", result["tpot_pipeline_over_standalone"]),
         ("longest gap in a moved stream (ms)", result["max_intertoken_gap_ms"]),
+        ("gap across the switch (ms)", result["switch_gap_ms"]),
         ("moved streams (client side)", result["moved_streams"]),
         ("moves by method", result["migrations"]),
         ("failed requests", f"{result['failed_requests']} of {result['requests']}"),
