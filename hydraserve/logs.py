@@ -54,5 +54,9 @@ def configure_logging(level: str = "INFO", json_format: bool | None = None) -> N
 
 
 def get_logger(component: str, **fields: Any) -> Any:
-    """A logger bound to a component name (and optional fields such as model/instance)."""
-    return structlog.get_logger().bind(component=component, **fields)
+    """A logger bound to a component name (and optional fields such as model/instance).
+
+    Lazy: module-level loggers created before :func:`configure_logging` still render with
+    the configuration in force when they log.
+    """
+    return structlog.get_logger(component=component, **fields)
