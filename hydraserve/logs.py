@@ -53,6 +53,10 @@ def configure_logging(level: str = "INFO", json_format: bool | None = None) -> N
     _configured = True
 
 
+def is_configured() -> bool:
+    return _configured
+
+
 def get_logger(component: str, **fields: Any) -> Any:
     """A logger bound to a component name (and optional fields such as model/instance).
 
