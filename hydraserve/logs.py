@@ -53,6 +53,14 @@ def configure_logging(level: str = "INFO", json_format: bool | None = None) -> N
     _configured = True
 
 
+def is_configured() -> bool:
+    return _configured
+
+
 def get_logger(component: str, **fields: Any) -> Any:
-    """A logger bound to a component name (and optional fields such as model/instance)."""
-    return structlog.get_logger().bind(component=component, **fields)
+    """A logger bound to a component name (and optional fields such as model/instance).
+
+    Lazy: module-level loggers created before :func:`configure_logging` still render with
+    the configuration in force when they log.
+    """
+    return structlog.get_logger(component=component, **fields)

@@ -339,49 +339,88 @@ def ensure_model(size: str, work: Path) -> Path:
 
 
 def plot(results: dict[str, Outcome], path: Path, title: str) -> None:
+    """A timeline per system: for each stage's node, the network (fetch) on top and the
+    worker process (imports, engine start, waiting for verified bytes) below it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {
-        "fetch": "#4c72b0",
-        "engine_start": "#dd8452",
-        "process_start": "#bbbbbb",
+    network = {"fetch": "#4c72b0"}
+    worker = {
         "imports": "#dd8452",
+        "engine_start": "#dd8452",
         "engine_init": "#c44e52",
-        "weight_load": "#55a868",
         "weights_verified": "#8172b3",
-        "first_token": "#000000",
+    }
+    labels = {
+        "fetch": "fetch (network)",
+        "imports": "imports / engine start",
+        "engine_init": "engine init (stage 0)",
+        "weights_verified": "engine ready, waiting for verified bytes",
+        "first_token": "first token",
     }
     names = list(results)
-    fig, ax = plt.subplots(figsize=(10, 0.9 * len(names) + 1.5))
+    fig, ax = plt.subplots(figsize=(11, 1.0 * len(names) + 1.5))
     for row, name in enumerate(names):
         outcome = results[name]
+        band = 0.84 / max(outcome.pp, 1)
         for key, (start, end) in outcome.stages.items():
-            stage = key.split("[")[0]
-            if stage not in colors or stage in ("fetch_start", "placement"):
-                continue
-            rank = int(key.split("[")[1].rstrip("]")) if "[" in key else 0
-            height = 0.8 / max(outcome.pp, 1)
-            y = row - 0.4 + rank * height
-            ax.barh(
-                y,
-                max(end - start, 0.05),
-                left=start,
-                height=height * 0.9,
-                color=colors[stage],
-                align="edge",
-            )
-        ax.text(outcome.ttft_s + 1, row, f"{outcome.ttft_s:.1f}s", va="center")
+            stage, _, rest = key.partition("[")
+            rank = int(rest.rstrip("]")) if rest else 0
+            top = row - 0.42 + rank * band
+            if stage in network:
+                ax.barh(
+                    top,
+                    end - start,
+                    left=start,
+                    height=band * 0.45,
+                    color=network[stage],
+                    align="edge",
+                )
+            elif stage in worker:
+                ax.barh(
+                    top + band * 0.47,
+                    max(end - start, 0.2),
+                    left=start,
+                    height=band * 0.45,
+                    color=worker[stage],
+                    align="edge",
+                )
+        ax.plot([outcome.ttft_s, outcome.ttft_s], [row - 0.45, row + 0.45], color="black", lw=2)
+        ax.text(outcome.ttft_s + 3, row, f"{outcome.ttft_s:.1f} s", va="center")
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the request (cold start)")
     ax.set_title(title)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(handles, list(colors), loc="lower right", fontsize=8)
+    shown = {
+        **network,
+        "imports": worker["imports"],
+        "engine_init": worker["engine_init"],
+        "weights_verified": worker["weights_verified"],
+    }
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in shown.values()]
+    handles.append(plt.Line2D([0], [0], color="black", lw=2))
+    ax.legend(
+        handles, [labels[k] for k in shown] + [labels["first_token"]], loc="lower right", fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def replot() -> None:
+    """Redraw the chart from benchmarks/results/cold_start.json."""
+    data = json.loads((RESULTS_DIR / "cold_start.json").read_text())
+    results = {
+        name: Outcome(name, s["pp"], s["ttft_s"], s["ready_s"], s["stages"])
+        for name, s in data["systems"].items()
+    }
+    plot(
+        results,
+        RESULTS_DIR / "cold_start.png",
+        f"Cold start, {data['model_bytes'] / 1e9:.2f} GB model, "
+        f"{data['link_rate_mbit']:g} Mbit/s per node",
+    )
 
 
 def main() -> None:
@@ -391,7 +430,11 @@ def main() -> None:
     parser.add_argument("--work-dir", default="/tmp/hydraserve-bench-cold-start")
     parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument("--only", nargs="*", help="run only these scenarios")
+    parser.add_argument("--replot", action="store_true", help="only redraw the chart")
     args = parser.parse_args()
+    if args.replot:
+        replot()
+        return
     configure_logging("INFO")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
