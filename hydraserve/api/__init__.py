@@ -3,6 +3,8 @@
 from hydraserve.api.models import (
     Condition,
     EngineSpec,
+    InstanceOrigin,
+    InstancePhase,
     InstanceStatus,
     ModelPhase,
     PipelineSpec,
@@ -20,6 +22,8 @@ from hydraserve.api.models import (
 __all__ = [
     "Condition",
     "EngineSpec",
+    "InstanceOrigin",
+    "InstancePhase",
     "InstanceStatus",
     "ModelPhase",
     "PipelineSpec",

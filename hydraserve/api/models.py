@@ -166,6 +166,20 @@ class ModelPhase(StrEnum):
     FAILED = "Failed"
 
 
+class InstancePhase(StrEnum):
+    """Where one instance is in its life (the gateway routes new requests to Ready ones)."""
+
+    STARTING = "Starting"
+    READY = "Ready"
+    DRAINING = "Draining"  # taking no new requests (replaced or scaling down)
+    FAILED = "Failed"
+
+
+class InstanceOrigin(StrEnum):
+    COLD_START = "cold_start"  # started for demand: its start is a cold start
+    CONSOLIDATION = "consolidation"  # a standalone engine that replaces a pipeline
+
+
 class Condition(_Wire):
     type: str
     status: Annotated[str, Field(pattern=r"^(True|False|Unknown)$")]
@@ -197,7 +211,19 @@ class InstanceStatus(_Wire):
     endpoint: str | None = Field(
         default=None, description="Base URL of the instance's OpenAI server (stage 0)."
     )
-    ready: bool = False
+    ready: bool = Field(default=False, description="Takes new requests (phase Ready).")
+    # Not nullable (the API server would check null against the enum); a status written
+    # before these fields existed reads as Starting/cold_start, and ``ready`` wins then.
+    phase: InstancePhase = Field(
+        default=InstancePhase.STARTING,
+        description="Starting, Ready, Draining (taking no new requests: its in-flight "
+        "requests move to the instance that replaces it) or Failed.",
+    )
+    origin: InstanceOrigin = Field(
+        default=InstanceOrigin.COLD_START,
+        description="cold_start (started for demand) or consolidation (a standalone engine "
+        "replacing a pipelined instance; not a replica until it is promoted).",
+    )
     cold_start: list[StageTiming] = Field(
         default_factory=list, description="Cold-start stage breakdown, seconds."
     )

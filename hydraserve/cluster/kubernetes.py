@@ -19,6 +19,7 @@ from hydraserve.api.models import (
     GROUP,
     PLURAL,
     VERSION,
+    InstanceStatus,
     ModelPhase,
     ServerlessModel,
     ServerlessModelSpec,
@@ -57,11 +58,13 @@ def model_view(obj: Mapping[str, Any]) -> ModelView | None:
             name=inst.name,
             model=model.name,
             pp=inst.pp,
-            phase=InstancePhase.READY if inst.ready else InstancePhase.STARTING,
+            phase=instance_phase(inst),
             endpoint=inst.endpoint,
             started_at=started,
             ready_at=None,
             cold_start=tuple(inst.cold_start),
+            origin=inst.origin,
+            node=next((w.node for w in inst.workers if w.stage == 0), None),
         )
         for inst in status.instances
     )
@@ -74,6 +77,14 @@ def model_view(obj: Mapping[str, Any]) -> ModelView | None:
     return ModelView(
         model=model, desired_replicas=desired, instances=instances, error=error, phase=phase
     )
+
+
+def instance_phase(inst: InstanceStatus) -> InstancePhase:
+    """The instance's phase as the operator wrote it. ``ready`` wins: a status written
+    before ``phase`` existed reads as Starting, with ``ready`` saying what it was."""
+    if inst.ready:
+        return InstancePhase.READY
+    return InstancePhase.STARTING if inst.phase == InstancePhase.READY else inst.phase
 
 
 def _known_status(raw: Mapping[str, Any]) -> dict[str, Any]:
