@@ -400,7 +400,7 @@ class Reconciler:
                 model=name,
                 instance=pipeline.name,
                 standalone=standalone,
-                since_ready_s=round(now - pipeline.requested_at, 3),
+                since_requested_s=round(now - pipeline.requested_at, 3),
             )
             self.events(
                 model,
