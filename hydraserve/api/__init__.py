@@ -2,6 +2,7 @@
 
 from hydraserve.api.models import (
     Condition,
+    ConsolidationStatus,
     EngineSpec,
     InstanceOrigin,
     InstancePhase,
@@ -21,6 +22,7 @@ from hydraserve.api.models import (
 
 __all__ = [
     "Condition",
+    "ConsolidationStatus",
     "EngineSpec",
     "InstanceOrigin",
     "InstancePhase",

@@ -229,6 +229,23 @@ class InstanceStatus(_Wire):
     )
 
 
+class ConsolidationStatus(_Wire):
+    """A finished or abandoned consolidation; epoch seconds, null for steps not reached."""
+
+    pipeline: str = Field(description="The pipelined instance that was replaced.")
+    standalone: str = Field(description="The standalone engine that replaced it.")
+    started_at: float = Field(description="The standalone engine was started.")
+    fetched_at: float | None = Field(
+        default=None, description="The whole model was verified on the node."
+    )
+    promoted_at: float | None = Field(
+        default=None, description="The standalone took over; the pipeline began draining."
+    )
+    released_at: float | None = Field(default=None, description="The pipeline's pods were deleted.")
+    outcome: str = Field(default="done", pattern=r"^(done|abandoned)$")
+    reason: str = ""
+
+
 class ServerlessModelStatus(_Wire):
     """Observed state, written by the operator."""
 
@@ -245,6 +262,14 @@ class ServerlessModelStatus(_Wire):
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    consolidations: list[ConsolidationStatus] = Field(
+        default_factory=list,
+        description="The latest finished consolidations, oldest first (at most 16).",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["pipeline"],
+        },
     )
     last_cold_start_seconds: float | None = Field(
         default=None, description="Request-to-ready time of the latest cold start, seconds."

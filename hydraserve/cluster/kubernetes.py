@@ -24,7 +24,13 @@ from hydraserve.api.models import (
     ServerlessModel,
     ServerlessModelSpec,
 )
-from hydraserve.cluster.base import ClusterBackend, InstancePhase, InstanceView, ModelView
+from hydraserve.cluster.base import (
+    ClusterBackend,
+    ConsolidationRecord,
+    InstancePhase,
+    InstanceView,
+    ModelView,
+)
 from hydraserve.cluster.kubeapi import KubeClient, KubeError, path_of
 from hydraserve.logs import get_logger
 from hydraserve.operator.reconcile import desired_replicas, parse_time, spec_errors
@@ -74,8 +80,27 @@ def model_view(obj: Mapping[str, Any]) -> ModelView | None:
         error = failing[0].message if failing else "the model failed"
     desired = desired_replicas(model.spec) if errors is None else 0
     phase = status.phase if raw_status.get("phase") else None
+    consolidations = tuple(
+        ConsolidationRecord(
+            model=model.name,
+            pipeline=c.pipeline,
+            standalone=c.standalone,
+            started_at=c.started_at,
+            fetched_at=c.fetched_at,
+            promoted_at=c.promoted_at,
+            released_at=c.released_at,
+            outcome=c.outcome,
+            reason=c.reason,
+        )
+        for c in status.consolidations
+    )
     return ModelView(
-        model=model, desired_replicas=desired, instances=instances, error=error, phase=phase
+        model=model,
+        desired_replicas=desired,
+        instances=instances,
+        error=error,
+        phase=phase,
+        consolidations=consolidations,
     )
 
 

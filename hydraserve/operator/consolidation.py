@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hydraserve.api.models import InstancePhase
+from hydraserve.api.models import ConsolidationStatus, InstancePhase
 from hydraserve.cluster.consolidation import ConsolidationPolicy, PipelineConsolidation
 from hydraserve.cluster.consolidation import StandaloneState as Standalone
 from hydraserve.operator.naming import InstancePlan, StagePlan
@@ -165,3 +165,25 @@ def consolidating(instances: Sequence[ObservedInstance], policy: ConsolidationPo
         if policy.enabled and inst.abandoned is None:
             return True
     return False
+
+
+def finished_record(
+    pipeline: ObservedInstance,
+    standalone: ObservedInstance | None,
+    now: float,
+    *,
+    outcome: str,
+    reason: str,
+) -> ConsolidationStatus:
+    """The history entry of a consolidation that ends now (released or abandoned), from
+    the times its records carry."""
+    return ConsolidationStatus(
+        pipeline=pipeline.name,
+        standalone=standalone.name if standalone is not None else "",
+        started_at=(standalone.requested_at if standalone is not None else 0.0) or now,
+        fetched_at=pipeline.fetched_at,
+        promoted_at=pipeline.draining_since,
+        released_at=now if outcome == "done" else None,
+        outcome=outcome,
+        reason=reason,
+    )

@@ -39,11 +39,13 @@ FINALIZER = f"{GROUP}/cleanup"
 
 # Consolidation (decision 0402). A standalone engine's Service and pod carry
 # CONSOLIDATES_LABEL=<pipeline>: outside the replica count until it is promoted. The
-# pipeline's Service records the switch (DRAINING_SINCE), the drain (IDLE_SINCE) and a
+# pipeline's Service records the switch (DRAINING_SINCE, with FETCHED_AT: when the node
+# verified the whole model), the drain (IDLE_SINCE) and a
 # given-up consolidation (ABANDONED); the standalone's Service its promotion.
 CONSOLIDATES_LABEL = f"{GROUP}/consolidates"
 DRAINING_SINCE_ANNOTATION = f"{GROUP}/draining-since"
 IDLE_SINCE_ANNOTATION = f"{GROUP}/idle-since"
+FETCHED_AT_ANNOTATION = f"{GROUP}/fetched-at"
 ABANDONED_ANNOTATION = f"{GROUP}/consolidation-abandoned"
 PROMOTED_AT_ANNOTATION = f"{GROUP}/promoted-at"
 

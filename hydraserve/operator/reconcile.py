@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from hydraserve.api.models import (
     Condition,
+    ConsolidationStatus,
     InstanceOrigin,
     InstancePhase,
     InstanceStatus,
@@ -30,6 +31,7 @@ from hydraserve.operator.naming import (
     ABANDONED_ANNOTATION,
     CONSOLIDATES_LABEL,
     DRAINING_SINCE_ANNOTATION,
+    FETCHED_AT_ANNOTATION,
     IDLE_SINCE_ANNOTATION,
     INSTANCE_LABEL,
     PLAN_ANNOTATION,
@@ -45,6 +47,9 @@ from hydraserve.operator.naming import (
 )
 
 Obj = Mapping[str, Any]
+
+# Finished consolidations kept in status (the gateway's metrics read each once).
+CONSOLIDATION_HISTORY = 16
 
 # Condition types written to status.conditions.
 VALID = "Valid"
@@ -146,6 +151,10 @@ class ObservedInstance:
     @property
     def idle_since(self) -> float | None:
         return _float_annotation(self.record, IDLE_SINCE_ANNOTATION)
+
+    @property
+    def fetched_at(self) -> float | None:
+        return _float_annotation(self.record, FETCHED_AT_ANNOTATION)
 
     @property
     def abandoned(self) -> str | None:
@@ -408,10 +417,12 @@ def build_status(
     unschedulable: str | None = None,
     generation: int | None = None,
     consolidating: bool = False,
+    finished: Sequence[ConsolidationStatus] = (),
 ) -> ServerlessModelStatus:
     """What the user and the gateway read. ``consolidating``: a serving pipeline is being
     replaced by a standalone engine (see ``hydraserve.cluster.consolidation``); the phase
-    is then Consolidating until its stages are released."""
+    is then Consolidating until its stages are released. ``finished``: consolidations that
+    ended in this pass, added to the (bounded) history."""
     recorded = [i for i in instances if i.record is not None]
     statuses = [instance_status(i, endpoints.get(i.name)) for i in recorded]
     ready = sum(1 for s in statuses if s.ready)
@@ -460,6 +471,8 @@ def build_status(
         latest = max(done, key=lambda s: next(i.requested_at for i in recorded if i.name == s.name))
         if latest.cold_start[-1].stage == "load":
             last_cold = latest.cold_start[-1].end
+    again = {c.pipeline for c in finished}
+    history = [c for c in previous.consolidations if c.pipeline not in again] + list(finished)
     return ServerlessModelStatus(
         phase=phase,
         replicas=len(live),
@@ -467,6 +480,7 @@ def build_status(
         selector=head_selector(model_name),
         instances=statuses,
         conditions=conditions,
+        consolidations=history[-CONSOLIDATION_HISTORY:],
         last_cold_start_seconds=last_cold,
         observed_generation=generation if generation is not None else previous.observed_generation,
     )

@@ -22,6 +22,7 @@ from hydraserve.api.models import (
     GROUP,
     PLURAL,
     VERSION,
+    ConsolidationStatus,
     InstancePhase,
     ServerlessModelSpec,
     ServerlessModelStatus,
@@ -43,6 +44,7 @@ from hydraserve.operator.cluster_state import cluster_state, prefetcher_urls, re
 from hydraserve.operator.consolidation import (
     all_card_stage,
     consolidating,
+    finished_record,
     pipeline_consolidation,
     pipelines,
     standalone_plan,
@@ -59,6 +61,7 @@ from hydraserve.operator.naming import (
     ABANDONED_ANNOTATION,
     APP_NAME,
     DRAINING_SINCE_ANNOTATION,
+    FETCHED_AT_ANNOTATION,
     IDLE_SINCE_ANNOTATION,
     MANAGED_BY,
     MANAGED_BY_VALUE,
@@ -81,6 +84,7 @@ from hydraserve.operator.reconcile import (
     spec_errors,
 )
 from hydraserve.operator.settings import OperatorSettings
+from hydraserve.prefetcher.shm import FetchStatus
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
 from hydraserve.store.uri import StoreURIError
 from hydraserve.worker.inflight import INFLIGHT_PATH
@@ -243,7 +247,8 @@ class Reconciler:
                         retry = self.settings.retry_seconds
 
         instances = await self._observe(namespace, name)
-        if await self._consolidate(model, spec, template, instances):
+        changed, finished = await self._consolidate(model, spec, template, instances)
+        if changed:
             instances = await self._observe(namespace, name)
         endpoints = {i.name: endpoint_url(i.name, namespace, self.settings) for i in instances}
         status = build_status(
@@ -258,6 +263,7 @@ class Reconciler:
             unschedulable=unschedulable,
             generation=(model.get("metadata") or {}).get("generation"),
             consolidating=consolidating(instances, self.policy),
+            finished=finished,
         )
         await self._write_status(model, previous, status)
         return Outcome(retry_after=retry, message=invalid or unschedulable or status.phase.value)
@@ -270,13 +276,15 @@ class Reconciler:
         spec: ServerlessModelSpec,
         template: str,
         instances: list[ObservedInstance],
-    ) -> bool:
+    ) -> tuple[bool, list[ConsolidationStatus]]:
         """Observe every pipeline's consolidation, plan (shared, pure), apply. Each step is
         derived from Kubernetes objects and the HTTP probes, so any pass, by any operator
-        replica, continues where the last one stopped. True when something changed."""
+        replica, continues where the last one stopped. (Whether something changed, the
+        consolidations that ended.)"""
         name = model["metadata"]["name"]
         by_pipeline = standalones(instances)
         changed = False
+        finished: list[ConsolidationStatus] = []
         if not self.policy.enabled:
             # Turned off: a standalone not promoted yet goes; a draining pipeline still
             # drains (the plan releases it), its standalone serves.
@@ -284,12 +292,20 @@ class Reconciler:
                 if standalone.pending:
                     await self._delete_instance(model, standalone, "consolidation is off")
                     changed = True
-        serving = pipelines(instances)
+        # Draining pipelines always (they are released); serving ones while consolidation
+        # is on and not given up for them.
+        serving = [
+            p
+            for p in pipelines(instances)
+            if p.phase == InstancePhase.DRAINING or (self.policy.enabled and p.abandoned is None)
+        ]
         if not serving:
-            return changed
-        prefetchers = await self._prefetchers()
+            return changed, finished
+        ready = any(p.phase == InstancePhase.READY for p in serving)
+        prefetchers = await self._prefetchers() if ready else {}
         now = self.clock()
         observed = []
+        fetches: dict[str, FetchStatus | None] = {}
         for pipeline in serving:
             fetch = None
             stage = all_card_stage(pipeline.plan)
@@ -299,6 +315,7 @@ class Reconciler:
                     spec.source.uri,
                     spec.source.revision,
                 )
+            fetches[pipeline.name] = fetch
             in_flight = None
             if pipeline.phase == InstancePhase.DRAINING:
                 in_flight = await self._in_flight(pipeline)
@@ -321,7 +338,7 @@ class Reconciler:
         for action in consolidation_plan(observed, self.policy, now):
             pipeline = by_name[action.pipeline]
             try:
-                await self._apply(
+                ended = await self._apply(
                     model,
                     spec,
                     template,
@@ -329,6 +346,7 @@ class Reconciler:
                     by_pipeline.get(pipeline.name),
                     action,
                     prefetchers,
+                    fetches.get(pipeline.name),
                     now,
                 )
             except KubeError as exc:
@@ -340,8 +358,11 @@ class Reconciler:
                     action=type(action).__name__,
                     error=str(exc),
                 )
+            else:
+                if ended is not None:
+                    finished.append(ended)
             changed = True
-        return changed
+        return changed, finished
 
     async def _apply(
         self,
@@ -352,9 +373,12 @@ class Reconciler:
         replacement: ObservedInstance | None,
         action: ConsolidationAction,
         prefetchers: Mapping[str, str],
+        fetch: FetchStatus | None,
         now: float,
-    ) -> None:
-        """Apply one step; ``replacement`` is the standalone engine observed for it."""
+    ) -> ConsolidationStatus | None:
+        """Apply one step; ``replacement`` is the standalone engine observed for it,
+        ``fetch`` the node's whole-model fetch. A history entry when the consolidation
+        ended (released or abandoned)."""
         name, namespace = model["metadata"]["name"], model["metadata"]["namespace"]
         standalone = standalone_name(pipeline.name)
         if isinstance(action, FetchWholeModel):
@@ -393,7 +417,12 @@ class Reconciler:
             # The switch is one write, on the pipeline's record: from here on the
             # standalone counts as promoted (the next line only makes that its own).
             stamp = f"{now:.3f}"
-            await self._annotate(model, pipeline.name, {DRAINING_SINCE_ANNOTATION: stamp})
+            fetched = (fetch.finished_at if fetch is not None else None) or now
+            await self._annotate(
+                model,
+                pipeline.name,
+                {DRAINING_SINCE_ANNOTATION: stamp, FETCHED_AT_ANNOTATION: f"{fetched:.3f}"},
+            )
             await self._annotate(model, standalone, {PROMOTED_AT_ANNOTATION: stamp})
             log.info(
                 "consolidation.promoted",
@@ -420,6 +449,7 @@ class Reconciler:
                 drain_s=round(now - (pipeline.draining_since or now), 3),
                 reason=action.reason,
             )
+            return finished_record(pipeline, replacement, now, outcome="done", reason=action.reason)
         elif isinstance(action, Abandon):
             # Recorded first, so that no pass starts another standalone for this pipeline.
             await self._annotate(model, pipeline.name, {ABANDONED_ANNOTATION: action.reason})
@@ -439,6 +469,10 @@ class Reconciler:
                 "ConsolidationAbandoned",
                 f"{pipeline.name} keeps serving: {action.reason}",
             )
+            return finished_record(
+                pipeline, replacement, now, outcome="abandoned", reason=action.reason
+            )
+        return None
 
     async def _annotate(
         self, model: Mapping[str, Any], service: str, annotations: Mapping[str, str | None]

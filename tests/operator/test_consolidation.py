@@ -173,6 +173,16 @@ async def test_pipeline_is_consolidated_promoted_drained_and_released(
     model = await cluster.model("llama")
     assert model is not None
     assert model["status"]["replicas"] == 1 and model["status"]["readyReplicas"] == 1
+    # The history the gateway's consolidation metrics read.
+    (done,) = model["status"]["consolidations"]
+    assert (done["pipeline"], done["standalone"], done["outcome"], done["reason"]) == (
+        pipeline,
+        f"{pipeline}-c",
+        "done",
+        "drained",
+    )
+    assert done["startedAt"] <= done["fetchedAt"] <= done["promotedAt"] <= done["releasedAt"]
+    assert done["releasedAt"] - done["promotedAt"] >= 1.0  # it drained while busy
     events = {e.get("reason") for e in await cluster.events()}
     assert {"ConsolidationStarted", "ConsolidationPromoted"} <= events
     # Nothing more happens: no second standalone for the standalone, no cold start.
@@ -237,6 +247,11 @@ async def test_failed_standalone_is_abandoned_and_the_pipeline_keeps_serving(
     assert [s["metadata"]["name"] for s in await cluster.services()] == [pipeline]
     assert await stage_pods(cluster, 2) is not None
     assert await instance_phases(cluster) == {pipeline: ("Ready", "cold_start")}
+    model = await cluster.model("llama")
+    assert model is not None
+    (given_up,) = model["status"]["consolidations"]
+    assert (given_up["pipeline"], given_up["outcome"]) == (pipeline, "abandoned")
+    assert "CUDA out of memory" in given_up["reason"] and given_up["releasedAt"] is None
     events = await cluster.events()
     assert any(e.get("reason") == "ConsolidationAbandoned" for e in events)
     # Given up for good: no new standalone on later passes.

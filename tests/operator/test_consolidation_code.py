@@ -23,6 +23,7 @@ from hydraserve.operator.consolidation import (
     all_card_stage,
     consolidating,
     fetch_state,
+    finished_record,
     next_idle_since,
     pipeline_consolidation,
     pipelines,
@@ -35,6 +36,7 @@ from hydraserve.operator.naming import (
     ABANDONED_ANNOTATION,
     CONSOLIDATES_LABEL,
     DRAINING_SINCE_ANNOTATION,
+    FETCHED_AT_ANNOTATION,
     IDLE_SINCE_ANNOTATION,
     INSTANCE_LABEL,
     PLAN_ANNOTATION,
@@ -370,6 +372,35 @@ def test_model_is_consolidating_while_a_pipeline_is_replaced_or_drains() -> None
     assert not consolidating(observed(standalone_objects(ready=True)), POLICY)
 
 
+def test_a_finished_consolidation_is_recorded_from_its_annotations_and_kept_bounded() -> None:
+    draining = pipeline_objects(
+        annotations={DRAINING_SINCE_ANNOTATION: "990", FETCHED_AT_ANNOTATION: "980"}
+    )
+    insts = by_name(observed(draining, standalone_objects(ready=True)))
+    record = finished_record(
+        insts["m-abcde"], insts["m-abcde-c"], NOW, outcome="done", reason="drained"
+    )
+    assert (record.started_at, record.fetched_at, record.promoted_at, record.released_at) == (
+        200.0,
+        980.0,
+        990.0,
+        NOW,
+    )
+    assert record.standalone == "m-abcde-c" and record.outcome == "done"
+    gave_up = finished_record(insts["m-abcde"], None, NOW, outcome="abandoned", reason="x")
+    assert gave_up.released_at is None and gave_up.started_at == NOW
+
+    previous = ServerlessModelStatus()
+    for k in range(20):
+        entry = record.model_copy(update={"pipeline": f"p{k}"})
+        previous = build_status("m", 0, [], {}, previous, NOW, finished=[entry])
+    assert [c.pipeline for c in previous.consolidations] == [f"p{k}" for k in range(4, 20)]
+    again = build_status("m", 0, [], {}, previous, NOW, finished=[record])
+    assert len(again.consolidations) == 16 and again.consolidations[-1] == record
+    kept = build_status("m", 0, [], {}, again, NOW)
+    assert kept.consolidations == again.consolidations
+
+
 # -- the gateway's view ------------------------------------------------------------------------
 
 
@@ -388,6 +419,11 @@ def test_gateway_sees_draining_and_consolidation_instances() -> None:
                 # Written before phase existed: ready says what it is.
                 {"name": "old", "pp": 1, "ready": True, "endpoint": "http://old:8000"},
             ],
+            "consolidations": [
+                {"pipeline": "m-zzzzz", "standalone": "m-zzzzz-c", "startedAt": 10.0,
+                 "fetchedAt": 11.0, "promotedAt": 12.0, "releasedAt": 14.5,
+                 "outcome": "done", "reason": "drained"},
+            ],
         },
     }  # fmt: skip
     view = model_view(obj)
@@ -399,3 +435,6 @@ def test_gateway_sees_draining_and_consolidation_instances() -> None:
         "old": (InstancePhase.READY, InstanceOrigin.COLD_START, None),
     }
     assert [i.name for i in view.ready_instances] == ["m-abcde-c", "old"]
+    (record,) = view.consolidations
+    assert (record.model, record.pipeline, record.outcome) == ("m", "m-zzzzz", "done")
+    assert record.seconds == 4.5  # what hydraserve_consolidation_seconds observes
