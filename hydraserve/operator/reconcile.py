@@ -153,6 +153,11 @@ class ObservedInstance:
         return _float_annotation(self.record, IDLE_SINCE_ANNOTATION)
 
     @property
+    def promoted_at(self) -> float | None:
+        """A standalone's own record of its promotion (see ``promoted``)."""
+        return _float_annotation(self.record, PROMOTED_AT_ANNOTATION)
+
+    @property
     def fetched_at(self) -> float | None:
         return _float_annotation(self.record, FETCHED_AT_ANNOTATION)
 
@@ -246,7 +251,7 @@ def observe(services: Iterable[Obj], pods: Iterable[Obj]) -> list[ObservedInstan
     for k, inst in enumerate(instances):
         pipeline = by_name.get(inst.consolidates or "")
         promoted = inst.consolidates is not None and (
-            _float_annotation(inst.record, PROMOTED_AT_ANNOTATION) is not None
+            inst.promoted_at is not None
             or (pipeline is not None and pipeline.draining_since is not None)
         )
         if promoted:

@@ -438,8 +438,15 @@ class Reconciler:
                 f"{standalone} serves; {pipeline.name} drains",
             )
         elif isinstance(action, Release):
-            # Promoted by its own record before the pipeline's (the switch) goes.
-            await self._annotate(model, standalone, {PROMOTED_AT_ANNOTATION: f"{now:.3f}"})
+            # Promoted by its own record before the pipeline's (the switch) goes; it may
+            # be gone already (scaled down while the pipeline drained).
+            if replacement is not None and replacement.promoted_at is None:
+                stamp = f"{pipeline.draining_since or now:.3f}"
+                try:
+                    await self._annotate(model, standalone, {PROMOTED_AT_ANNOTATION: stamp})
+                except KubeError as exc:
+                    if exc.status != 404:
+                        raise
             await self._delete_instance(model, pipeline, f"consolidated ({action.reason})")
             log.info(
                 "consolidation.done",

@@ -271,3 +271,52 @@ async def test_scale_to_zero_while_consolidating_removes_pipeline_and_standalone
 
     await eventually(empty, what="everything deleted")
     await eventually(lambda: _status_if(cluster, lambda s: s.get("phase") == "Cold"), what="Cold")
+
+
+async def test_scale_to_zero_while_draining_releases_the_pipeline_when_idle(
+    cluster: Cluster, operators: OperatorRunner, engine: FakeEngine
+) -> None:
+    pipeline = await serving_pipeline(cluster, operators, engine)
+    standalone = await eventually(lambda: one_standalone(cluster), what="the standalone pod")
+    cluster.prefetchers["gpu-a"].full[cluster.store_uri] = "done"
+    await cluster.run_pod(standalone, ip="10.1.0.9")
+    await eventually(lambda: promoted(cluster, pipeline), what="pipeline Draining")
+
+    # The standalone is the replica now: scaling to zero removes it at once; the pipeline
+    # still finishes what it serves, then goes.
+    await cluster.scale("llama", 0)
+    await eventually(lambda: _no_standalone(cluster), what="the standalone deleted")
+    assert await stage_pods(cluster, 2) is not None
+    assert await instance_phases(cluster) == {pipeline: ("Draining", "cold_start")}
+    engine.in_flight = 0
+
+    async def empty() -> bool:
+        return not await cluster.pods() and not await cluster.services()
+
+    await eventually(empty, what="the pipeline released")
+    model = await eventually(
+        lambda: _status_if(cluster, lambda s: s.get("phase") == "Cold"), what="Cold"
+    )
+    (done,) = model["status"]["consolidations"]
+    assert (done["pipeline"], done["outcome"]) == (pipeline, "done")
+
+
+async def _no_standalone(cluster: Cluster) -> bool:
+    return not await standalone_pods(cluster)
+
+
+async def test_consolidation_turned_off_removes_a_standalone_not_promoted_yet(
+    cluster: Cluster, operators: OperatorRunner, engine: FakeEngine
+) -> None:
+    pipeline = await serving_pipeline(cluster, operators, engine)
+    await eventually(lambda: one_standalone(cluster), what="the standalone pod")
+    (first,) = [app for app, _, _ in operators.apps]
+    await operators.crash(first)
+    await operators.start(planner=PLANNER, consolidation=False, worker_port=engine.port)
+
+    await eventually(lambda: _no_standalone(cluster), what="the standalone deleted")
+    await eventually(
+        lambda: _status_if(cluster, lambda s: s.get("phase") == "Serving"), what="Serving"
+    )
+    assert [s["metadata"]["name"] for s in await cluster.services()] == [pipeline]
+    assert await instance_phases(cluster) == {pipeline: ("Ready", "cold_start")}
