@@ -94,6 +94,11 @@ class OperatorSettings(BaseSettings):
         default=True,
         description="Replace serving pipelines by standalone engines (off: pipelines stay).",
     )
+    consolidation_enforce_eager: bool = Field(
+        default=True,
+        description="Start the standalone engine eager (fastest start) even when workers "
+        "run compiled.",
+    )
     consolidation_poll_seconds: float = Field(
         default=2.0,
         gt=0,

@@ -438,3 +438,23 @@ def test_gateway_sees_draining_and_consolidation_instances() -> None:
     (record,) = view.consolidations
     assert (record.model, record.pipeline, record.outcome) == ("m", "m-zzzzz", "done")
     assert record.seconds == 4.5  # what hydraserve_consolidation_seconds observes
+
+
+def test_the_standalone_pod_starts_eager_unless_told_otherwise() -> None:
+    from hydraserve.api.models import ServerlessModelSpec
+    from hydraserve.operator.manifests import standalone_objects as manifests
+    from hydraserve.operator.settings import OperatorSettings
+
+    model = {"metadata": {"name": "m", "namespace": "ns", "uid": "u"}}
+    spec = ServerlessModelSpec.model_validate({"source": {"uri": "s3://models/m"}})
+    plan = standalone_plan(pipeline_plan())
+
+    def args(**settings: Any) -> list[str]:
+        config = OperatorSettings(worker_compiled=True, **settings)
+        service, pod = manifests(model, spec, "m-abcde", plan, "t", None, NOW, config)
+        assert service["metadata"]["labels"][CONSOLIDATES_LABEL] == "m-abcde"
+        assert pod["metadata"]["labels"][CONSOLIDATES_LABEL] == "m-abcde"
+        return list(pod["spec"]["containers"][0]["args"])
+
+    assert "--compiled" not in args()
+    assert "--compiled" in args(consolidation_enforce_eager=False)
