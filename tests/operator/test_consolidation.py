@@ -33,6 +33,9 @@ async def start_operator(operators: OperatorRunner, engine: FakeEngine) -> Opera
         planner=PLANNER,
         consolidation=True,
         consolidation_poll_seconds=0.2,
+        # Longer than any wait here: what no pod event triggers (the fetch verified, the
+        # drain) must be seen by the consolidation timer, not the resync.
+        resync_seconds=60,
         drain_grace_seconds=0.3,
         # Stage 0's port: where the operator asks a draining pipeline's head what it serves.
         worker_port=engine.port,
