@@ -123,6 +123,8 @@ def pipeline_consolidation(
     plan = pipeline.plan
     stage = all_card_stage(plan)
     state, error = standalone_state(standalone, now, start_timeout_s)
+    if error is None and fetch is not None and fetch.state == FetchState.FAILED and fetch.error:
+        error = f"the whole-model fetch failed: {fetch.error}"
     draining = pipeline.draining_since is not None
     return PipelineConsolidation(
         pipeline=pipeline.name,

@@ -84,7 +84,7 @@ from hydraserve.operator.reconcile import (
     spec_errors,
 )
 from hydraserve.operator.settings import OperatorSettings
-from hydraserve.prefetcher.shm import FetchStatus
+from hydraserve.prefetcher.shm import FetchState, FetchStatus
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
 from hydraserve.store.uri import StoreURIError
 from hydraserve.worker.inflight import INFLIGHT_PATH
@@ -310,11 +310,19 @@ class Reconciler:
             fetch = None
             stage = all_card_stage(pipeline.plan)
             if pipeline.phase == InstancePhase.READY and pipeline.abandoned is None and stage:
-                fetch = whole_model_fetch(
-                    await self._node_status(prefetchers.get(stage.node)),
-                    spec.source.uri,
-                    spec.source.revision,
-                )
+                url = prefetchers.get(stage.node)
+                if url is None:
+                    # Nothing could fetch and verify the whole model there: give up (a
+                    # prefetcher that does not answer now is asked again instead).
+                    fetch = FetchStatus(
+                        state=FetchState.FAILED,
+                        started_at=now,
+                        error=f"no node prefetcher on {stage.node}",
+                    )
+                else:
+                    fetch = whole_model_fetch(
+                        await self._node_status(url), spec.source.uri, spec.source.revision
+                    )
             fetches[pipeline.name] = fetch
             in_flight = None
             if pipeline.phase == InstancePhase.DRAINING:

@@ -323,3 +323,28 @@ async def test_consolidation_turned_off_removes_a_standalone_not_promoted_yet(
     )
     assert [s["metadata"]["name"] for s in await cluster.services()] == [pipeline]
     assert await instance_phases(cluster) == {pipeline: ("Ready", "cold_start")}
+
+
+async def test_no_prefetcher_on_the_all_card_node_abandons_without_a_standalone(
+    cluster: Cluster, operators: OperatorRunner, engine: FakeEngine
+) -> None:
+    for node in ("gpu-a", "gpu-b"):
+        await cluster.add_gpu_node(node)
+    await cluster.add_prefetcher("gpu-b")  # none on gpu-a, the all-card node
+    await start_operator(operators, engine)
+    await cluster.apply_model("llama", replicas=1)
+    pods = await eventually(lambda: stage_pods(cluster, 2), what="both stage pods")
+    for p in pods:
+        await cluster.run_pod(p)
+    pipeline = str(pods[0]["metadata"]["labels"]["hydraserve.io/instance"])
+
+    async def abandoned() -> str | None:
+        record = annotations(await pipeline_service(cluster, pipeline))
+        return record.get("hydraserve.io/consolidation-abandoned")
+
+    reason = await eventually(abandoned, what="the consolidation abandoned")
+    assert "no node prefetcher on gpu-a" in reason
+    await eventually(
+        lambda: _status_if(cluster, lambda s: s.get("phase") == "Serving"), what="Serving"
+    )
+    assert not await standalone_pods(cluster)

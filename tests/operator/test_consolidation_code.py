@@ -281,7 +281,7 @@ def test_failed_standalone_or_fetch_abandons_and_an_abandoned_pipeline_is_left_a
     assert isinstance(action, Abandon) and "standalone engine failed" in action.reason
     failed = FetchStatus(state=FetchState.FAILED, started_at=300.0, error="store gone")
     (action,) = plan_for(pipeline_objects(), standalone_objects(), fetch=failed)
-    assert isinstance(action, Abandon)
+    assert isinstance(action, Abandon) and "store gone" in action.reason
     abandoned = pipeline_objects(annotations={ABANDONED_ANNOTATION: "it failed"})
     assert plan_for(abandoned) == []
 
