@@ -289,8 +289,12 @@ async def test_scale_to_zero_while_draining_releases_the_pipeline_when_idle(
     # still finishes what it serves, then goes.
     await cluster.scale("llama", 0)
     await eventually(lambda: _no_standalone(cluster), what="the standalone deleted")
+
+    async def only_draining() -> bool:
+        return await instance_phases(cluster) == {pipeline: ("Draining", "cold_start")}
+
+    await eventually(only_draining, what="only the draining pipeline in status")
     assert await stage_pods(cluster, 2) is not None
-    assert await instance_phases(cluster) == {pipeline: ("Draining", "cold_start")}
     engine.in_flight = 0
 
     async def empty() -> bool:
