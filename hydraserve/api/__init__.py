@@ -2,7 +2,10 @@
 
 from hydraserve.api.models import (
     Condition,
+    ConsolidationStatus,
     EngineSpec,
+    InstanceOrigin,
+    InstancePhase,
     InstanceStatus,
     ModelPhase,
     PipelineSpec,
@@ -19,7 +22,10 @@ from hydraserve.api.models import (
 
 __all__ = [
     "Condition",
+    "ConsolidationStatus",
     "EngineSpec",
+    "InstanceOrigin",
+    "InstancePhase",
     "InstanceStatus",
     "ModelPhase",
     "PipelineSpec",

@@ -166,6 +166,20 @@ class ModelPhase(StrEnum):
     FAILED = "Failed"
 
 
+class InstancePhase(StrEnum):
+    """Where one instance is in its life (the gateway routes new requests to Ready ones)."""
+
+    STARTING = "Starting"
+    READY = "Ready"
+    DRAINING = "Draining"  # taking no new requests (replaced or scaling down)
+    FAILED = "Failed"
+
+
+class InstanceOrigin(StrEnum):
+    COLD_START = "cold_start"  # started for demand: its start is a cold start
+    CONSOLIDATION = "consolidation"  # a standalone engine that replaces a pipeline
+
+
 class Condition(_Wire):
     type: str
     status: Annotated[str, Field(pattern=r"^(True|False|Unknown)$")]
@@ -197,10 +211,39 @@ class InstanceStatus(_Wire):
     endpoint: str | None = Field(
         default=None, description="Base URL of the instance's OpenAI server (stage 0)."
     )
-    ready: bool = False
+    ready: bool = Field(default=False, description="Takes new requests (phase Ready).")
+    # Not nullable (the API server would check null against the enum); a status written
+    # before these fields existed reads as Starting/cold_start, and ``ready`` wins then.
+    phase: InstancePhase = Field(
+        default=InstancePhase.STARTING,
+        description="Starting, Ready, Draining (taking no new requests: its in-flight "
+        "requests move to the instance that replaces it) or Failed.",
+    )
+    origin: InstanceOrigin = Field(
+        default=InstanceOrigin.COLD_START,
+        description="cold_start (started for demand) or consolidation (a standalone engine "
+        "replacing a pipelined instance; not a replica until it is promoted).",
+    )
     cold_start: list[StageTiming] = Field(
         default_factory=list, description="Cold-start stage breakdown, seconds."
     )
+
+
+class ConsolidationStatus(_Wire):
+    """A finished or abandoned consolidation; epoch seconds, null for steps not reached."""
+
+    pipeline: str = Field(description="The pipelined instance that was replaced.")
+    standalone: str = Field(description="The standalone engine that replaced it.")
+    started_at: float = Field(description="The standalone engine was started.")
+    fetched_at: float | None = Field(
+        default=None, description="The whole model was verified on the node."
+    )
+    promoted_at: float | None = Field(
+        default=None, description="The standalone took over; the pipeline began draining."
+    )
+    released_at: float | None = Field(default=None, description="The pipeline's pods were deleted.")
+    outcome: str = Field(default="done", pattern=r"^(done|abandoned)$")
+    reason: str = ""
 
 
 class ServerlessModelStatus(_Wire):
@@ -219,6 +262,14 @@ class ServerlessModelStatus(_Wire):
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    consolidations: list[ConsolidationStatus] = Field(
+        default_factory=list,
+        description="The latest finished consolidations, oldest first (at most 16).",
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["pipeline"],
+        },
     )
     last_cold_start_seconds: float | None = Field(
         default=None, description="Request-to-ready time of the latest cold start, seconds."

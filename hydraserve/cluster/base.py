@@ -10,21 +10,25 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-from hydraserve.api.models import ModelPhase, ServerlessModel, StageTiming
+# InstancePhase and InstanceOrigin are the API's (status.instances[].phase/origin), so the
+# embedded platform and Kubernetes report instances in the same words.
+from hydraserve.api.models import (
+    InstanceOrigin,
+    InstancePhase,
+    ModelPhase,
+    ServerlessModel,
+    StageTiming,
+)
 
-
-class InstancePhase(StrEnum):
-    STARTING = "Starting"
-    READY = "Ready"
-    DRAINING = "Draining"  # taking no new requests (replaced or scaling down)
-    FAILED = "Failed"
-
-
-class InstanceOrigin(StrEnum):
-    COLD_START = "cold_start"  # started for demand: its start is a cold start
-    CONSOLIDATION = "consolidation"  # a standalone engine that replaced a pipeline
+__all__ = [
+    "ClusterBackend",
+    "ConsolidationRecord",
+    "InstanceOrigin",
+    "InstancePhase",
+    "InstanceView",
+    "ModelView",
+]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ Triggers (all end in the same idempotent :meth:`Reconciler.reconcile`):
 * the ServerlessModel is created, its spec changes (the gateway's scale writes
   ``spec.replicas``), or the operator resumes it after a restart;
 * one of its worker pods changes (scheduled, ready, failed, deleted);
-* a periodic resync, so drift (a deleted Service, a node gone) is repaired anyway.
+* a periodic resync, so drift (a deleted Service, a node gone) is repaired anyway;
+* while a model is Consolidating (or a pipeline of it drains), a faster timer: what a
+  consolidation waits for (the node's whole-model fetch, the drain) is read over HTTP.
 
 Deletion runs behind the ``hydraserve.io/cleanup`` finalizer. With more than one replica,
 kopf peering elects the leader: every replica takes a random priority, the highest works
@@ -23,7 +25,7 @@ from typing import Any
 
 import kopf
 
-from hydraserve.api.models import GROUP, PLURAL, VERSION
+from hydraserve.api.models import GROUP, PLURAL, VERSION, InstancePhase, ModelPhase
 from hydraserve.cluster.kubeapi import KubeClient, KubeConfig
 from hydraserve.logs import get_logger
 from hydraserve.operator.naming import FINALIZER, MANAGED_BY, MANAGED_BY_VALUE, MODEL_LABEL
@@ -128,6 +130,23 @@ class OperatorApp:
 
         @kopf.timer(*models, interval=self.settings.resync_seconds, registry=registry)
         async def resync(namespace: str, name: str, **_: Any) -> None:
+            await self.reconciler.reconcile(namespace, name)
+
+        def consolidating(status: kopf.Status, **_: Any) -> bool:
+            # A pipeline may still drain when nothing serves (scaled to zero meanwhile).
+            instances = status.get("instances") or []
+            return status.get("phase") == ModelPhase.CONSOLIDATING.value or any(
+                i.get("phase") == InstancePhase.DRAINING.value for i in instances
+            )
+
+        # kopf starts this timer when a model consolidates and stops it after.
+        @kopf.timer(
+            *models,
+            interval=self.settings.consolidation_poll_seconds,
+            when=consolidating,
+            registry=registry,
+        )
+        async def consolidation(namespace: str, name: str, **_: Any) -> None:
             await self.reconciler.reconcile(namespace, name)
 
         @kopf.on.event("v1", "pods", labels={MANAGED_BY: MANAGED_BY_VALUE}, registry=registry)

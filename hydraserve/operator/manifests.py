@@ -14,6 +14,7 @@ from typing import Any
 from hydraserve.api.models import API_VERSION, KIND, ServerlessModelSpec
 from hydraserve.operator.cluster_state import gpu_resource_amount
 from hydraserve.operator.naming import (
+    CONSOLIDATES_LABEL,
     GPU_ANNOTATION,
     INSTANCE_LABEL,
     MEMORY_ANNOTATION,
@@ -26,6 +27,7 @@ from hydraserve.operator.naming import (
     TEMPLATE_HASH_ANNOTATION,
     InstancePlan,
     pod_name,
+    standalone_name,
     worker_labels,
 )
 from hydraserve.operator.settings import OperatorSettings
@@ -259,3 +261,29 @@ def worker_pod(
         },
         "spec": pod_spec,
     }
+
+
+def standalone_objects(
+    model: Mapping[str, Any],
+    spec: ServerlessModelSpec,
+    pipeline: str,
+    plan: InstancePlan,
+    template: str,
+    prefetcher_url: str | None,
+    now: float,
+    settings: OperatorSettings,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The standalone engine that consolidates ``pipeline``: its record (Service) and its
+    pp = 1 worker pod, pinned to the all-card node with the same shared-memory volume
+    (eager unless ``consolidation_enforce_eager`` is off: its start is on the clock).
+    ``plan`` is the standalone's own (``consolidation.standalone_plan``). Both carry
+    ``hydraserve.io/consolidates``: the replica count ignores them until promotion."""
+    instance = standalone_name(pipeline)
+    service = instance_service(model, instance, plan, template, now, now, settings)
+    pod = worker_pod(model, spec, instance, plan, 0, template, prefetcher_url, None, settings)
+    if settings.consolidation_enforce_eager:
+        container = pod["spec"]["containers"][0]
+        container["args"] = [a for a in container["args"] if a != "--compiled"]
+    for obj in (service, pod):
+        obj["metadata"]["labels"][CONSOLIDATES_LABEL] = pipeline
+    return service, pod

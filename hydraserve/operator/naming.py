@@ -37,6 +37,18 @@ GPU_ANNOTATION = f"{GROUP}/gpu"
 MEMORY_ANNOTATION = f"{GROUP}/gpu-memory-bytes"
 FINALIZER = f"{GROUP}/cleanup"
 
+# Consolidation (decision 0402). A standalone engine's Service and pod carry
+# CONSOLIDATES_LABEL=<pipeline>: outside the replica count until it is promoted. The
+# pipeline's Service records the switch (DRAINING_SINCE, with FETCHED_AT: when the node
+# verified the whole model), the drain (IDLE_SINCE) and a
+# given-up consolidation (ABANDONED); the standalone's Service its promotion.
+CONSOLIDATES_LABEL = f"{GROUP}/consolidates"
+DRAINING_SINCE_ANNOTATION = f"{GROUP}/draining-since"
+IDLE_SINCE_ANNOTATION = f"{GROUP}/idle-since"
+FETCHED_AT_ANNOTATION = f"{GROUP}/fetched-at"
+ABANDONED_ANNOTATION = f"{GROUP}/consolidation-abandoned"
+PROMOTED_AT_ANNOTATION = f"{GROUP}/promoted-at"
+
 # Node labels/annotations the planner's cluster view is read from.
 NIC_GBPS_KEY = f"{GROUP}/nic-gbps"
 GPU_TYPE_KEY = f"{GROUP}/gpu-type"
@@ -69,6 +81,12 @@ def new_instance_name(model: str, suffix: str | None = None) -> str:
     base = model if model[:1].isalpha() else f"m-{model}"
     base = base[: _MAX_LABEL - len(suffix) - 1].rstrip("-")
     return f"{base}-{suffix}"
+
+
+def standalone_name(pipeline: str) -> str:
+    """The standalone engine that consolidates ``pipeline``: one name per pipeline, so a
+    restarted operator finds (or fails to create twice) the one it started."""
+    return f"{pipeline[: _MAX_LABEL - 2].rstrip('-')}-c"
 
 
 def pod_name(instance: str, rank: int) -> str:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
 
 from hydraserve.api.models import (
     Condition,
+    ConsolidationStatus,
+    InstanceOrigin,
+    InstancePhase,
     InstanceStatus,
     ServerlessModelSpec,
     ServerlessModelStatus,
@@ -25,10 +28,16 @@ from hydraserve.api.models import (
 )
 from hydraserve.cluster.consolidation import model_phase
 from hydraserve.operator.naming import (
+    ABANDONED_ANNOTATION,
+    CONSOLIDATES_LABEL,
+    DRAINING_SINCE_ANNOTATION,
+    FETCHED_AT_ANNOTATION,
+    IDLE_SINCE_ANNOTATION,
     INSTANCE_LABEL,
     PLAN_ANNOTATION,
     PLANNED_AT_ANNOTATION,
     PRELOADED_AT_ANNOTATION,
+    PROMOTED_AT_ANNOTATION,
     REQUESTED_AT_ANNOTATION,
     STAGE_LABEL,
     TEMPLATE_HASH_ANNOTATION,
@@ -38,6 +47,9 @@ from hydraserve.operator.naming import (
 )
 
 Obj = Mapping[str, Any]
+
+# Finished consolidations kept in status (the gateway's metrics read each once).
+CONSOLIDATION_HISTORY = 16
 
 # Condition types written to status.conditions.
 VALID = "Valid"
@@ -110,6 +122,61 @@ class ObservedInstance:
     name: str
     record: Obj | None  # the head Service; None while only orphaned pods remain
     pods: Mapping[int, Obj] = field(default_factory=dict)  # rank -> pod
+    # A standalone engine (consolidation): it took over its pipeline, by its own record or
+    # by its pipeline's (the pipeline's Service is marked draining first: the switch).
+    promoted: bool = False
+
+    def _annotation(self, key: str) -> str | None:
+        value = (((self.record or {}).get("metadata") or {}).get("annotations") or {}).get(key)
+        return str(value) if value is not None else None
+
+    @property
+    def consolidates(self) -> str | None:
+        """The pipeline this standalone engine replaces (None: not a standalone)."""
+        labels = ((self.record or {}).get("metadata") or {}).get("labels") or {}
+        value = labels.get(CONSOLIDATES_LABEL)
+        return str(value) if value else None
+
+    @property
+    def pending(self) -> bool:
+        """A standalone engine not promoted yet: not a replica, the consolidation owns it."""
+        return self.consolidates is not None and not self.promoted
+
+    @property
+    def draining_since(self) -> float | None:
+        """Set once a standalone took over: it takes no new requests and is released when
+        idle (the consolidation owns it, not the replica count)."""
+        return _float_annotation(self.record, DRAINING_SINCE_ANNOTATION)
+
+    @property
+    def idle_since(self) -> float | None:
+        return _float_annotation(self.record, IDLE_SINCE_ANNOTATION)
+
+    @property
+    def promoted_at(self) -> float | None:
+        """A standalone's own record of its promotion (see ``promoted``)."""
+        return _float_annotation(self.record, PROMOTED_AT_ANNOTATION)
+
+    @property
+    def fetched_at(self) -> float | None:
+        return _float_annotation(self.record, FETCHED_AT_ANNOTATION)
+
+    @property
+    def abandoned(self) -> str | None:
+        """Why its consolidation was given up (it then keeps serving as it is)."""
+        return self._annotation(ABANDONED_ANNOTATION)
+
+    @property
+    def origin(self) -> InstanceOrigin:
+        return InstanceOrigin.CONSOLIDATION if self.consolidates else InstanceOrigin.COLD_START
+
+    @property
+    def phase(self) -> InstancePhase:
+        if self.draining_since is not None:
+            return InstancePhase.DRAINING
+        if self.ready and not self.pending:
+            return InstancePhase.READY
+        return InstancePhase.STARTING
 
     @property
     def plan(self) -> InstancePlan | None:
@@ -180,6 +247,15 @@ def observe(services: Iterable[Obj], pods: Iterable[Obj]) -> list[ObservedInstan
             stage_pods.setdefault(instance, {})[int(stage)] = pod
     names = set(records) | set(stage_pods)
     instances = [ObservedInstance(n, records.get(n), stage_pods.get(n, {})) for n in names]
+    by_name = {i.name: i for i in instances}
+    for k, inst in enumerate(instances):
+        pipeline = by_name.get(inst.consolidates or "")
+        promoted = inst.consolidates is not None and (
+            inst.promoted_at is not None
+            or (pipeline is not None and pipeline.draining_since is not None)
+        )
+        if promoted:
+            instances[k] = replace(inst, promoted=True)
     return sorted(instances, key=lambda i: (i.requested_at, i.name))
 
 
@@ -211,15 +287,24 @@ def decide(
     """What to change so that ``desired`` up-to-date instances exist.
 
     Failed instances go; outdated ones (another template) stay until enough up-to-date
-    ones are ready, then go; surplus goes not-ready-first, then newest-first.
+    ones are ready, then go; surplus goes not-ready-first, then newest-first. Instances
+    that a consolidation owns are not replicas: a draining pipeline (it goes when drained,
+    or when it fails) and a standalone engine not promoted yet (it goes when its pipeline
+    does; its own failure is the consolidation's to handle).
     """
     delete: list[tuple[str, str]] = []
     current: list[ObservedInstance] = []
     outdated: list[ObservedInstance] = []
+    pending: list[ObservedInstance] = []
     for inst in instances:
+        if inst.pending:
+            pending.append(inst)
+            continue
         why = inst.failure(now, start_timeout_s)
         if why is not None:
             delete.append((inst.name, f"failed: {why}"))
+        elif inst.draining_since is not None:
+            continue
         elif inst.template != template:
             outdated.append(inst)
         else:
@@ -233,6 +318,11 @@ def decide(
     ready_current = sum(1 for i in current if i.ready)
     if outdated and (desired == 0 or ready_current >= desired):
         delete += [(i.name, "outdated: the spec changed") for i in outdated]
+    going = {name for name, _ in delete}
+    pipelines = {i.name for i in instances if i.record is not None and i.name not in going}
+    for inst in pending:
+        if inst.consolidates not in pipelines:
+            delete.append((inst.name, f"its pipeline {inst.consolidates} is gone"))
     complete = tuple((i.name, i.missing_ranks) for i in current if i.missing_ranks)
     return Actions(create=max(0, desired - len(current)), complete=complete, delete=tuple(delete))
 
@@ -289,12 +379,15 @@ def instance_status(inst: ObservedInstance, endpoint: str | None) -> InstanceSta
                 and (rank > 0 or pod_ready(pod)),
             )
         )
+    phase = inst.phase
     return InstanceStatus(
         name=inst.name,
         pp=plan.pp if plan else max(len(inst.pods), 1),
         workers=workers,
         endpoint=endpoint if inst.record is not None else None,
-        ready=inst.ready,
+        ready=phase == InstancePhase.READY,
+        phase=phase,
+        origin=inst.origin,
         cold_start=_cold_start(inst),
     )
 
@@ -329,13 +422,18 @@ def build_status(
     unschedulable: str | None = None,
     generation: int | None = None,
     consolidating: bool = False,
+    finished: Sequence[ConsolidationStatus] = (),
 ) -> ServerlessModelStatus:
     """What the user and the gateway read. ``consolidating``: a serving pipeline is being
     replaced by a standalone engine (see ``hydraserve.cluster.consolidation``); the phase
-    is then Consolidating until its stages are released."""
-    live = [i for i in instances if i.record is not None]
-    statuses = [instance_status(i, endpoints.get(i.name)) for i in live]
+    is then Consolidating until its stages are released. ``finished``: consolidations that
+    ended in this pass, added to the (bounded) history."""
+    recorded = [i for i in instances if i.record is not None]
+    statuses = [instance_status(i, endpoints.get(i.name)) for i in recorded]
     ready = sum(1 for s in statuses if s.ready)
+    # Replicas: what the replica count owns (not a draining pipeline, nor a standalone
+    # engine before it takes over).
+    live = [i for i in recorded if not i.pending and i.draining_since is None]
     conditions = list(previous.conditions)
     if invalid is not None:
         conditions = set_condition(conditions, VALID, False, invalid_reason, invalid, now)
@@ -371,11 +469,15 @@ def build_status(
     )
     # The latest cold start that completed: request -> stage 0 ready.
     last_cold = previous.last_cold_start_seconds
-    done = [s for s in statuses if s.ready and s.cold_start]
+    done = [
+        s for s in statuses if s.ready and s.cold_start and s.origin == InstanceOrigin.COLD_START
+    ]
     if done:
-        latest = max(done, key=lambda s: next(i.requested_at for i in live if i.name == s.name))
+        latest = max(done, key=lambda s: next(i.requested_at for i in recorded if i.name == s.name))
         if latest.cold_start[-1].stage == "load":
             last_cold = latest.cold_start[-1].end
+    again = {c.pipeline for c in finished}
+    history = [c for c in previous.consolidations if c.pipeline not in again] + list(finished)
     return ServerlessModelStatus(
         phase=phase,
         replicas=len(live),
@@ -383,6 +485,7 @@ def build_status(
         selector=head_selector(model_name),
         instances=statuses,
         conditions=conditions,
+        consolidations=history[-CONSOLIDATION_HISTORY:],
         last_cold_start_seconds=last_cold,
         observed_generation=generation if generation is not None else previous.observed_generation,
     )

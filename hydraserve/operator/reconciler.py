@@ -18,20 +18,59 @@ from typing import Any, Protocol
 import httpx
 from pydantic import ValidationError
 
-from hydraserve.api.models import GROUP, PLURAL, VERSION, ServerlessModelSpec, ServerlessModelStatus
+from hydraserve.api.models import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    ConsolidationStatus,
+    InstancePhase,
+    ServerlessModelSpec,
+    ServerlessModelStatus,
+)
+from hydraserve.cluster.consolidation import (
+    Abandon,
+    ConsolidationAction,
+    ConsolidationPolicy,
+    FetchWholeModel,
+    Promote,
+    Release,
+    StartStandalone,
+    consolidation_plan,
+)
 from hydraserve.cluster.kubeapi import KubeClient, KubeError, path_of
 from hydraserve.controller.types import Plan, Unschedulable
 from hydraserve.logs import get_logger
 from hydraserve.operator.cluster_state import cluster_state, prefetcher_urls, reserve
-from hydraserve.operator.manifests import endpoint_url, instance_service, worker_pod
+from hydraserve.operator.consolidation import (
+    all_card_stage,
+    consolidating,
+    finished_record,
+    pipeline_consolidation,
+    pipelines,
+    standalone_plan,
+    standalones,
+    whole_model_fetch,
+)
+from hydraserve.operator.manifests import (
+    endpoint_url,
+    instance_service,
+    standalone_objects,
+    worker_pod,
+)
 from hydraserve.operator.naming import (
+    ABANDONED_ANNOTATION,
     APP_NAME,
+    DRAINING_SINCE_ANNOTATION,
+    FETCHED_AT_ANNOTATION,
+    IDLE_SINCE_ANNOTATION,
     MANAGED_BY,
     MANAGED_BY_VALUE,
     MODEL_LABEL,
+    PROMOTED_AT_ANNOTATION,
     WORKER_APP,
     InstancePlan,
     new_instance_name,
+    standalone_name,
     template_hash,
 )
 from hydraserve.operator.planning import Planner, plan_instance, plan_request
@@ -45,8 +84,10 @@ from hydraserve.operator.reconcile import (
     spec_errors,
 )
 from hydraserve.operator.settings import OperatorSettings
+from hydraserve.prefetcher.shm import FetchState, FetchStatus
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
 from hydraserve.store.uri import StoreURIError
+from hydraserve.worker.inflight import INFLIGHT_PATH
 
 log = get_logger("operator")
 
@@ -98,6 +139,11 @@ class Reconciler:
         self._locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._queued: dict[tuple[str, str], bool] = defaultdict(bool)
         self._manifests: dict[tuple[str, str], Manifest] = {}
+        self.policy = ConsolidationPolicy(
+            enabled=settings.consolidation,
+            drain_grace_seconds=settings.drain_grace_seconds,
+            drain_timeout_seconds=settings.drain_timeout_seconds,
+        )
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -201,6 +247,9 @@ class Reconciler:
                         retry = self.settings.retry_seconds
 
         instances = await self._observe(namespace, name)
+        changed, finished = await self._consolidate(model, spec, template, instances)
+        if changed:
+            instances = await self._observe(namespace, name)
         endpoints = {i.name: endpoint_url(i.name, namespace, self.settings) for i in instances}
         status = build_status(
             name,
@@ -213,9 +262,270 @@ class Reconciler:
             invalid_reason="ModelNotFound",
             unschedulable=unschedulable,
             generation=(model.get("metadata") or {}).get("generation"),
+            consolidating=consolidating(instances, self.policy),
+            finished=finished,
         )
         await self._write_status(model, previous, status)
         return Outcome(retry_after=retry, message=invalid or unschedulable or status.phase.value)
+
+    # -- consolidation (decision 0402) -------------------------------------------------
+
+    async def _consolidate(
+        self,
+        model: Mapping[str, Any],
+        spec: ServerlessModelSpec,
+        template: str,
+        instances: list[ObservedInstance],
+    ) -> tuple[bool, list[ConsolidationStatus]]:
+        """Observe every pipeline's consolidation, plan (shared, pure), apply. Each step is
+        derived from Kubernetes objects and the HTTP probes, so any pass, by any operator
+        replica, continues where the last one stopped. (Whether something changed, the
+        consolidations that ended.)"""
+        name = model["metadata"]["name"]
+        by_pipeline = standalones(instances)
+        changed = False
+        finished: list[ConsolidationStatus] = []
+        if not self.policy.enabled:
+            # Turned off: a standalone not promoted yet goes; a draining pipeline still
+            # drains (the plan releases it), its standalone serves.
+            for standalone in by_pipeline.values():
+                if standalone.pending:
+                    await self._delete_instance(model, standalone, "consolidation is off")
+                    changed = True
+        # Draining pipelines always (they are released); serving ones while consolidation
+        # is on and not given up for them.
+        serving = [
+            p
+            for p in pipelines(instances)
+            if p.phase == InstancePhase.DRAINING or (self.policy.enabled and p.abandoned is None)
+        ]
+        if not serving:
+            return changed, finished
+        ready = any(p.phase == InstancePhase.READY for p in serving)
+        prefetchers = await self._prefetchers() if ready else {}
+        now = self.clock()
+        observed = []
+        fetches: dict[str, FetchStatus | None] = {}
+        for pipeline in serving:
+            fetch = None
+            stage = all_card_stage(pipeline.plan)
+            if pipeline.phase == InstancePhase.READY and pipeline.abandoned is None and stage:
+                url = prefetchers.get(stage.node)
+                if url is None:
+                    # Nothing could fetch and verify the whole model there: give up (a
+                    # prefetcher that does not answer now is asked again instead).
+                    fetch = FetchStatus(
+                        state=FetchState.FAILED,
+                        started_at=now,
+                        error=f"no node prefetcher on {stage.node}",
+                    )
+                else:
+                    fetch = whole_model_fetch(
+                        await self._node_status(url), spec.source.uri, spec.source.revision
+                    )
+            fetches[pipeline.name] = fetch
+            in_flight = None
+            if pipeline.phase == InstancePhase.DRAINING:
+                in_flight = await self._in_flight(pipeline)
+            record = pipeline_consolidation(
+                pipeline,
+                by_pipeline.get(pipeline.name),
+                fetch,
+                in_flight,
+                now,
+                self.settings.instance_start_timeout_seconds,
+            )
+            if pipeline.phase == InstancePhase.DRAINING and record.idle_since != (
+                pipeline.idle_since
+            ):
+                idle = None if record.idle_since is None else f"{record.idle_since:.3f}"
+                await self._annotate(model, pipeline.name, {IDLE_SINCE_ANNOTATION: idle})
+                changed = True
+            observed.append(record)
+        by_name = {i.name: i for i in instances}
+        for action in consolidation_plan(observed, self.policy, now):
+            pipeline = by_name[action.pipeline]
+            try:
+                ended = await self._apply(
+                    model,
+                    spec,
+                    template,
+                    pipeline,
+                    by_pipeline.get(pipeline.name),
+                    action,
+                    prefetchers,
+                    fetches.get(pipeline.name),
+                    now,
+                )
+            except KubeError as exc:
+                # The next pass observes what happened and asks again.
+                log.warning(
+                    "consolidation.action_failed",
+                    model=name,
+                    instance=pipeline.name,
+                    action=type(action).__name__,
+                    error=str(exc),
+                )
+            else:
+                if ended is not None:
+                    finished.append(ended)
+            changed = True
+        return changed, finished
+
+    async def _apply(
+        self,
+        model: Mapping[str, Any],
+        spec: ServerlessModelSpec,
+        template: str,
+        pipeline: ObservedInstance,
+        replacement: ObservedInstance | None,
+        action: ConsolidationAction,
+        prefetchers: Mapping[str, str],
+        fetch: FetchStatus | None,
+        now: float,
+    ) -> ConsolidationStatus | None:
+        """Apply one step; ``replacement`` is the standalone engine observed for it,
+        ``fetch`` the node's whole-model fetch. A history entry when the consolidation
+        ended (released or abandoned)."""
+        name, namespace = model["metadata"]["name"], model["metadata"]["namespace"]
+        standalone = standalone_name(pipeline.name)
+        if isinstance(action, FetchWholeModel):
+            # Low priority: it yields to cold-start fetches on the node (decision 0101).
+            url = prefetchers.get(action.node or "")
+            log.info("consolidation.fetch", model=name, instance=pipeline.name, node=action.node)
+            await self._preload(name, pipeline.name, spec, 1, 0, url, low_priority=True)
+        elif isinstance(action, StartStandalone):
+            assert pipeline.plan is not None  # pipelines() only yields planned instances
+            plan = standalone_plan(pipeline.plan)
+            url = prefetchers.get(plan.stages[0].node)
+            service, pod = standalone_objects(
+                model, spec, pipeline.name, plan, template, url, now, self.settings
+            )
+            for plural, obj in (("services", service), ("pods", pod)):
+                try:  # same names on every try: a second standalone cannot exist
+                    await self.client.create(path_of("v1", plural, namespace), obj)
+                except KubeError as exc:
+                    if exc.status != 409:
+                        raise
+            log.info(
+                "consolidation.start",
+                model=name,
+                instance=pipeline.name,
+                standalone=standalone,
+                node=plan.stages[0].node,
+            )
+            self.events(
+                model,
+                "Normal",
+                "ConsolidationStarted",
+                f"{standalone}: a pp=1 engine on {plan.stages[0].node} to replace "
+                f"{pipeline.name} (pp={pipeline.plan.pp})",
+            )
+        elif isinstance(action, Promote):
+            # The switch is one write, on the pipeline's record: from here on the
+            # standalone counts as promoted (the next line only makes that its own).
+            stamp = f"{now:.3f}"
+            fetched = (fetch.finished_at if fetch is not None else None) or now
+            await self._annotate(
+                model,
+                pipeline.name,
+                {DRAINING_SINCE_ANNOTATION: stamp, FETCHED_AT_ANNOTATION: f"{fetched:.3f}"},
+            )
+            await self._annotate(model, standalone, {PROMOTED_AT_ANNOTATION: stamp})
+            log.info(
+                "consolidation.promoted",
+                model=name,
+                instance=pipeline.name,
+                standalone=standalone,
+                since_requested_s=round(now - pipeline.requested_at, 3),
+            )
+            self.events(
+                model,
+                "Normal",
+                "ConsolidationPromoted",
+                f"{standalone} serves; {pipeline.name} drains",
+            )
+        elif isinstance(action, Release):
+            # Promoted by its own record before the pipeline's (the switch) goes; it may
+            # be gone already (scaled down while the pipeline drained).
+            if replacement is not None and replacement.promoted_at is None:
+                stamp = f"{pipeline.draining_since or now:.3f}"
+                try:
+                    await self._annotate(model, standalone, {PROMOTED_AT_ANNOTATION: stamp})
+                except KubeError as exc:
+                    if exc.status != 404:
+                        raise
+            await self._delete_instance(model, pipeline, f"consolidated ({action.reason})")
+            log.info(
+                "consolidation.done",
+                model=name,
+                instance=pipeline.name,
+                standalone=standalone,
+                drain_s=round(now - (pipeline.draining_since or now), 3),
+                reason=action.reason,
+            )
+            return finished_record(pipeline, replacement, now, outcome="done", reason=action.reason)
+        elif isinstance(action, Abandon):
+            # Recorded first, so that no pass starts another standalone for this pipeline.
+            await self._annotate(model, pipeline.name, {ABANDONED_ANNOTATION: action.reason})
+            if replacement is not None:
+                why = f"consolidation abandoned: {action.reason}"
+                await self._delete_instance(model, replacement, why)
+            log.warning(
+                "consolidation.abandoned",
+                model=name,
+                instance=pipeline.name,
+                standalone=standalone,
+                reason=action.reason,
+            )
+            self.events(
+                model,
+                "Warning",
+                "ConsolidationAbandoned",
+                f"{pipeline.name} keeps serving: {action.reason}",
+            )
+            return finished_record(
+                pipeline, replacement, now, outcome="abandoned", reason=action.reason
+            )
+        return None
+
+    async def _annotate(
+        self, model: Mapping[str, Any], service: str, annotations: Mapping[str, str | None]
+    ) -> None:
+        """Merge annotations into an instance's record (None removes one)."""
+        namespace = model["metadata"]["namespace"]
+        await self.client.merge_patch(
+            path_of("v1", "services", namespace, service),
+            {"metadata": {"annotations": dict(annotations)}},
+        )
+
+    async def _node_status(self, url: str | None) -> dict[str, Any] | None:
+        """A node prefetcher's ``GET /v1/status`` (None: no prefetcher, or no answer)."""
+        if url is None:
+            return None
+        try:
+            resp = await self._http.get(
+                f"{url}/v1/status", timeout=self.settings.probe_timeout_seconds
+            )
+            resp.raise_for_status()
+            return dict(resp.json())
+        except (httpx.HTTPError, ValueError, TypeError) as exc:
+            log.warning("prefetcher.status_failed", prefetcher=url, error=str(exc) or repr(exc))
+            return None
+
+    async def _in_flight(self, pipeline: ObservedInstance) -> int | None:
+        """Requests the pipeline's engine serves now, asked of its head pod (None: no
+        answer; the drain timeout still releases it)."""
+        head = pipeline.pods.get(0)
+        ip = ((head or {}).get("status") or {}).get("podIP")
+        if not ip:
+            return None
+        url = f"http://{ip}:{self.settings.worker_port}{INFLIGHT_PATH}"
+        try:
+            resp = await self._http.get(url, timeout=self.settings.probe_timeout_seconds)
+            return int(resp.json()["in_flight"]) if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
 
     async def _create_instances(
         self,
@@ -361,6 +671,8 @@ class Reconciler:
         pp: int,
         rank: int,
         url: str | None,
+        *,
+        low_priority: bool = False,
     ) -> bool:
         if url is None:
             log.warning("preload.no_prefetcher", model=name, instance=instance, stage=rank)
@@ -371,6 +683,7 @@ class Reconciler:
             "revision": spec.source.revision,
             "pp": pp if pp > 1 else None,
             "rank": rank if pp > 1 else None,
+            "low_priority": low_priority,
         }
         try:
             resp = await self._http.post(f"{url}/v1/preload", json=body)
@@ -385,7 +698,14 @@ class Reconciler:
                 error=str(exc) or type(exc).__name__,
             )
             return False
-        log.info("preload.accepted", model=name, instance=instance, stage=rank, prefetcher=url)
+        log.info(
+            "preload.accepted",
+            model=name,
+            instance=instance,
+            stage=rank,
+            prefetcher=url,
+            low_priority=low_priority,
+        )
         return True
 
     async def _delete_instance(

@@ -88,6 +88,34 @@ class OperatorSettings(BaseSettings):
         default=900.0, gt=0, description="An instance not ready by then is replaced."
     )
 
+    # Pipeline consolidation (decision 0402): a serving pipeline (pp > 1) is replaced by a
+    # standalone pp = 1 engine on its all-card node, then drained and released.
+    consolidation: bool = Field(
+        default=True,
+        description="Replace serving pipelines by standalone engines (off: pipelines stay).",
+    )
+    consolidation_enforce_eager: bool = Field(
+        default=True,
+        description="Start the standalone engine eager (fastest start) even when workers "
+        "run compiled.",
+    )
+    consolidation_poll_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often a consolidating model is looked at (fetch state, drain).",
+    )
+    drain_grace_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="A draining pipeline is released once idle this long.",
+    )
+    drain_timeout_seconds: float = Field(
+        default=300.0, gt=0, description="... or this long after the switch, idle or not."
+    )
+    probe_timeout_seconds: float = Field(
+        default=2.0, gt=0, description="Timeout of prefetcher status and in-flight probes."
+    )
+
     # Leader election (kopf peering) and health.
     peering_name: str = "hydraserve"
     standalone: bool = Field(default=False, description="No peering (a single replica).")

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from hydraserve.api.models import ServerlessModelSpec
-from hydraserve.operator.manifests import instance_service, worker_pod
+from hydraserve.operator.consolidation import standalone_plan
+from hydraserve.operator.manifests import instance_service, standalone_objects, worker_pod
 from hydraserve.operator.naming import InstancePlan, StagePlan
 from hydraserve.operator.settings import OperatorSettings
 
@@ -38,6 +39,8 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "s3.endpointUrl=http://minio.storage:9000", "--set", "s3.createSecret=true",
         "--set", "s3.accessKeyId=AK", "--set", "s3.secretAccessKey=SK",
         "--set", "gateway.apiKeysSecret=hydraserve-keys",
+        "--set", "operator.consolidation.enabled=false",
+        "--set", "operator.consolidation.drainTimeoutSeconds=60",
     ],
     "no-gateway-standalone": [
         "--set", "gateway.enabled=false", "--set", "operator.leaderElection=false",
@@ -167,9 +170,13 @@ def test_operator_env_is_read_by_its_settings(rendered: dict[str, list[dict[str,
             assert settings.namespaces == ["team-a", "team-b"]
             assert settings.s3_endpoint_url == "http://minio.storage:9000"
             assert settings.standalone is False
+            assert settings.consolidation is False
+            assert settings.drain_timeout_seconds == 60
         if name == "defaults":
             assert settings.worker_image == "ghcr.io/hydraserve/worker:0.1.0"
             assert settings.worker_tolerations[0]["key"] == "nvidia.com/gpu"
+            assert settings.consolidation is True
+            assert settings.consolidation_poll_seconds == 2
 
 
 def test_prefetcher_daemonset_shm_capacity_and_nodes(
@@ -233,6 +240,10 @@ def test_rbac_is_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> N
         r for rule in operator["rules"] for r in rule["resources"] if "delete" in rule["verbs"]
     }
     assert deletable == {"pods", "services"}
+    patchable = {
+        r for rule in operator["rules"] for r in rule["resources"] if "patch" in rule["verbs"]
+    }
+    assert "services" in patchable and "pods" not in patchable  # consolidation's records
 
 
 def test_s3_secret_and_api_keys(
@@ -298,6 +309,10 @@ def test_operator_made_objects_pass_kubernetes_validate_strict() -> None:
         worker_pod(model, spec, "llama-abcde", plan, r, "t", "http://10.0.0.1:8300", 3.0, settings)
         for r in range(2)
     ]
+    # The standalone engine that consolidates it (pp = 1 on the all-card node).
+    objects += standalone_objects(
+        model, spec, "llama-abcde", standalone_plan(plan), "t", None, 4.0, settings
+    )
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 

@@ -1,4 +1,5 @@
-"""A Kubernetes API (kmock's emulator), GPU nodes, recording prefetchers and the operator.
+"""A Kubernetes API (kmock's emulator), GPU nodes, recording prefetchers, fake engines
+and the operator.
 
 kmock keeps objects, serves lists, watches and merge patches, but runs no controllers and
 validates nothing: the tests play the scheduler and kubelet by patching pods, and give
@@ -62,17 +63,22 @@ class ApiServerEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
 
 @dataclass
 class RecordingPrefetcher:
-    """A real HTTP server that answers the prefetcher API and records what it was asked."""
+    """A real HTTP server that answers the prefetcher API and records what it was asked.
+
+    ``GET /v1/status`` reports the whole-model fetch of each model in ``full`` (uri ->
+    fetch state), as a node prefetcher does once a whole-model preload ran there."""
 
     node: str
     calls: list[dict[str, Any]] = field(default_factory=list)
     hold: asyncio.Event | None = None  # when set, preload waits on it (a slow prefetcher)
+    full: dict[str, str] = field(default_factory=dict)
     url: str = ""
     _runner: aiohttp.web.AppRunner | None = None
 
     async def start(self) -> None:
         app = aiohttp.web.Application()
         app.router.add_post("/v1/preload", self._preload)
+        app.router.add_get("/v1/status", self._status)
         app.router.add_get("/healthz", self._healthz)
         self._runner = aiohttp.web.AppRunner(app)
         await self._runner.setup()
@@ -98,6 +104,63 @@ class RecordingPrefetcher:
 
     async def _healthz(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
         return aiohttp.web.json_response({"status": "ok", "node": self.node})
+
+    async def _status(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        models = [
+            {
+                "uri": uri,
+                "revision": "main",
+                "name": "tiny",
+                "key": "tiny",
+                "memory_bytes": 1,
+                "complete": state == "done",
+                "last_used": time.time(),
+                "fetches": {"full": {"state": state, "total": 1, "started_at": time.time()}},
+            }
+            for uri, state in self.full.items()
+        ]
+        return aiohttp.web.json_response(
+            {
+                "node": self.node,
+                "capacity_bytes": 1 << 30,
+                "used_bytes": 0,
+                "bytes_from_store": 0,
+                "models": models,
+            }
+        )
+
+
+@dataclass
+class FakeEngine:
+    """Stage 0's in-flight endpoint (``GET /hydraserve/inflight``), as a draining
+    pipeline's head answers it; ``in_flight`` is what it says."""
+
+    in_flight: int = 1
+    asked: int = 0
+    url: str = ""
+    _runner: aiohttp.web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = aiohttp.web.Application()
+        app.router.add_get("/hydraserve/inflight", self._inflight)
+        self._runner = aiohttp.web.AppRunner(app)
+        await self._runner.setup()
+        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _inflight(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        self.asked += 1
+        return aiohttp.web.json_response({"in_flight": self.in_flight})
 
 
 class Cluster:
@@ -282,6 +345,9 @@ class OperatorRunner:
             worker_image="registry.example/hydraserve/worker:test",
             s3_endpoint_url="http://minio.storage:9000",
             s3_credentials_secret="hydraserve-s3",
+            # Off unless a test is about it (tests/operator/test_consolidation.py): the
+            # other tests check pipelines as they start and serve.
+            consolidation=False,
         )
         self.apps: list[tuple[OperatorApp, asyncio.Event, asyncio.Task[None]]] = []
 
@@ -348,6 +414,14 @@ async def cluster(emulator: Any, store_uri: str) -> AsyncIterator[Cluster]:
     for recorder in c.prefetchers.values():
         await recorder.stop()
     await client.close()
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[FakeEngine]:
+    fake = FakeEngine()
+    await fake.start()
+    yield fake
+    await fake.stop()
 
 
 @pytest.fixture
