@@ -43,7 +43,6 @@ def now_rfc3339(offset: float = 0.0) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@dataclass
 @attrs.define(kw_only=True)
 class ApiServerEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     """kmock's emulator plus what a real API server assigns on create: a name from
@@ -61,25 +60,18 @@ class ApiServerEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         return await super()._handle(request)
 
 
-@dataclass
-class RecordingPrefetcher:
-    """A real HTTP server that answers the prefetcher API and records what it was asked.
+class LocalHttpServer:
+    """A real HTTP server on a free loopback port, serving the routes ``routes()`` gives."""
 
-    ``GET /v1/status`` reports the whole-model fetch of each model in ``full`` (uri ->
-    fetch state), as a node prefetcher does once a whole-model preload ran there."""
-
-    node: str
-    calls: list[dict[str, Any]] = field(default_factory=list)
-    hold: asyncio.Event | None = None  # when set, preload waits on it (a slow prefetcher)
-    full: dict[str, str] = field(default_factory=dict)
     url: str = ""
     _runner: aiohttp.web.AppRunner | None = None
 
+    def routes(self) -> list[aiohttp.web.RouteDef]:
+        raise NotImplementedError
+
     async def start(self) -> None:
         app = aiohttp.web.Application()
-        app.router.add_post("/v1/preload", self._preload)
-        app.router.add_get("/v1/status", self._status)
-        app.router.add_get("/healthz", self._healthz)
+        app.add_routes(self.routes())
         self._runner = aiohttp.web.AppRunner(app)
         await self._runner.setup()
         site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -94,6 +86,28 @@ class RecordingPrefetcher:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+@dataclass
+class RecordingPrefetcher(LocalHttpServer):
+    """A real HTTP server that answers the prefetcher API and records what it was asked.
+
+    ``GET /v1/status`` reports the whole-model fetch of each model in ``full`` (uri ->
+    fetch state), as a node prefetcher does once a whole-model preload ran there."""
+
+    node: str
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    hold: asyncio.Event | None = None  # when set, preload waits on it (a slow prefetcher)
+    full: dict[str, str] = field(default_factory=dict)
+    url: str = ""
+    _runner: aiohttp.web.AppRunner | None = None
+
+    def routes(self) -> list[aiohttp.web.RouteDef]:
+        return [
+            aiohttp.web.post("/v1/preload", self._preload),
+            aiohttp.web.get("/v1/status", self._status),
+            aiohttp.web.get("/healthz", self._healthz),
+        ]
 
     async def _preload(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
         body = await request.json()
@@ -131,7 +145,7 @@ class RecordingPrefetcher:
 
 
 @dataclass
-class FakeEngine:
+class FakeEngine(LocalHttpServer):
     """Stage 0's in-flight endpoint (``GET /hydraserve/inflight``), as a draining
     pipeline's head answers it; ``in_flight`` is what it says."""
 
@@ -140,23 +154,8 @@ class FakeEngine:
     url: str = ""
     _runner: aiohttp.web.AppRunner | None = None
 
-    async def start(self) -> None:
-        app = aiohttp.web.Application()
-        app.router.add_get("/hydraserve/inflight", self._inflight)
-        self._runner = aiohttp.web.AppRunner(app)
-        await self._runner.setup()
-        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    def routes(self) -> list[aiohttp.web.RouteDef]:
+        return [aiohttp.web.get("/hydraserve/inflight", self._inflight)]
 
     async def _inflight(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
         self.asked += 1
