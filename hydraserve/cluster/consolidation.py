@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from pydantic import BaseModel, Field
+
 from hydraserve.api.models import ModelPhase
 from hydraserve.cluster.base import InstancePhase
 from hydraserve.prefetcher.shm import FetchState
@@ -39,6 +41,39 @@ class ConsolidationPolicy:
     # ... or after this long whatever it still serves (requests that cannot move exactly
     # finish there meanwhile; after this they are cut off).
     drain_timeout_seconds: float = 300.0
+
+
+class ConsolidationSettings(BaseModel):
+    """The consolidation settings every backend has (the local backend's and the
+    operator's settings inherit them, so names, bounds and meaning are defined once)."""
+
+    consolidation: bool = Field(
+        default=True,
+        description="Replace a serving pipeline (pp > 1) by a standalone pp = 1 engine "
+        "started from shared memory on its all-card node, then release the pipeline.",
+    )
+    consolidation_enforce_eager: bool = Field(
+        default=True,
+        description="Start the standalone engine eager (fastest start; it streams weights "
+        "as the background fetch verifies them) even when workers run compiled.",
+    )
+    drain_grace_seconds: float = Field(
+        default=ConsolidationPolicy.drain_grace_seconds,
+        ge=0,
+        description="A draining pipeline is released once its engine has been idle this long.",
+    )
+    drain_timeout_seconds: float = Field(
+        default=ConsolidationPolicy.drain_timeout_seconds,
+        gt=0,
+        description="... or this long after the switch, idle or not.",
+    )
+
+    def consolidation_policy(self) -> ConsolidationPolicy:
+        return ConsolidationPolicy(
+            enabled=self.consolidation,
+            drain_grace_seconds=self.drain_grace_seconds,
+            drain_timeout_seconds=self.drain_timeout_seconds,
+        )
 
 
 class StandaloneState(StrEnum):

@@ -42,7 +42,7 @@ from hydraserve.cluster.base import (
 from hydraserve.cluster.consolidation import (
     Abandon,
     ConsolidationAction,
-    ConsolidationPolicy,
+    ConsolidationSettings,
     FetchWholeModel,
     PipelineConsolidation,
     Promote,
@@ -74,7 +74,7 @@ from hydraserve.worker.timeline import Timeline, read_timeline, stage_timings
 log = get_logger("cluster.local")
 
 
-class LocalSettings(BaseSettings):
+class LocalSettings(BaseSettings, ConsolidationSettings):
     model_config = component_config("local")
     common: CommonSettings = Field(default_factory=CommonSettings)
     worker_host: str = "127.0.0.1"
@@ -119,23 +119,11 @@ class LocalSettings(BaseSettings):
     extra_engine_args: list[str] = Field(default_factory=list)
 
     # --- consolidation ----------------------------------------------------------------
-    consolidation: bool = Field(
-        default=True,
-        description="Replace a serving pipeline (pp > 1) by a standalone pp = 1 engine "
-        "started from shared memory, then release the pipeline's stages.",
-    )
-    consolidation_enforce_eager: bool = Field(
-        default=True,
-        description="Start the standalone engine eager and in-process (fastest start; it "
-        "streams weights as the background fetch verifies them).",
-    )
     consolidation_cpu_bind: str | None = Field(
         default=None,
         description="VLLM_CPU_OMP_THREADS_BIND of the standalone engine; None = the "
         "pipeline stages' binds together (it takes over their cores).",
     )
-    drain_grace_seconds: float = Field(default=0.5, ge=0)
-    drain_timeout_seconds: float = Field(default=300.0, gt=0)
     kv_transfer: bool = Field(
         default=True,
         description="Engines save and load KV caches through the node's shared memory "
@@ -249,11 +237,7 @@ class LocalBackend(ClusterBackend):
         self.instances_dir = self.settings.common.state_dir / "instances"
         self._budget: int | None = None
         self._prefetcher: Prefetcher | None = None
-        self.policy = ConsolidationPolicy(
-            enabled=self.settings.consolidation,
-            drain_grace_seconds=self.settings.drain_grace_seconds,
-            drain_timeout_seconds=self.settings.drain_timeout_seconds,
-        )
+        self.policy = self.settings.consolidation_policy()
 
     # -- ClusterBackend ------------------------------------------------------------------
 

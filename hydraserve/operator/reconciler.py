@@ -30,7 +30,6 @@ from hydraserve.api.models import (
 from hydraserve.cluster.consolidation import (
     Abandon,
     ConsolidationAction,
-    ConsolidationPolicy,
     FetchWholeModel,
     Promote,
     Release,
@@ -139,11 +138,7 @@ class Reconciler:
         self._locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._queued: dict[tuple[str, str], bool] = defaultdict(bool)
         self._manifests: dict[tuple[str, str], Manifest] = {}
-        self.policy = ConsolidationPolicy(
-            enabled=settings.consolidation,
-            drain_grace_seconds=settings.drain_grace_seconds,
-            drain_timeout_seconds=settings.drain_timeout_seconds,
-        )
+        self.policy = settings.consolidation_policy()
 
     async def close(self) -> None:
         await self._http.aclose()

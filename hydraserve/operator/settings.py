@@ -11,10 +11,11 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
+from hydraserve.cluster.consolidation import ConsolidationSettings
 from hydraserve.settings import component_config
 
 
-class OperatorSettings(BaseSettings):
+class OperatorSettings(BaseSettings, ConsolidationSettings):
     model_config = component_config("operator")
 
     # Which ServerlessModels to reconcile.
@@ -88,29 +89,17 @@ class OperatorSettings(BaseSettings):
         default=900.0, gt=0, description="An instance not ready by then is replaced."
     )
 
-    # Pipeline consolidation (decision 0402): a serving pipeline (pp > 1) is replaced by a
-    # standalone pp = 1 engine on its all-card node, then drained and released.
-    consolidation: bool = Field(
-        default=True,
-        description="Replace serving pipelines by standalone engines (off: pipelines stay).",
-    )
-    consolidation_enforce_eager: bool = Field(
-        default=True,
-        description="Start the standalone engine eager (fastest start) even when workers "
-        "run compiled.",
+    # Pipeline consolidation (decision 0402; the shared fields: ConsolidationSettings).
+    # Drain grace is longer than on one machine: the gateway is a network hop away.
+    drain_grace_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="A draining pipeline is released once its engine has been idle this long.",
     )
     consolidation_poll_seconds: float = Field(
         default=2.0,
         gt=0,
         description="How often a consolidating model is looked at (fetch state, drain).",
-    )
-    drain_grace_seconds: float = Field(
-        default=2.0,
-        ge=0,
-        description="A draining pipeline is released once idle this long.",
-    )
-    drain_timeout_seconds: float = Field(
-        default=300.0, gt=0, description="... or this long after the switch, idle or not."
     )
     probe_timeout_seconds: float = Field(
         default=2.0, gt=0, description="Timeout of prefetcher status and in-flight probes."
