@@ -81,7 +81,12 @@ class LocalSettings(BaseSettings, ConsolidationSettings):
     vllm_cache_root: Path | None = Field(
         default=None, description="vLLM compile cache; default <state_dir>/vllm-cache."
     )
-    enforce_eager: bool = True
+    enforce_eager: bool = Field(
+        default=True,
+        description="Run single-stage engines eager (fastest start). Pipelines (pp > 1) always "
+        "run compiled: vLLM's CPU backend fails on the first step of an eager pipeline "
+        "(decision 0004).",
+    )
     pipeline_size: int | None = Field(
         default=None,
         ge=1,
@@ -457,6 +462,8 @@ class LocalBackend(ClusterBackend):
         enforce_eager: bool | None,
     ) -> WorkerConfig:
         model = state.model
+        if enforce_eager is None:
+            enforce_eager = self.settings.enforce_eager and inst.pp == 1
         return WorkerConfig(
             model_name=model.name,
             uri=model.spec.source.uri,
@@ -470,7 +477,7 @@ class LocalBackend(ClusterBackend):
             prefetcher_url=self.settings.prefetcher_url,
             shm_dir=self.settings.common.shm_dir,
             timeline=inst.dir / "timeline.jsonl",
-            enforce_eager=self.settings.enforce_eager if enforce_eager is None else enforce_eager,
+            enforce_eager=enforce_eager,
             max_model_len=self.settings.max_model_len,
             kv_cache_bytes=self.settings.kv_cache_bytes,
             kv_transfer=self.settings.kv_transfer,
@@ -745,7 +752,8 @@ class LocalBackend(ClusterBackend):
         shm = ModelShm(self.settings.common.shm_dir, source.uri, source.revision)
         full = shm.read_status(fetch_name(None, None))
         if full is not None and full.state == FetchState.DONE and c.fetched_at is None:
-            c.fetched_at = full.finished_at or now
+            # A whole model already on the node (an earlier fetch) took no time for this one.
+            c.fetched_at = max(full.finished_at or now, c.started_at)
         standalone = state.instances.get(c.standalone) if c.standalone else None
         if pipeline.phase == InstancePhase.DRAINING:
             c.in_flight = await self._engine_in_flight(pipeline)

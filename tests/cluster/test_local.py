@@ -53,3 +53,21 @@ def test_a_model_missing_from_the_store_says_how_to_fix_it(tmp_path: Path) -> No
     backend = LocalBackend([model("gone", str(tmp_path / "nothing"))], settings(tmp_path, 8 << 30))
     error = asyncio.run(scaled_error(backend, "gone"))
     assert error is not None and "hydraserve model push" in error
+
+
+def test_pipelines_run_compiled_even_when_single_stage_engines_run_eager(tmp_path: Path) -> None:
+    # vLLM's CPU backend fails on the first step of an eager pipeline (decision 0004), so a
+    # default `hydraserve up` with a forced pp = 2 must not start one.
+    from hydraserve.cluster.local import _Instance, _ModelState
+
+    backend = LocalBackend([model("m", "file:///nowhere")], settings(tmp_path, 8 << 30))
+    assert backend.settings.enforce_eager
+    state = _ModelState(model=model("m", "file:///nowhere"))
+
+    def eager(pp: int, override: bool | None = None) -> bool:
+        inst = _Instance(name="m-1", model="m", pp=pp, started_at=0.0, dir=tmp_path, port=1)
+        return backend._worker_config(state, inst, 0, 29500, override).enforce_eager
+
+    assert eager(1) is True
+    assert eager(2) is False and eager(4) is False
+    assert eager(1, override=False) is False  # a standalone's own setting still wins

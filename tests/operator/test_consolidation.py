@@ -173,8 +173,11 @@ async def test_pipeline_is_consolidated_promoted_drained_and_released(
     # Idle: the pipeline's stage pods and Service go; the standalone serves alone.
     engine.in_flight = 0
     await eventually(lambda: released(cluster, pipeline), what="the pipeline released")
-    model = await cluster.model("llama")
-    assert model is not None
+    # The release's pass deletes first and writes status after.
+    model = await eventually(
+        lambda: _status_if(cluster, lambda s: bool(s.get("consolidations"))),
+        what="the consolidation in the history",
+    )
     assert model["status"]["replicas"] == 1 and model["status"]["readyReplicas"] == 1
     # The history the gateway's consolidation metrics read.
     (done,) = model["status"]["consolidations"]
@@ -250,8 +253,10 @@ async def test_failed_standalone_is_abandoned_and_the_pipeline_keeps_serving(
     assert [s["metadata"]["name"] for s in await cluster.services()] == [pipeline]
     assert await stage_pods(cluster, 2) is not None
     assert await instance_phases(cluster) == {pipeline: ("Ready", "cold_start")}
-    model = await cluster.model("llama")
-    assert model is not None
+    model = await eventually(
+        lambda: _status_if(cluster, lambda s: bool(s.get("consolidations"))),
+        what="the abandoned consolidation in the history",
+    )
     (given_up,) = model["status"]["consolidations"]
     assert (given_up["pipeline"], given_up["outcome"]) == (pipeline, "abandoned")
     assert "CUDA out of memory" in given_up["reason"] and given_up["releasedAt"] is None
@@ -301,8 +306,13 @@ async def test_scale_to_zero_while_draining_releases_the_pipeline_when_idle(
         return not await cluster.pods() and not await cluster.services()
 
     await eventually(empty, what="the pipeline released")
+    # The phase is Cold from the moment nothing serves (before the release); the history
+    # entry is written by the release's pass.
     model = await eventually(
-        lambda: _status_if(cluster, lambda s: s.get("phase") == "Cold"), what="Cold"
+        lambda: _status_if(
+            cluster, lambda s: s.get("phase") == "Cold" and bool(s.get("consolidations"))
+        ),
+        what="Cold, with the consolidation in the history",
     )
     (done,) = model["status"]["consolidations"]
     assert (done["pipeline"], done["outcome"]) == (pipeline, "done")
