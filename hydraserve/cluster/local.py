@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +115,8 @@ class LocalSettings(BaseSettings, ConsolidationSettings):
     max_model_len: int = 1024
     cpu_binds: list[str] = Field(
         default_factory=list,
-        description="VLLM_CPU_OMP_THREADS_BIND per stage, round-robin (empty: vLLM's auto).",
+        description="VLLM_CPU_OMP_THREADS_BIND per stage, round-robin (empty: a pipeline's "
+        "stages split the machine's cores; a single stage uses vLLM's own choice).",
     )
     prefetcher_url: str | None = Field(
         default=None,
@@ -153,6 +155,24 @@ class _Stage:
     rank: int
     process: subprocess.Popen[bytes]
     log_path: Path
+
+
+def split_cores(cores: Sequence[int], parts: int) -> list[str]:
+    """``cores`` in ``parts`` contiguous groups as VLLM_CPU_OMP_THREADS_BIND lists
+    (``[0, 1, 2, 3]``, 2 → ``["0,1", "2,3"]``); with fewer cores than parts, groups share
+    cores round-robin."""
+    if not cores:
+        raise ValueError("no cores to split")
+    if len(cores) < parts:
+        return [str(cores[i % len(cores)]) for i in range(parts)]
+    size, extra = divmod(len(cores), parts)
+    groups: list[str] = []
+    start = 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        groups.append(",".join(str(c) for c in cores[start:end]))
+        start = end
+    return groups
 
 
 @dataclass
@@ -440,7 +460,7 @@ class LocalBackend(ClusterBackend):
         eager = self.settings.consolidation_enforce_eager if replaces else None
         for rank in range(pp):
             config = self._worker_config(state, inst, rank, master_port, eager)
-            inst.stages.append(self._spawn(inst, config, rank, self._cpu_bind(rank, replaces)))
+            inst.stages.append(self._spawn(inst, config, rank, self._cpu_bind(rank, pp, replaces)))
         state.instances[name] = inst
         log.info(
             "instance.starting",
@@ -485,15 +505,25 @@ class LocalBackend(ClusterBackend):
             engine_args=[*self.settings.extra_engine_args, *model.spec.engine.args],
         )
 
-    def _cpu_bind(self, rank: int, replaces: _Instance | None) -> str | None:
-        binds = self.settings.cpu_binds
+    def _cpu_bind(self, rank: int, pp: int, replaces: _Instance | None) -> str | None:
         if replaces is not None:
             if self.settings.consolidation_cpu_bind is not None:
                 return self.settings.consolidation_cpu_bind
             # The standalone takes over the cores the pipeline's stages had.
-            used = [binds[r % len(binds)] for r in range(replaces.pp)] if binds else []
-            return ",".join(dict.fromkeys(used)) or None
-        return binds[rank % len(binds)] if binds else None
+            used = [self._stage_binds(replaces.pp)[r] for r in range(replaces.pp)]
+            return ",".join(dict.fromkeys(b for b in used if b)) or None
+        return self._stage_binds(pp)[rank]
+
+    def _stage_binds(self, pp: int) -> list[str | None]:
+        """Each stage's cores: the configured binds round-robin, or else (pp > 1) the
+        machine's cores split between the stages, so that their OpenMP threads do not
+        compete for the same cores; a single stage keeps vLLM's own choice."""
+        binds = self.settings.cpu_binds
+        if binds:
+            return [binds[r % len(binds)] for r in range(pp)]
+        if pp == 1:
+            return [None]
+        return list(split_cores(sorted(os.sched_getaffinity(0)), pp))
 
     def _node_prefetcher(self) -> Prefetcher:
         if self._prefetcher is None:

@@ -71,3 +71,39 @@ def test_pipelines_run_compiled_even_when_single_stage_engines_run_eager(tmp_pat
     assert eager(1) is True
     assert eager(2) is False and eager(4) is False
     assert eager(1, override=False) is False  # a standalone's own setting still wins
+
+
+def test_cores_split_between_stages() -> None:
+    from hydraserve.cluster.local import split_cores
+
+    assert split_cores([0, 1], 2) == ["0", "1"]
+    assert split_cores([0, 1, 2, 3, 4], 2) == ["0,1,2", "3,4"]
+    assert split_cores(list(range(16)), 4) == ["0,1,2,3", "4,5,6,7", "8,9,10,11", "12,13,14,15"]
+    assert split_cores([0, 1], 4) == ["0", "1", "0", "1"]  # more stages than cores: shared
+    # Every core in exactly one group when there are enough.
+    groups = split_cores(list(range(7)), 3)
+    assert sorted(int(c) for g in groups for c in g.split(",")) == list(range(7))
+
+
+def test_pipeline_stages_get_their_own_cores_and_the_standalone_gets_them_all(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    from hydraserve.cluster.local import _Instance
+
+    cores = sorted(os.sched_getaffinity(0))
+    backend = LocalBackend([model("m", "file:///nowhere")], settings(tmp_path, 8 << 30))
+    pipeline = _Instance(name="m-1", model="m", pp=2, started_at=0.0, dir=tmp_path, port=1)
+    assert backend._cpu_bind(0, 1, None) is None  # a single stage: vLLM chooses
+    stage_binds = [backend._cpu_bind(r, 2, None) for r in range(2)]
+    if len(cores) >= 2:
+        assert stage_binds[0] and stage_binds[1]
+        assert not set(stage_binds[0].split(",")) & set(stage_binds[1].split(","))
+    standalone = backend._cpu_bind(0, 1, pipeline)
+    assert standalone is not None
+    assert sorted(int(c) for c in standalone.split(",")) == cores
+    # Configured binds win.
+    backend.settings.cpu_binds = ["3", "5"]
+    assert [backend._cpu_bind(r, 2, None) for r in range(2)] == ["3", "5"]
+    assert backend._cpu_bind(0, 1, pipeline) == "3,5"
