@@ -244,15 +244,11 @@ class FakeEngine:
         self.stats = FakeEngineStats()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+        route = await _route_or_answer(scope, receive, send)
+        if route is None:
             return
-        if scope["type"] != "http":
-            return
-        path, method = scope["path"], scope["method"]
-        if method == "GET" and path == "/health":
-            await _send_json(send, 200, b"{}")
-        elif method == "GET" and path == "/v1/models":
+        method, path = route
+        if method == "GET" and path == "/v1/models":
             body = {"object": "list", "data": [{"id": "fake", "object": "model"}]}
             await _send_json(send, 200, json.dumps(body).encode())
         elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
@@ -490,15 +486,11 @@ class FakeLMEngine:
     # --- HTTP ----------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+        route = await _route_or_answer(scope, receive, send)
+        if route is None:
             return
-        if scope["type"] != "http":
-            return
-        path, method = scope["path"], scope["method"]
-        if method == "GET" and path == "/health":
-            await _send_json(send, 200, b"{}")
-        elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+        method, path = route
+        if method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
             await self._complete(receive, send, path)
         else:
             await _send_json(send, 404, b'{"error": {"message": "not found"}}')
@@ -721,6 +713,20 @@ async def _send_json(send: Send, status: int, body: bytes) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _route_or_answer(scope: Scope, receive: Receive, send: Send) -> tuple[str, str] | None:
+    """What every fake engine does alike: lifespan and ``GET /health``; otherwise the
+    request's (method, path) for the engine to route."""
+    if scope["type"] == "lifespan":
+        await _lifespan(receive, send)
+        return None
+    if scope["type"] != "http":
+        return None
+    if scope["method"] == "GET" and scope["path"] == "/health":
+        await _send_json(send, 200, b"{}")
+        return None
+    return scope["method"], scope["path"]
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
