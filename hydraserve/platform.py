@@ -81,7 +81,7 @@ def platform_models(settings: PlatformSettings) -> list[ServerlessModel]:
 
 
 def run_platform(settings: PlatformSettings) -> None:
-    from hydraserve.cluster.local import LocalBackend, LocalSettings
+    from hydraserve.backends.local import LocalBackend, LocalSettings
     from hydraserve.gateway.server import gateway_server
     from hydraserve.gateway.settings import GatewaySettings
 

@@ -34,7 +34,7 @@ import httpx
 
 from benchmarks.cold_start.fidelity import fidelity
 from benchmarks.common import RESULTS_DIR, machine_info, write_result
-from hydraserve.cluster.netns import EmulatedCluster, EmulatedNode
+from hydraserve.emulation.netns import EmulatedCluster, EmulatedNode
 from hydraserve.logs import configure_logging, get_logger
 from hydraserve.prefetcher.fetcher import RangeFetcher
 from hydraserve.prefetcher.shm import ModelShm, write_json_atomic

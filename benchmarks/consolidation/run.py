@@ -42,14 +42,14 @@ import httpx
 
 from benchmarks.common import machine_info, write_result
 from hydraserve.api.models import ServerlessModel
-from hydraserve.cluster.base import ModelView
-from hydraserve.cluster.local import LocalBackend, LocalSettings
+from hydraserve.backends.base import ModelView
+from hydraserve.backends.local import LocalBackend, LocalSettings
 from hydraserve.gateway import GatewaySettings, create_app
-from hydraserve.gateway.testing import serve_asgi
 from hydraserve.logs import configure_logging, get_logger
 from hydraserve.settings import CommonSettings
 from hydraserve.store import ModelRef, ModelStore
 from hydraserve.store.demo import make_demo_model
+from tests.support.fakes import serve_asgi
 
 log = get_logger("bench.consolidation")
 

@@ -12,7 +12,7 @@ import uvicorn
 
 from hydraserve.gateway import GatewaySettings, create_app
 from hydraserve.gateway.server import CLIENT_KEEPALIVE_SECONDS
-from hydraserve.gateway.testing import (
+from tests.support.fakes import (
     FakeClusterBackend,
     FakeEngine,
     FakeEngineBehaviour,

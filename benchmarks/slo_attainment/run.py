@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_info
-from hydraserve.controller import (
+from hydraserve.logs import configure_logging, get_logger
+from hydraserve.planner import (
     SLO,
     ClusterState,
     GPUState,
@@ -32,7 +33,6 @@ from hydraserve.controller import (
     PlanRequest,
     plan,
 )
-from hydraserve.logs import configure_logging, get_logger
 from hydraserve.sim.catalog import LLAMA2_7B, LLAMA2_13B
 from hydraserve.sim.cluster import large_cluster, paper_testbed
 from hydraserve.sim.experiment import (

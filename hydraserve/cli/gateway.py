@@ -7,8 +7,8 @@ from typing import Any
 
 import typer
 
+from hydraserve.backends.base import ClusterBackend
 from hydraserve.cli.common import setup_logging
-from hydraserve.cluster.base import ClusterBackend
 from hydraserve.gateway.server import gateway_server
 from hydraserve.gateway.settings import GatewaySettings
 
@@ -20,8 +20,8 @@ class BackendUnavailableError(RuntimeError):
 def build_backend(settings: GatewaySettings) -> ClusterBackend:
     """The Kubernetes backend: ServerlessModel objects (list/watch) for the views, their
     scale subresource for ``scale``; in-cluster credentials, or a kubeconfig."""
-    from hydraserve.cluster.kubeapi import KubeClient, KubeConfigError, load_config
-    from hydraserve.cluster.kubernetes import KubernetesBackend
+    from hydraserve.backends.kubernetes import KubernetesBackend
+    from hydraserve.kube.client import KubeClient, KubeConfigError, load_config
 
     try:
         config = load_config(settings.kubeconfig)

@@ -29,7 +29,7 @@ def operator(
         typer.echo(render_crd(), nl=False)
         return
     setup_logging()
-    from hydraserve.cluster.kubeapi import KubeConfigError, load_config
+    from hydraserve.kube.client import KubeConfigError, load_config
     from hydraserve.operator.handlers import OperatorApp
     from hydraserve.operator.settings import OperatorSettings
 

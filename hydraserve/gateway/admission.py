@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from hydraserve.cluster.base import InstancePhase, ModelView
+from hydraserve.backends.base import InstancePhase, ModelView
 
 
 class Admission(StrEnum):

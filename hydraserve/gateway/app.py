@@ -1,7 +1,7 @@
 """The gateway application: OpenAI-compatible routes wired to the cluster backend.
 
 ``create_app(backend, settings)`` builds everything; the backend is the only way the
-gateway reaches the control plane (``hydraserve.cluster.base.ClusterBackend``).
+gateway reaches the control plane (``hydraserve.backends.base.ClusterBackend``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from hydraserve import __version__
-from hydraserve.cluster.base import ClusterBackend, InstancePhase, ModelView
+from hydraserve.backends.base import ClusterBackend, InstancePhase, ModelView
 from hydraserve.gateway import errors
 from hydraserve.gateway.auth import ANONYMOUS, Authenticator, Principal, forbidden_model
 from hydraserve.gateway.autoscaler import Autoscaler

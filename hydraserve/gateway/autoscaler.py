@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 
 from hydraserve.api.models import ScalingSpec
-from hydraserve.cluster.base import ClusterBackend, ModelView
+from hydraserve.backends.base import ClusterBackend, ModelView
 from hydraserve.logs import get_logger
 
 log = get_logger("gateway.autoscaler")

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from hydraserve.cluster.base import ClusterBackend, InstancePhase, InstanceView, ModelView
+from hydraserve.backends.base import ClusterBackend, InstancePhase, InstanceView, ModelView
 from hydraserve.gateway import errors
 from hydraserve.gateway.admission import Admission, admit, describe_progress
 from hydraserve.gateway.metrics import GatewayMetrics

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 
-from hydraserve.cluster.base import (
+from hydraserve.backends.base import (
     ConsolidationRecord,
     InstanceOrigin,
     InstancePhase,

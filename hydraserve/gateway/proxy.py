@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
-from hydraserve.cluster.base import InstanceView, ModelView
+from hydraserve.backends.base import InstanceView, ModelView
 from hydraserve.gateway import errors
 from hydraserve.gateway.dispatcher import Dispatcher, Ticket
 from hydraserve.gateway.errors import GatewayError

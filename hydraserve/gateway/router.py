@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Container, Mapping, Sequence
 
-from hydraserve.cluster.base import InstancePhase, InstanceView
+from hydraserve.backends.base import InstancePhase, InstanceView
 
 
 def choose_instance(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydraserve.cluster.base import ClusterBackend
+from hydraserve.backends.base import ClusterBackend
 from hydraserve.gateway.settings import GatewaySettings
 
 # Keep-alive on client connections: longer than the usual load-balancer idle timeout (60 s),

@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
-from hydraserve.controller.types import ClusterState, GPUState, NodeState, Plan
 from hydraserve.operator.naming import (
     GPU_ANNOTATION,
     GPU_COUNT_KEY,
@@ -27,6 +26,7 @@ from hydraserve.operator.naming import (
     NODE_ANNOTATION,
 )
 from hydraserve.operator.settings import OperatorSettings
+from hydraserve.planner.types import ClusterState, GPUState, NodeState, Plan
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -1,7 +1,7 @@
 """Pipeline consolidation on Kubernetes, decided (pure): observations -> records, plans.
 
 The plan itself is shared with the embedded platform
-(:func:`hydraserve.cluster.consolidation.consolidation_plan`); this module turns what the
+(:func:`hydraserve.control.consolidation.consolidation_plan`); this module turns what the
 operator reads from the API server and over HTTP into its :class:`PipelineConsolidation`
 records. Everything a consolidation needs after an operator restart is on Kubernetes
 objects (see ``hydraserve.operator.naming``): the standalone engine is an instance whose
@@ -19,8 +19,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from hydraserve.api.models import ConsolidationStatus, InstancePhase
-from hydraserve.cluster.consolidation import ConsolidationPolicy, PipelineConsolidation
-from hydraserve.cluster.consolidation import StandaloneState as Standalone
+from hydraserve.control.consolidation import ConsolidationPolicy, PipelineConsolidation
+from hydraserve.control.consolidation import StandaloneState as Standalone
 from hydraserve.operator.naming import InstancePlan, StagePlan
 from hydraserve.operator.reconcile import ObservedInstance
 from hydraserve.prefetcher.shm import FetchState, FetchStatus, fetch_name

@@ -26,7 +26,7 @@ from typing import Any
 import kopf
 
 from hydraserve.api.models import GROUP, PLURAL, VERSION, InstancePhase, ModelPhase
-from hydraserve.cluster.kubeapi import KubeClient, KubeConfig
+from hydraserve.kube.client import KubeClient, KubeConfig
 from hydraserve.logs import get_logger
 from hydraserve.operator.naming import FINALIZER, MANAGED_BY, MANAGED_BY_VALUE, MODEL_LABEL
 from hydraserve.operator.planning import Planner, plan_instance

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from hydraserve.api.models import GROUP, ServerlessModelSpec
-from hydraserve.controller.types import Plan
+from hydraserve.planner.types import Plan
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "hydraserve-operator"

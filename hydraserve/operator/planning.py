@@ -9,14 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hydraserve.api.models import ServerlessModelSpec
-from hydraserve.controller import plan
-from hydraserve.controller.profile import (
+from hydraserve.planner import plan
+from hydraserve.planner.profile import (
     model_key,
     plan_request_for,
     profile_from_manifest,
     replica_bytes,
 )
-from hydraserve.controller.types import ClusterState, Plan, PlanRequest, Unschedulable
+from hydraserve.planner.types import ClusterState, Plan, PlanRequest, Unschedulable
 from hydraserve.store import Manifest
 
 Planner = Callable[[PlanRequest, ClusterState], Plan | Unschedulable]

@@ -26,7 +26,7 @@ from hydraserve.api.models import (
     StageTiming,
     WorkerStatus,
 )
-from hydraserve.cluster.consolidation import model_phase
+from hydraserve.control.consolidation import model_phase
 from hydraserve.operator.naming import (
     ABANDONED_ANNOTATION,
     CONSOLIDATES_LABEL,
@@ -425,7 +425,7 @@ def build_status(
     finished: Sequence[ConsolidationStatus] = (),
 ) -> ServerlessModelStatus:
     """What the user and the gateway read. ``consolidating``: a serving pipeline is being
-    replaced by a standalone engine (see ``hydraserve.cluster.consolidation``); the phase
+    replaced by a standalone engine (see ``hydraserve.control.consolidation``); the phase
     is then Consolidating until its stages are released. ``finished``: consolidations that
     ended in this pass, added to the (bounded) history."""
     recorded = [i for i in instances if i.record is not None]

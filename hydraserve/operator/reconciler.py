@@ -27,7 +27,7 @@ from hydraserve.api.models import (
     ServerlessModelSpec,
     ServerlessModelStatus,
 )
-from hydraserve.cluster.consolidation import (
+from hydraserve.control.consolidation import (
     Abandon,
     ConsolidationAction,
     FetchWholeModel,
@@ -36,8 +36,7 @@ from hydraserve.cluster.consolidation import (
     StartStandalone,
     consolidation_plan,
 )
-from hydraserve.cluster.kubeapi import KubeClient, KubeError, path_of
-from hydraserve.controller.types import Plan, Unschedulable
+from hydraserve.kube.client import KubeClient, KubeError, path_of
 from hydraserve.logs import get_logger
 from hydraserve.operator.cluster_state import cluster_state, prefetcher_urls, reserve
 from hydraserve.operator.consolidation import (
@@ -83,6 +82,7 @@ from hydraserve.operator.reconcile import (
     spec_errors,
 )
 from hydraserve.operator.settings import OperatorSettings
+from hydraserve.planner.types import Plan, Unschedulable
 from hydraserve.prefetcher.shm import FetchState, FetchStatus
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
 from hydraserve.store.uri import StoreURIError

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings
 
-from hydraserve.cluster.consolidation import ConsolidationSettings
+from hydraserve.control.consolidation import ConsolidationSettings
 from hydraserve.settings import component_config
 
 

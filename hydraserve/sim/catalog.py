@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cache
 
-from hydraserve.controller import ModelProfile, profile_from_manifest
+from hydraserve.planner import ModelProfile, profile_from_manifest
 from hydraserve.store.manifest import Manifest, TensorInfo, build_partitions
 
 GB = 1e9

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from hydraserve.controller import SLO, ModelProfile, PlannerConfig
+from hydraserve.planner import SLO, ModelProfile, PlannerConfig
 from hydraserve.sim.cluster import ClusterSpec, NodeSpec
 from hydraserve.sim.policies import HYDRASERVE, Policy
 from hydraserve.sim.simulator import SimConfig, simulate

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from hydraserve.controller import InflightFetch
+from hydraserve.planner import InflightFetch
 
 
 @dataclass(slots=True, eq=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hydraserve.controller import PlannerConfig
+from hydraserve.planner import PlannerConfig
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Discrete-event cluster simulator: requests, cold starts, fetches, consolidation.
 
-Every cold start is planned by the real :func:`hydraserve.controller.plan` on the
+Every cold start is planned by the real :func:`hydraserve.planner.plan` on the
 simulated cluster's state (free GPU memory, NIC fetches in flight with their deadlines,
 host caches). What the simulator adds is time: fetches move bytes under max-min fair
 sharing of NICs and the store (:mod:`hydraserve.sim.network`), so contention the planner
@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydraserve.controller import (
+from hydraserve.logs import get_logger
+from hydraserve.planner import (
     ClusterState,
     GPUState,
     NodeState,
@@ -31,13 +32,12 @@ from hydraserve.controller import (
     Unschedulable,
     plan,
 )
-from hydraserve.controller.costmodel import (
+from hydraserve.planner.costmodel import (
     StageShape,
     pipeline_slowdown,
     predict_tpot_s,
     salvageable_wait_s,
 )
-from hydraserve.logs import get_logger
 from hydraserve.sim.cluster import ClusterSpec
 from hydraserve.sim.network import Flow, FlowNetwork
 from hydraserve.sim.policies import Policy

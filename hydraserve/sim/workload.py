@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hydraserve.controller import SLO, ModelProfile
+from hydraserve.planner import SLO, ModelProfile
 from hydraserve.sim.catalog import MODEL_CLASSES, ModelClass
 
 

@@ -14,7 +14,7 @@ import pytest
 from hydraserve.gateway import GatewaySettings, create_app
 from hydraserve.gateway.app import Gateway
 from hydraserve.gateway.auth import Authenticator
-from hydraserve.gateway.testing import FakeClusterBackend, FakeEngine, serve_asgi
+from tests.support.fakes import FakeClusterBackend, FakeEngine, serve_asgi
 
 
 def fast_settings(**overrides: Any) -> GatewaySettings:

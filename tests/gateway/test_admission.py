@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from hydraserve.cluster.base import InstancePhase, InstanceView, ModelView
+from hydraserve.backends.base import InstancePhase, InstanceView, ModelView
 from hydraserve.gateway.admission import Admission, admit, describe_progress
-from hydraserve.gateway.testing import make_model, ready_instance
+from tests.support.fakes import make_model, ready_instance
 
 
 def test_a_free_instance_and_an_empty_queue_dispatch_at_once() -> None:

@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from hydraserve.cluster.base import InstancePhase, InstanceView
-from hydraserve.gateway.testing import FakeClusterBackend, make_model, ready_instance
+from hydraserve.backends.base import InstancePhase, InstanceView
+from tests.support.fakes import FakeClusterBackend, make_model, ready_instance
 
 from .conftest import Harness, RunningEngine
 

@@ -21,7 +21,7 @@ from hydraserve.gateway.auth import (
     new_key_entry,
 )
 from hydraserve.gateway.errors import GatewayError
-from hydraserve.gateway.testing import FakeClusterBackend, make_model, ready_instance
+from tests.support.fakes import FakeClusterBackend, make_model, ready_instance
 
 from .conftest import Harness, RunningEngine, fast_settings
 

@@ -6,7 +6,7 @@ import pytest
 
 from hydraserve.api.models import ScalingSpec
 from hydraserve.gateway.autoscaler import Autoscaler, DemandWindow, desired_replicas
-from hydraserve.gateway.testing import FakeClusterBackend, make_model
+from tests.support.fakes import FakeClusterBackend, make_model
 
 
 def scaling(**fields: int | float) -> ScalingSpec:

@@ -9,12 +9,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from hydraserve.backends.base import ClusterBackend
 from hydraserve.cli import gateway as gateway_cli
 from hydraserve.cli.main import app
-from hydraserve.cluster.base import ClusterBackend
 from hydraserve.gateway.auth import hash_key
 from hydraserve.gateway.settings import GatewaySettings
-from hydraserve.gateway.testing import FakeClusterBackend, make_model
+from tests.support.fakes import FakeClusterBackend, make_model
 
 runner = CliRunner()
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from hydraserve.cluster.base import InstancePhase, InstanceView, ModelView
+from hydraserve.backends.base import InstancePhase, InstanceView, ModelView
 from hydraserve.gateway.dispatcher import Dispatcher, Ticket
 from hydraserve.gateway.errors import GatewayError
 from hydraserve.gateway.metrics import GatewayMetrics
-from hydraserve.gateway.testing import FakeClusterBackend, make_model, ready_instance
+from tests.support.fakes import FakeClusterBackend, make_model, ready_instance
 
 from .conftest import eventually, fast_settings
 

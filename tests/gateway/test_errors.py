@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from hydraserve.cluster.base import ModelView
+from hydraserve.backends.base import ModelView
 from hydraserve.gateway.errors import validation_error
-from hydraserve.gateway.testing import FakeClusterBackend, make_model
+from tests.support.fakes import FakeClusterBackend, make_model
 
 from .conftest import Harness, fast_settings
 

@@ -22,7 +22,7 @@ from hydraserve.gateway.migration import (
     pinned_reason,
 )
 from hydraserve.gateway.sse import data_payloads
-from hydraserve.gateway.testing import FakeLMBehaviour, FakeLMEngine
+from tests.support.fakes import FakeLMBehaviour, FakeLMEngine
 
 # --- which requests can move -------------------------------------------------------------
 

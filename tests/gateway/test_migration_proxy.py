@@ -12,10 +12,10 @@ from typing import Any
 
 import httpx
 
-from hydraserve.cluster.base import InstanceOrigin, InstancePhase, InstanceView
+from hydraserve.backends.base import InstanceOrigin, InstancePhase, InstanceView
 from hydraserve.gateway.migration import LOAD_KEY, SAVE_KEY
 from hydraserve.gateway.sse import data_payloads
-from hydraserve.gateway.testing import (
+from tests.support.fakes import (
     FakeClusterBackend,
     FakeLMBehaviour,
     FakeLMEngine,

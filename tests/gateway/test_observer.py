@@ -6,10 +6,10 @@ import time
 from dataclasses import replace
 
 from hydraserve.api.models import StageTiming
-from hydraserve.cluster.base import InstancePhase, InstanceView, ModelView
+from hydraserve.backends.base import InstancePhase, InstanceView, ModelView
 from hydraserve.gateway.metrics import GatewayMetrics
 from hydraserve.gateway.observer import ClusterObserver, newly_ready
-from hydraserve.gateway.testing import make_model
+from tests.support.fakes import make_model
 
 
 def sample(metrics: GatewayMetrics, name: str, **labels: str) -> float:
@@ -82,7 +82,7 @@ def test_gone_models_leave_no_stale_series() -> None:
 
 
 def test_a_consolidation_is_recorded_once_and_its_standalone_is_no_cold_start() -> None:
-    from hydraserve.cluster.base import ConsolidationRecord, InstanceOrigin
+    from hydraserve.backends.base import ConsolidationRecord, InstanceOrigin
 
     metrics = GatewayMetrics()
     observer = ClusterObserver(metrics, started_at=0.0)

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import openai
 import pytest
 
-from hydraserve.gateway.testing import FakeClusterBackend, make_model
+from tests.support.fakes import FakeClusterBackend, make_model
 
 from .conftest import Harness, RunningEngine, fast_settings
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from hydraserve.gateway.testing import FakeClusterBackend, make_model, ready_instance
+from tests.support.fakes import FakeClusterBackend, make_model, ready_instance
 
 from .conftest import Harness, RunningEngine, eventually, fast_settings
 

@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from hydraserve.gateway import create_app
-from hydraserve.gateway.testing import FakeClusterBackend, make_model, serve_asgi
+from tests.support.fakes import FakeClusterBackend, make_model, serve_asgi
 
 from .conftest import Harness, eventually, fast_settings
 

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from hydraserve.cluster.base import InstancePhase, InstanceView
+from hydraserve.backends.base import InstancePhase, InstanceView
 from hydraserve.gateway.router import choose_instance
-from hydraserve.gateway.testing import ready_instance
+from tests.support.fakes import ready_instance
 
 
 def instances() -> list[InstanceView]:

@@ -15,7 +15,7 @@ from schemathesis import GenerationMode
 
 from hydraserve.gateway import create_app
 from hydraserve.gateway.auth import Authenticator, hash_key
-from hydraserve.gateway.testing import (
+from tests.support.fakes import (
     FakeClusterBackend,
     FakeEngine,
     ServerThread,

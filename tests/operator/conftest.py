@@ -25,11 +25,11 @@ import kmock
 import pytest
 
 from hydraserve.api.models import GROUP, KIND, PLURAL, VERSION
-from hydraserve.cluster.kubeapi import KubeClient, KubeConfig, path_of
-from hydraserve.controller.types import ClusterState, Plan, PlanRequest, Unschedulable
+from hydraserve.kube.client import KubeClient, KubeConfig, path_of
 from hydraserve.operator.handlers import OperatorApp
 from hydraserve.operator.planning import Planner, plan_instance
 from hydraserve.operator.settings import OperatorSettings
+from hydraserve.planner.types import ClusterState, Plan, PlanRequest, Unschedulable
 from hydraserve.store import ModelRef, ModelStore
 
 NAMESPACE = "team-a"
@@ -435,7 +435,7 @@ def two_stage_planner(nodes: tuple[str, str]) -> Planner:
     one NIC cannot meet the TTFT SLO), for testing pipelined instances."""
 
     def plan(request: PlanRequest, cluster: ClusterState) -> Plan | Unschedulable:
-        from hydraserve.controller.types import Prediction, StagePlacement
+        from hydraserve.planner.types import Prediction, StagePlacement
 
         stages = request.model.partitions[2]
         return Plan(

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from hydraserve.api.models import InstanceOrigin, InstancePhase, ModelPhase, ServerlessModelStatus
-from hydraserve.cluster.consolidation import (
+from hydraserve.backends.kubernetes import model_view
+from hydraserve.control.consolidation import (
     Abandon,
     ConsolidationPolicy,
     FetchWholeModel,
@@ -18,7 +19,6 @@ from hydraserve.cluster.consolidation import (
     StartStandalone,
     consolidation_plan,
 )
-from hydraserve.cluster.kubernetes import model_view
 from hydraserve.operator.consolidation import (
     all_card_stage,
     consolidating,

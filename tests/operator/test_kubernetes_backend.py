@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from hydraserve.cluster.base import InstancePhase
-from hydraserve.cluster.kubeapi import KubeClient
-from hydraserve.cluster.kubernetes import KubernetesBackend
+from hydraserve.backends.base import InstancePhase
+from hydraserve.backends.kubernetes import KubernetesBackend
+from hydraserve.kube.client import KubeClient
 from tests.operator.conftest import NAMESPACE, Cluster, OperatorRunner, eventually
 
 
@@ -84,7 +84,7 @@ async def test_invalid_model_is_listed_with_its_error(cluster: Cluster) -> None:
 
 def test_the_models_phase_comes_from_its_status() -> None:
     from hydraserve.api.models import ModelPhase
-    from hydraserve.cluster.kubernetes import model_view
+    from hydraserve.backends.kubernetes import model_view
 
     obj = {
         "metadata": {"name": "m", "namespace": "ns"},

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from hydraserve.cluster.kubeapi import path_of
+from hydraserve.kube.client import path_of
 from tests.operator.conftest import (
     NAMESPACE,
     Cluster,

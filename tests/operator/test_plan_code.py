@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from hydraserve.api.models import ModelPhase, ServerlessModelSpec, ServerlessModelStatus
-from hydraserve.controller.types import SLO, ModelProfile, PlanRequest
 from hydraserve.operator.cluster_state import (
     cluster_state,
     gpu_resource_amount,
@@ -35,6 +34,7 @@ from hydraserve.operator.reconcile import (
     spec_errors,
 )
 from hydraserve.operator.settings import OperatorSettings
+from hydraserve.planner.types import SLO, ModelProfile, PlanRequest
 
 GIB = 1 << 30
 SETTINGS = OperatorSettings()

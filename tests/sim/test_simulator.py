@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from hydraserve.controller import cold_ttft_s
+from hydraserve.planner import cold_ttft_s
 from hydraserve.sim.cluster import paper_testbed
 from hydraserve.sim.coldstart import simulated_cold_ttft
 from hydraserve.sim.experiment import run_cell

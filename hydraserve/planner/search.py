@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass
 from operator import attrgetter
 
-from hydraserve.controller.config import PlannerConfig
-from hydraserve.controller.costmodel import (
+from hydraserve.planner.config import PlannerConfig
+from hydraserve.planner.costmodel import (
     StageShape,
     admitted_share,
     fetch_budget_s,
@@ -28,7 +28,7 @@ from hydraserve.controller.costmodel import (
     predict_tpot_s,
     predict_ttft,
 )
-from hydraserve.controller.types import (
+from hydraserve.planner.types import (
     ClusterState,
     GPUState,
     NodeState,

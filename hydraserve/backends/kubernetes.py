@@ -24,14 +24,14 @@ from hydraserve.api.models import (
     ServerlessModel,
     ServerlessModelSpec,
 )
-from hydraserve.cluster.base import (
+from hydraserve.backends.base import (
     ClusterBackend,
     ConsolidationRecord,
     InstancePhase,
     InstanceView,
     ModelView,
 )
-from hydraserve.cluster.kubeapi import KubeClient, KubeError, path_of
+from hydraserve.kube.client import KubeClient, KubeError, path_of
 from hydraserve.logs import get_logger
 from hydraserve.operator.reconcile import desired_replicas, parse_time, spec_errors
 

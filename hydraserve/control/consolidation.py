@@ -28,7 +28,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field
 
 from hydraserve.api.models import ModelPhase
-from hydraserve.cluster.base import InstancePhase
+from hydraserve.backends.base import InstancePhase
 from hydraserve.prefetcher.shm import FetchState
 
 

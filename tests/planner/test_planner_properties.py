@@ -9,7 +9,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hydraserve.controller import (
+from hydraserve.planner import (
     SLO,
     ClusterState,
     GPUState,

@@ -3,16 +3,16 @@
 Pure code, called by the operator, the embedded platform and the simulator alike.
 """
 
-from hydraserve.controller.config import PlannerConfig
-from hydraserve.controller.costmodel import cold_ttft_s, salvageable_wait_s
-from hydraserve.controller.planner import plan
-from hydraserve.controller.profile import (
+from hydraserve.planner.config import PlannerConfig
+from hydraserve.planner.costmodel import cold_ttft_s, salvageable_wait_s
+from hydraserve.planner.profile import (
     model_key,
     plan_request_for,
     profile_from_manifest,
     replica_bytes,
 )
-from hydraserve.controller.types import (
+from hydraserve.planner.search import plan
+from hydraserve.planner.types import (
     SLO,
     ClusterState,
     GPUState,

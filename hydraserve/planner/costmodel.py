@@ -1,6 +1,6 @@
 """The planner's cost model: predicted cold TTFT, TPOT and per-worker memory. Pure.
 
-Kept apart from the search in :mod:`hydraserve.controller.planner` so the simulator and
+Kept apart from the search in :mod:`hydraserve.planner.search` so the simulator and
 the fidelity check use the very same formulas (see ``docs/decisions/0100-planner-cost-model.md``).
 """
 
@@ -10,8 +10,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hydraserve.controller.config import PlannerConfig
-from hydraserve.controller.types import InflightFetch, ModelProfile, NodeState
+from hydraserve.planner.config import PlannerConfig
+from hydraserve.planner.types import InflightFetch, ModelProfile, NodeState
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ answers) or Failed (a stage process exited), collecting the cold-start timeline.
 
 This machine is one node with an in-process node prefetcher: stage fetches are preloaded
 through it before a worker starts (as the operator asks a node's prefetcher), and once a
-pipelined instance serves, it consolidates (:mod:`hydraserve.cluster.consolidation`): the
+pipelined instance serves, it consolidates (:mod:`hydraserve.control.consolidation`): the
 whole model is fetched at low priority, a standalone pp = 1 engine starts from shared
 memory, takes over, and the pipeline drains and is released.
 """
@@ -32,7 +32,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from hydraserve.api.models import ServerlessModel, StageTiming
-from hydraserve.cluster.base import (
+from hydraserve.backends.base import (
     ClusterBackend,
     ConsolidationRecord,
     InstanceOrigin,
@@ -40,7 +40,7 @@ from hydraserve.cluster.base import (
     InstanceView,
     ModelView,
 )
-from hydraserve.cluster.consolidation import (
+from hydraserve.control.consolidation import (
     Abandon,
     ConsolidationAction,
     ConsolidationSettings,
@@ -53,17 +53,17 @@ from hydraserve.cluster.consolidation import (
     consolidation_plan,
     model_phase,
 )
-from hydraserve.cluster.reconcile import plan_instances
-from hydraserve.controller import plan
-from hydraserve.controller.profile import (
+from hydraserve.control.replicas import plan_instances
+from hydraserve.logs import get_logger
+from hydraserve.planner import plan
+from hydraserve.planner.profile import (
     kv_bytes_per_token,
     model_key,
     plan_request_for,
     profile_from_manifest,
     replica_bytes,
 )
-from hydraserve.controller.types import ClusterState, GPUState, NodeState, Plan, Unschedulable
-from hydraserve.logs import get_logger
+from hydraserve.planner.types import ClusterState, GPUState, NodeState, Plan, Unschedulable
 from hydraserve.prefetcher.node import Prefetcher, PreloadRequest
 from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name
 from hydraserve.settings import CommonSettings, component_config

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hydraserve.cluster.netns import EmulatedCluster, EmulationUnavailable, check_available
+from hydraserve.emulation.netns import EmulatedCluster, EmulationUnavailable, check_available
 from hydraserve.settings import S3Settings
 from hydraserve.store import ModelRef, ModelStore
 from hydraserve.store.demo import make_demo_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from hydraserve.controller import (
+from hydraserve.planner import (
     ClusterState,
     GPUState,
     InflightFetch,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from hydraserve.api.models import ServerlessModelSpec
-from hydraserve.controller.types import SLO, ModelProfile, PlanRequest
+from hydraserve.planner.types import SLO, ModelProfile, PlanRequest
 from hydraserve.store.manifest import Manifest
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from hydraserve.api.models import ModelPhase
-from hydraserve.cluster.base import InstancePhase
-from hydraserve.cluster.consolidation import (
+from hydraserve.backends.base import InstancePhase
+from hydraserve.control.consolidation import (
     Abandon,
     ConsolidationPolicy,
     FetchWholeModel,

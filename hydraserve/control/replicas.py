@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hydraserve.cluster.base import InstancePhase, InstanceView
+from hydraserve.backends.base import InstancePhase, InstanceView
 
 MAX_CONSECUTIVE_FAILURES = 3
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from hydraserve.controller import SLO, Plan, PlanRequest, plan, profile_from_manifest
+from hydraserve.planner import SLO, Plan, PlanRequest, plan, profile_from_manifest
 from hydraserve.sim.catalog import LLAMA2_13B
 from hydraserve.store import ModelRef, ModelStore
 from hydraserve.store.demo import make_demo_model
-from tests.controller.helpers import CONFIG, cluster, node
+from tests.planner.helpers import CONFIG, cluster, node
 
 
 def test_profile_of_a_pushed_demo_model(tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ def test_replica_smaller_than_weights_is_rejected() -> None:
 
 def test_plan_request_from_a_serverless_model() -> None:
     from hydraserve.api.models import ServerlessModel
-    from hydraserve.controller import model_key, plan_request_for, replica_bytes
+    from hydraserve.planner import model_key, plan_request_for, replica_bytes
 
     model = ServerlessModel.model_validate(
         {

@@ -24,7 +24,7 @@ import uvicorn
 from starlette.types import Message, Receive, Scope, Send
 
 from hydraserve.api.models import ServerlessModel, StageTiming
-from hydraserve.cluster.base import ClusterBackend, InstancePhase, InstanceView, ModelView
+from hydraserve.backends.base import ClusterBackend, InstancePhase, InstanceView, ModelView
 
 # --- the cluster ------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class PlannerConfig(BaseModel):
-    """Cost-model constants and placement switches of :func:`hydraserve.controller.plan`.
+    """Cost-model constants and placement switches of :func:`hydraserve.planner.plan`.
 
     Predicted cold TTFT of a plan (seconds)::
 

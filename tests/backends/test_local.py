@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from hydraserve.api.models import ServerlessModel
-from hydraserve.cluster.local import LocalBackend, LocalSettings
+from hydraserve.backends.local import LocalBackend, LocalSettings
 from hydraserve.settings import CommonSettings
 from hydraserve.store import ModelStore
 
@@ -58,7 +58,7 @@ def test_a_model_missing_from_the_store_says_how_to_fix_it(tmp_path: Path) -> No
 def test_pipelines_run_compiled_even_when_single_stage_engines_run_eager(tmp_path: Path) -> None:
     # vLLM's CPU backend fails on the first step of an eager pipeline (decision 0004), so a
     # default `hydraserve up` with a forced pp = 2 must not start one.
-    from hydraserve.cluster.local import _Instance, _ModelState
+    from hydraserve.backends.local import _Instance, _ModelState
 
     backend = LocalBackend([model("m", "file:///nowhere")], settings(tmp_path, 8 << 30))
     assert backend.settings.enforce_eager
@@ -74,7 +74,7 @@ def test_pipelines_run_compiled_even_when_single_stage_engines_run_eager(tmp_pat
 
 
 def test_cores_split_between_stages() -> None:
-    from hydraserve.cluster.local import split_cores
+    from hydraserve.backends.local import split_cores
 
     assert split_cores([0, 1], 2) == ["0", "1"]
     assert split_cores([0, 1, 2, 3, 4], 2) == ["0,1,2", "3,4"]
@@ -90,7 +90,7 @@ def test_pipeline_stages_get_their_own_cores_and_the_standalone_gets_them_all(
 ) -> None:
     import os
 
-    from hydraserve.cluster.local import _Instance
+    from hydraserve.backends.local import _Instance
 
     cores = sorted(os.sched_getaffinity(0))
     backend = LocalBackend([model("m", "file:///nowhere")], settings(tmp_path, 8 << 30))

@@ -18,7 +18,7 @@ import math
 
 import pytest
 
-from hydraserve.controller import (
+from hydraserve.planner import (
     SLO,
     InflightFetch,
     Plan,
@@ -27,8 +27,8 @@ from hydraserve.controller import (
     cold_ttft_s,
     plan,
 )
-from hydraserve.controller.costmodel import salvageable_wait_s
-from tests.controller.helpers import CONFIG, GB, cluster, model, node
+from hydraserve.planner.costmodel import salvageable_wait_s
+from tests.planner.helpers import CONFIG, GB, cluster, model, node
 
 
 def four_nodes(free: float = 16) -> list:

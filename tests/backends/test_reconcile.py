@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from hydraserve.cluster.base import InstancePhase, InstanceView
-from hydraserve.cluster.reconcile import MAX_CONSECUTIVE_FAILURES, plan_instances
+from hydraserve.backends.base import InstancePhase, InstanceView
+from hydraserve.control.replicas import MAX_CONSECUTIVE_FAILURES, plan_instances
 
 
 def inst(

@@ -1,1 +1,0 @@
-"""Cluster backends: where instances run (local processes, Kubernetes pods)."""
