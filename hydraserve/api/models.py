@@ -227,6 +227,18 @@ class InstanceStatus(_Wire):
     cold_start: list[StageTiming] = Field(
         default_factory=list, description="Cold-start stage breakdown, seconds."
     )
+    requested_at: float | None = Field(
+        default=None, description="When the instance was asked for (epoch seconds)."
+    )
+    ready_at: float | None = Field(
+        default=None, description="When it first served with every stage's bytes verified."
+    )
+    kv_transfer: bool = Field(
+        default=False,
+        description="Its engine saves and loads KV caches through the node's shared memory, "
+        "so requests can move to or from it by KV transfer.",
+    )
+    error: str | None = Field(default=None, description="Why it failed (phase Failed).")
 
 
 class ConsolidationStatus(_Wire):
@@ -244,6 +256,36 @@ class ConsolidationStatus(_Wire):
     released_at: float | None = Field(default=None, description="The pipeline's pods were deleted.")
     outcome: str = Field(default="done", pattern=r"^(done|abandoned)$")
     reason: str = ""
+
+    @property
+    def seconds(self) -> float | None:
+        """Pipeline ready to pipeline released (None unless it completed)."""
+        if self.outcome != "done" or self.released_at is None:
+            return None
+        return max(0.0, self.released_at - self.started_at)
+
+
+class FailureStatus(_Wire):
+    """Instances that failed in a row, and when the next one may start.
+
+    The lifecycle policy (``hydraserve.control.instances``) backs off exponentially between
+    attempts and gives up after too many; the count resets when an instance becomes ready,
+    the spec changes or the model scales to zero."""
+
+    consecutive: int = Field(default=0, ge=0, description="Instances that failed in a row.")
+    last_instance: str | None = None
+    last_error: str | None = None
+    last_failed_at: float | None = Field(default=None, description="Epoch seconds.")
+    retry_at: float | None = Field(
+        default=None,
+        description="No new instance before this (epoch seconds); null when not backing off.",
+    )
+    gave_up: bool = Field(
+        default=False, description="Too many failures: no instance starts until reset."
+    )
+    template: str | None = Field(
+        default=None, description="Template hash the failed instances were made from."
+    )
 
 
 class ServerlessModelStatus(_Wire):
@@ -274,6 +316,7 @@ class ServerlessModelStatus(_Wire):
     last_cold_start_seconds: float | None = Field(
         default=None, description="Request-to-ready time of the latest cold start, seconds."
     )
+    failures: FailureStatus = Field(default_factory=FailureStatus)
     observed_generation: int | None = None
 
 

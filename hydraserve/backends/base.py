@@ -14,20 +14,24 @@ from dataclasses import dataclass, field
 # InstancePhase and InstanceOrigin are the API's (status.instances[].phase/origin), so the
 # embedded platform and Kubernetes report instances in the same words.
 from hydraserve.api.models import (
+    Condition,
+    ConsolidationStatus,
     InstanceOrigin,
     InstancePhase,
+    InstanceStatus,
     ModelPhase,
     ServerlessModel,
     StageTiming,
 )
+from hydraserve.api.validation import desired_replicas
 
 __all__ = [
     "ClusterBackend",
-    "ConsolidationRecord",
     "InstanceOrigin",
     "InstancePhase",
     "InstanceView",
     "ModelView",
+    "view_of",
 ]
 
 
@@ -51,28 +55,6 @@ class InstanceView:
 
 
 @dataclass(frozen=True)
-class ConsolidationRecord:
-    """One finished (or abandoned) consolidation of a pipeline into a standalone engine.
-
-    Times are wall-clock seconds; ``None`` where the step did not happen."""
-
-    model: str
-    pipeline: str
-    standalone: str
-    started_at: float  # the pipeline became ready; the background fetch began
-    fetched_at: float | None  # the whole model was verified in the node's shared memory
-    promoted_at: float | None  # the standalone took over; the pipeline began draining
-    released_at: float | None  # the pipeline's stage processes were stopped
-    outcome: str = "done"  # "done" | "abandoned"
-    reason: str = ""
-
-    @property
-    def seconds(self) -> float | None:
-        end = self.released_at if self.outcome == "done" else None
-        return None if end is None else max(0.0, end - self.started_at)
-
-
-@dataclass(frozen=True)
 class ModelView:
     model: ServerlessModel
     desired_replicas: int = 0
@@ -85,10 +67,12 @@ class ModelView:
     # Consolidating, Failed); None when the backend does not say (derive it instead).
     phase: ModelPhase | None = None
     # Finished consolidations, oldest first (a bounded history; metrics read it once each).
-    consolidations: tuple[ConsolidationRecord, ...] = ()
+    consolidations: tuple[ConsolidationStatus, ...] = ()
     # KV cache bytes one token occupies (all layers, K and V): the migration cost model's
     # input; None when unknown (then requests move by recompute only).
     kv_bytes_per_token: int | None = None
+    # The model's status conditions (why it is not serving, when it is not).
+    conditions: tuple[Condition, ...] = ()
 
     @property
     def name(self) -> str:
@@ -110,6 +94,57 @@ class ModelView:
         if self.desired_replicas > 0 or self.instances:
             return ModelPhase.STARTING
         return ModelPhase.COLD
+
+
+def instance_view(model: str, inst: InstanceStatus) -> InstanceView:
+    """One instance of a model's status as the gateway sees it. ``ready`` wins: a status
+    written before ``phase`` existed reads as Starting, with ``ready`` saying what it was."""
+    phase = inst.phase
+    if inst.ready:
+        phase = InstancePhase.READY
+    elif phase == InstancePhase.READY:
+        phase = InstancePhase.STARTING
+    return InstanceView(
+        name=inst.name,
+        model=model,
+        pp=inst.pp,
+        phase=phase,
+        endpoint=inst.endpoint,
+        started_at=inst.requested_at or 0.0,
+        ready_at=inst.ready_at,
+        error=inst.error,
+        cold_start=tuple(inst.cold_start),
+        origin=inst.origin,
+        node=next((w.node for w in inst.workers if w.stage == 0), None),
+        kv_transfer=inst.kv_transfer,
+    )
+
+
+def view_of(
+    model: ServerlessModel,
+    *,
+    spec_error: str | None = None,
+    phase_written: bool = True,
+    kv_bytes_per_token: int | None = None,
+) -> ModelView:
+    """A model and its status (``model.status``) as the gateway sees it: the one
+    derivation both backends use. ``spec_error``: the spec is invalid (the model stays
+    listed, with that error, so a request gets a useful answer)."""
+    status = model.status
+    error = spec_error
+    if error is None and status.phase == ModelPhase.FAILED:
+        failing = [c for c in status.conditions if c.status == "False" and c.message]
+        error = failing[-1].message if failing else "the model failed"
+    return ModelView(
+        model=model,
+        desired_replicas=desired_replicas(model.spec) if spec_error is None else 0,
+        instances=tuple(instance_view(model.name, i) for i in status.instances),
+        error=error,
+        phase=status.phase if phase_written else None,
+        consolidations=tuple(status.consolidations),
+        kv_bytes_per_token=kv_bytes_per_token,
+        conditions=tuple(status.conditions),
+    )
 
 
 class ClusterBackend(ABC):

@@ -15,25 +15,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hydraserve.api.models import (
-    GROUP,
-    PLURAL,
-    VERSION,
-    InstanceStatus,
-    ModelPhase,
-    ServerlessModel,
-    ServerlessModelSpec,
-)
-from hydraserve.backends.base import (
-    ClusterBackend,
-    ConsolidationRecord,
-    InstancePhase,
-    InstanceView,
-    ModelView,
-)
+from hydraserve.api.models import GROUP, PLURAL, VERSION, ServerlessModel, ServerlessModelSpec
+from hydraserve.api.validation import spec_errors
+from hydraserve.backends.base import ClusterBackend, ModelView, view_of
 from hydraserve.kube.client import KubeClient, KubeError, path_of
 from hydraserve.logs import get_logger
-from hydraserve.operator.reconcile import desired_replicas, parse_time, spec_errors
 
 log = get_logger("gateway.kubernetes")
 
@@ -57,59 +43,7 @@ def model_view(obj: Mapping[str, Any]) -> ModelView | None:
     except ValidationError as exc:
         log.warning("model.unusable", model=meta.get("name"), error=str(exc))
         return None
-    status = model.status
-    started = parse_time(meta.get("creationTimestamp")) or 0.0
-    instances = tuple(
-        InstanceView(
-            name=inst.name,
-            model=model.name,
-            pp=inst.pp,
-            phase=instance_phase(inst),
-            endpoint=inst.endpoint,
-            started_at=started,
-            ready_at=None,
-            cold_start=tuple(inst.cold_start),
-            origin=inst.origin,
-            node=next((w.node for w in inst.workers if w.stage == 0), None),
-        )
-        for inst in status.instances
-    )
-    error = errors
-    if error is None and status.phase == ModelPhase.FAILED:
-        failing = [c for c in status.conditions if c.status == "False" and c.message]
-        error = failing[0].message if failing else "the model failed"
-    desired = desired_replicas(model.spec) if errors is None else 0
-    phase = status.phase if raw_status.get("phase") else None
-    consolidations = tuple(
-        ConsolidationRecord(
-            model=model.name,
-            pipeline=c.pipeline,
-            standalone=c.standalone,
-            started_at=c.started_at,
-            fetched_at=c.fetched_at,
-            promoted_at=c.promoted_at,
-            released_at=c.released_at,
-            outcome=c.outcome,
-            reason=c.reason,
-        )
-        for c in status.consolidations
-    )
-    return ModelView(
-        model=model,
-        desired_replicas=desired,
-        instances=instances,
-        error=error,
-        phase=phase,
-        consolidations=consolidations,
-    )
-
-
-def instance_phase(inst: InstanceStatus) -> InstancePhase:
-    """The instance's phase as the operator wrote it. ``ready`` wins: a status written
-    before ``phase`` existed reads as Starting, with ``ready`` saying what it was."""
-    if inst.ready:
-        return InstancePhase.READY
-    return InstancePhase.STARTING if inst.phase == InstancePhase.READY else inst.phase
+    return view_of(model, spec_error=errors, phase_written=bool(raw_status.get("phase")))
 
 
 def _known_status(raw: Mapping[str, Any]) -> dict[str, Any]:

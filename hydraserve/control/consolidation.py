@@ -15,8 +15,8 @@ The life of one consolidation, as :func:`consolidation_plan` drives it::
     standalone failed / fetch failed ──► Abandon (the pipeline keeps serving)
 
 Backends observe their instances and fetches into :class:`PipelineConsolidation` records
-and apply the actions; the local backend does it with processes, the operator would do it
-with pods (see ``docs/decisions/0402``).
+and apply the actions; the local backend does it with processes, the operator with pods
+(see ``docs/decisions/0402``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
-from hydraserve.api.models import ModelPhase
-from hydraserve.backends.base import InstancePhase
+from hydraserve.api.models import InstancePhase
 from hydraserve.prefetcher.shm import FetchState
 
 
@@ -174,20 +173,21 @@ def consolidation_plan(
     return actions
 
 
-def model_phase(
-    *,
-    error: str | None,
-    desired: int,
-    ready: int,
-    live: int,
-    consolidating: bool,
-) -> ModelPhase:
-    """The model's phase for status: Consolidating while a serving pipeline is being
-    replaced by a standalone engine (until its stages are released), then Serving."""
-    if error is not None and not ready:
-        return ModelPhase.FAILED
-    if ready:
-        return ModelPhase.CONSOLIDATING if consolidating else ModelPhase.SERVING
-    if live or desired > 0:
-        return ModelPhase.STARTING
-    return ModelPhase.COLD
+def next_idle_since(previous: float | None, in_flight: int | None, now: float) -> float | None:
+    """When the draining engine was first seen idle (None: busy, or it did not answer)."""
+    if in_flight != 0:
+        return None
+    return previous if previous is not None else now
+
+
+def consolidating(pipelines: Sequence[PipelineConsolidation], policy: ConsolidationPolicy) -> bool:
+    """The model's phase is Consolidating: a serving pipeline is being replaced (while
+    consolidation is on and not given up for it) or one drains."""
+    for p in pipelines:
+        if p.pp <= 1 or p.all_card_node is None:
+            continue
+        if p.phase == InstancePhase.DRAINING:
+            return True
+        if p.phase == InstancePhase.READY and policy.enabled and not p.abandoned:
+            return True
+    return False

@@ -11,6 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from hydraserve.backends.base import InstancePhase, ModelView
+from hydraserve.control import reasons
 
 
 class Admission(StrEnum):
@@ -44,4 +45,12 @@ def describe_progress(view: ModelView | None) -> str:
     parts.append(f"{counts[InstancePhase.READY]} ready")
     if last_failure:
         parts.append(last_failure)
+    # Why nothing starts (cannot be placed now, backing off after failures), as the
+    # control plane's conditions say it.
+    waiting = (reasons.UNSCHEDULABLE, reasons.BACK_OFF)
+    parts += [
+        f"{c.reason}: {c.message}"
+        for c in view.conditions
+        if c.status == "False" and c.message and c.reason in waiting
+    ]
     return ", ".join(parts)

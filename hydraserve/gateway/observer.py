@@ -13,8 +13,8 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 
+from hydraserve.api.models import ConsolidationStatus
 from hydraserve.backends.base import (
-    ConsolidationRecord,
     InstanceOrigin,
     InstancePhase,
     InstanceView,
@@ -54,7 +54,7 @@ class ClusterObserver:
                 continue
             recorded.add(record.pipeline)
             if record.started_at >= self._started_at:
-                self._record_consolidation(record)
+                self._record_consolidation(view.name, record)
         if len(recorded) > 4 * max(1, len(view.consolidations)):
             recorded.intersection_update(r.pipeline for r in view.consolidations)
         # Forget instances that are gone, so the set stays as small as the model.
@@ -78,8 +78,8 @@ class ClusterObserver:
             del self._ready_seen[gone]
             self._consolidations_seen.pop(gone, None)
 
-    def _record_consolidation(self, record: ConsolidationRecord) -> None:
-        model, metrics = record.model, self._metrics
+    def _record_consolidation(self, model: str, record: ConsolidationStatus) -> None:
+        metrics = self._metrics
         metrics.consolidations.labels(model, record.outcome).inc()
         total = record.seconds
         if total is not None:

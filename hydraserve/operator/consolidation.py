@@ -1,4 +1,4 @@
-"""Pipeline consolidation on Kubernetes, decided (pure): observations -> records, plans.
+"""Pipeline consolidation on Kubernetes, observed (pure): objects and probes -> records.
 
 The plan itself is shared with the embedded platform
 (:func:`hydraserve.control.consolidation.consolidation_plan`); this module turns what the
@@ -13,70 +13,27 @@ the head's in-flight count come over HTTP, and are read anew on every pass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
-from pydantic import ValidationError
+from collections.abc import Sequence
 
 from hydraserve.api.models import ConsolidationStatus, InstancePhase
-from hydraserve.control.consolidation import ConsolidationPolicy, PipelineConsolidation
+from hydraserve.control.consolidation import PipelineConsolidation, next_idle_since
 from hydraserve.control.consolidation import StandaloneState as Standalone
-from hydraserve.operator.naming import InstancePlan, StagePlan
-from hydraserve.operator.reconcile import ObservedInstance
+from hydraserve.control.instances import InstanceObservation
+from hydraserve.control.placement import all_card_stage
+from hydraserve.operator.records import InstanceObjects
+from hydraserve.prefetcher.node import NodeStatus
 from hydraserve.prefetcher.shm import FetchState, FetchStatus, fetch_name
 
 WHOLE_MODEL = fetch_name(None, None)
 
-
-def all_card_stage(plan: InstancePlan | None) -> StagePlan | None:
-    """The stage whose GPU can hold the whole model: where the standalone engine runs."""
-    if plan is None or plan.pp <= 1:
-        return None
-    return next((s for s in plan.stages if s.all_card), None)
-
-
-def standalone_plan(pipeline: InstancePlan) -> InstancePlan:
-    """pp = 1 on the all-card stage's node and GPU, holding what the whole pipeline held."""
-    stage = all_card_stage(pipeline)
-    if stage is None:
-        raise ValueError("the pipeline has no all-card stage to consolidate on")
-    last = max(s.end_layer for s in pipeline.stages)
-    return InstancePlan(
-        pp=1,
-        stages=[
-            StagePlan(
-                rank=0,
-                node=stage.node,
-                gpu=stage.gpu,
-                start_layer=0,
-                end_layer=last,
-                memory_bytes=sum(s.memory_bytes for s in pipeline.stages),
-                all_card=True,
-                fetch_bytes=sum(s.fetch_bytes for s in pipeline.stages) - stage.fetch_bytes,
-                from_cache=True,
-            )
-        ],
-        predicted_ttft_s=pipeline.predicted_ttft_s,
-        predicted_tpot_s=pipeline.predicted_tpot_s,
-        reason=f"consolidates {pipeline.pp}-stage pipeline on {stage.node}",
-    )
+Observed = tuple[InstanceObjects, InstanceObservation]
 
 
 def whole_model_fetch(
-    node_status: Mapping[str, Any] | None, uri: str, revision: str
+    node_status: NodeStatus | None, uri: str, revision: str
 ) -> FetchStatus | None:
-    """The whole-model fetch of one model in a prefetcher's ``GET /v1/status`` answer."""
-    for holding in (node_status or {}).get("models") or []:
-        if holding.get("uri") != uri or holding.get("revision", "main") != revision:
-            continue
-        raw = (holding.get("fetches") or {}).get(WHOLE_MODEL)
-        if raw is None:
-            return None
-        try:
-            return FetchStatus.model_validate(raw)
-        except ValidationError:
-            return None
-    return None
+    """The whole-model fetch of one model in a prefetcher's status."""
+    return None if node_status is None else node_status.fetch(uri, revision, WHOLE_MODEL)
 
 
 def fetch_state(fetch: FetchStatus | None, since: float) -> FetchState | None:
@@ -89,89 +46,74 @@ def fetch_state(fetch: FetchStatus | None, since: float) -> FetchState | None:
     return fetch.state
 
 
-def standalone_state(
-    standalone: ObservedInstance | None, now: float, start_timeout_s: float
-) -> tuple[Standalone, str | None]:
+def standalone_state(standalone: Observed | None) -> tuple[Standalone, str | None]:
     """(its state, why it failed). A record without its pod is not started (yet): starting
     it again is idempotent (same names)."""
-    if standalone is None or standalone.record is None or 0 not in standalone.pods:
+    if standalone is None:
         return Standalone.NONE, None
-    why = standalone.failure(now, start_timeout_s)
-    if why is not None:
-        return Standalone.FAILED, f"the standalone engine failed: {why}"
-    if standalone.promoted:
+    objects, obs = standalone
+    if objects.record is None or 0 not in objects.pods:
+        return Standalone.NONE, None
+    if obs.failure is not None:
+        return Standalone.FAILED, f"the standalone engine failed: {obs.failure}"
+    if obs.promoted:
         return Standalone.SERVING, None
-    return (Standalone.WARM if standalone.ready else Standalone.STARTING), None
-
-
-def next_idle_since(previous: float | None, in_flight: int | None, now: float) -> float | None:
-    """When the draining engine was first seen idle (None: busy, or it did not answer)."""
-    if in_flight != 0:
-        return None
-    return previous if previous is not None else now
+    return (Standalone.WARM if obs.warm else Standalone.STARTING), None
 
 
 def pipeline_consolidation(
-    pipeline: ObservedInstance,
-    standalone: ObservedInstance | None,
+    pipeline: Observed,
+    standalone: Observed | None,
     fetch: FetchStatus | None,
     in_flight: int | None,
     now: float,
-    start_timeout_s: float,
 ) -> PipelineConsolidation:
     """One pipeline's consolidation record from what the operator observed of it."""
-    plan = pipeline.plan
-    stage = all_card_stage(plan)
-    state, error = standalone_state(standalone, now, start_timeout_s)
+    objects, obs = pipeline
+    stage = all_card_stage(objects.plan)
+    state, error = standalone_state(standalone)
     if error is None and fetch is not None and fetch.state == FetchState.FAILED and fetch.error:
         error = f"the whole-model fetch failed: {fetch.error}"
-    draining = pipeline.draining_since is not None
+    draining = objects.draining_since is not None
     return PipelineConsolidation(
-        pipeline=pipeline.name,
-        pp=plan.pp if plan is not None else 1,
-        phase=pipeline.phase,
+        pipeline=objects.name,
+        pp=obs.pp,
+        phase=obs.phase,
         all_card_node=stage.node if stage is not None else None,
         standalone=state,
-        full_fetch=fetch_state(fetch, pipeline.requested_at),
-        draining_since=pipeline.draining_since,
+        full_fetch=fetch_state(fetch, objects.requested_at),
+        draining_since=objects.draining_since,
         in_flight=in_flight if draining else None,
-        idle_since=next_idle_since(pipeline.idle_since, in_flight, now) if draining else None,
-        abandoned=pipeline.abandoned is not None,
+        idle_since=next_idle_since(objects.idle_since, in_flight, now) if draining else None,
+        abandoned=objects.abandoned is not None,
         error=error,
     )
 
 
-def pipelines(instances: Sequence[ObservedInstance]) -> list[ObservedInstance]:
+def pipelines(instances: Sequence[Observed]) -> list[Observed]:
     """The instances a consolidation may concern: serving or draining pipelines."""
     return [
-        i
-        for i in instances
-        if i.record is not None
-        and i.consolidates is None
-        and all_card_stage(i.plan) is not None
-        and i.phase in (InstancePhase.READY, InstancePhase.DRAINING)
+        (objects, obs)
+        for objects, obs in instances
+        if objects.record is not None
+        and objects.consolidates is None
+        and all_card_stage(objects.plan) is not None
+        and obs.phase in (InstancePhase.READY, InstancePhase.DRAINING)
     ]
 
 
-def standalones(instances: Sequence[ObservedInstance]) -> dict[str, ObservedInstance]:
+def standalones(instances: Sequence[Observed]) -> dict[str, Observed]:
     """pipeline -> the standalone engine that consolidates it."""
-    return {i.consolidates: i for i in instances if i.consolidates is not None}
-
-
-def consolidating(instances: Sequence[ObservedInstance], policy: ConsolidationPolicy) -> bool:
-    """The model's phase is Consolidating: a serving pipeline is being replaced (while
-    consolidation is on and not given up) or one drains."""
-    for inst in pipelines(instances):
-        if inst.phase == InstancePhase.DRAINING:
-            return True
-        if policy.enabled and inst.abandoned is None:
-            return True
-    return False
+    return {
+        objects.consolidates: (objects, obs)
+        for objects, obs in instances
+        if objects.consolidates is not None
+    }
 
 
 def finished_record(
-    pipeline: ObservedInstance,
-    standalone: ObservedInstance | None,
+    pipeline: InstanceObjects,
+    standalone: InstanceObjects | None,
     now: float,
     *,
     outcome: str,

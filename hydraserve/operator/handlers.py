@@ -132,6 +132,21 @@ class OperatorApp:
         async def resync(namespace: str, name: str, **_: Any) -> None:
             await self.reconciler.reconcile(namespace, name)
 
+        def starting(status: kopf.Status, **_: Any) -> bool:
+            # Readiness also needs every stage's bytes verified by the node prefetchers,
+            # which no watch event announces: look again until the instance is Ready.
+            instances = status.get("instances") or []
+            return any(i.get("phase") == InstancePhase.STARTING.value for i in instances)
+
+        @kopf.timer(
+            *models,
+            interval=self.settings.starting_poll_seconds,
+            when=starting,
+            registry=registry,
+        )
+        async def readiness(namespace: str, name: str, **_: Any) -> None:
+            await self.reconciler.reconcile(namespace, name)
+
         def consolidating(status: kopf.Status, **_: Any) -> bool:
             # A pipeline may still drain when nothing serves (scaled to zero meanwhile).
             instances = status.get("instances") or []

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hydraserve.api.models import API_VERSION, KIND, ServerlessModelSpec
+from hydraserve.control.placement import InstancePlan
 from hydraserve.operator.cluster_state import gpu_resource_amount
 from hydraserve.operator.naming import (
     CONSOLIDATES_LABEL,
@@ -25,7 +26,6 @@ from hydraserve.operator.naming import (
     REQUESTED_AT_ANNOTATION,
     STAGE_LABEL,
     TEMPLATE_HASH_ANNOTATION,
-    InstancePlan,
     pod_name,
     standalone_name,
     worker_labels,

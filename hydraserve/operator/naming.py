@@ -14,10 +14,7 @@ import secrets
 import string
 from typing import Any
 
-from pydantic import BaseModel, Field
-
 from hydraserve.api.models import GROUP, ServerlessModelSpec
-from hydraserve.planner.types import Plan
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE = "hydraserve-operator"
@@ -32,6 +29,9 @@ TEMPLATE_HASH_ANNOTATION = f"{GROUP}/template-hash"
 REQUESTED_AT_ANNOTATION = f"{GROUP}/requested-at"
 PLANNED_AT_ANNOTATION = f"{GROUP}/planned-at"
 PRELOADED_AT_ANNOTATION = f"{GROUP}/preloaded-at"
+# When the node prefetchers had verified every byte of every stage (written once seen, so
+# readiness survives a prefetcher restart that forgets its fetches).
+VERIFIED_AT_ANNOTATION = f"{GROUP}/verified-at"
 NODE_ANNOTATION = f"{GROUP}/node"
 GPU_ANNOTATION = f"{GROUP}/gpu"
 MEMORY_ANNOTATION = f"{GROUP}/gpu-memory-bytes"
@@ -48,6 +48,9 @@ IDLE_SINCE_ANNOTATION = f"{GROUP}/idle-since"
 FETCHED_AT_ANNOTATION = f"{GROUP}/fetched-at"
 ABANDONED_ANNOTATION = f"{GROUP}/consolidation-abandoned"
 PROMOTED_AT_ANNOTATION = f"{GROUP}/promoted-at"
+# The instance's engines save and load KV caches through their node's shared memory, so a
+# request can move between two instances on one node by KV transfer (decision 0400).
+KV_TRANSFER_ANNOTATION = f"{GROUP}/kv-transfer"
 
 # Node labels/annotations the planner's cluster view is read from.
 NIC_GBPS_KEY = f"{GROUP}/nic-gbps"
@@ -95,61 +98,6 @@ def pod_name(instance: str, rank: int) -> str:
 
 def is_dns_label(name: str) -> bool:
     return len(name) <= _MAX_LABEL and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) is not None
-
-
-class StagePlan(BaseModel):
-    rank: int
-    node: str
-    gpu: int
-    start_layer: int
-    end_layer: int
-    memory_bytes: int
-    all_card: bool
-    fetch_bytes: int
-    from_cache: bool = False
-
-    @property
-    def layers(self) -> str:
-        return f"{self.start_layer}-{self.end_layer}"
-
-
-class InstancePlan(BaseModel):
-    """A placement plan as it is recorded on the instance (JSON in an annotation)."""
-
-    pp: int = Field(ge=1, le=4)
-    stages: list[StagePlan]
-    predicted_ttft_s: float = 0.0
-    predicted_tpot_s: float = 0.0
-    reason: str = ""
-
-    @classmethod
-    def from_plan(cls, plan: Plan) -> InstancePlan:
-        return cls(
-            pp=plan.pp,
-            stages=[
-                StagePlan(
-                    rank=s.rank,
-                    node=s.node,
-                    gpu=s.gpu,
-                    start_layer=s.start_layer,
-                    end_layer=s.end_layer,
-                    memory_bytes=s.memory_bytes,
-                    all_card=s.all_card,
-                    fetch_bytes=s.fetch_bytes,
-                    from_cache=s.from_cache,
-                )
-                for s in sorted(plan.stages, key=lambda s: s.rank)
-            ],
-            predicted_ttft_s=plan.prediction.ttft_s,
-            predicted_tpot_s=plan.prediction.tpot_s,
-            reason=plan.reason,
-        )
-
-    def stage(self, rank: int) -> StagePlan:
-        for s in self.stages:
-            if s.rank == rank:
-                return s
-        raise KeyError(f"plan has no stage {rank}")
 
 
 def template_hash(spec: ServerlessModelSpec, worker_image: str) -> str:

@@ -9,6 +9,7 @@ for one model are serialised and coalesced, and every action is derived from wha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -24,28 +25,38 @@ from hydraserve.api.models import (
     VERSION,
     ConsolidationStatus,
     InstancePhase,
+    InstanceStatus,
     ServerlessModelSpec,
     ServerlessModelStatus,
 )
+from hydraserve.api.validation import desired_replicas, spec_errors
+from hydraserve.control import reasons
 from hydraserve.control.consolidation import (
     Abandon,
     ConsolidationAction,
     FetchWholeModel,
+    PipelineConsolidation,
     Promote,
     Release,
     StartStandalone,
+    consolidating,
     consolidation_plan,
 )
+from hydraserve.control.instances import (
+    InstanceObservation,
+    decide_instances,
+    timed_out,
+)
+from hydraserve.control.placement import InstancePlan, all_card_stage, standalone_plan
+from hydraserve.control.status import build_status
 from hydraserve.kube.client import KubeClient, KubeError, path_of
 from hydraserve.logs import get_logger
 from hydraserve.operator.cluster_state import cluster_state, prefetcher_urls, reserve
 from hydraserve.operator.consolidation import (
-    all_card_stage,
-    consolidating,
+    Observed,
     finished_record,
     pipeline_consolidation,
     pipelines,
-    standalone_plan,
     standalones,
     whole_model_fetch,
 )
@@ -65,25 +76,20 @@ from hydraserve.operator.naming import (
     MANAGED_BY_VALUE,
     MODEL_LABEL,
     PROMOTED_AT_ANNOTATION,
+    VERIFIED_AT_ANNOTATION,
     WORKER_APP,
-    InstancePlan,
+    head_selector,
     new_instance_name,
     standalone_name,
     template_hash,
 )
 from hydraserve.operator.planning import Planner, plan_instance, plan_request
-from hydraserve.operator.reconcile import (
-    VALID,
-    ObservedInstance,
-    build_status,
-    decide,
-    desired_replicas,
-    observe,
-    spec_errors,
-)
+from hydraserve.operator.prefetchers import Prefetchers
+from hydraserve.operator.records import InstanceObjects, group
 from hydraserve.operator.settings import OperatorSettings
 from hydraserve.planner.types import Plan, Unschedulable
-from hydraserve.prefetcher.shm import FetchState, FetchStatus
+from hydraserve.prefetcher.node import NodeStatus, PreloadRequest
+from hydraserve.prefetcher.shm import FetchState, FetchStatus, fetch_name
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
 from hydraserve.store.uri import StoreURIError
 from hydraserve.worker.inflight import INFLIGHT_PATH
@@ -134,14 +140,22 @@ class Reconciler:
         self.manifest_loader = manifest_loader
         self.events = events
         self.clock = clock
-        self._http = httpx.AsyncClient(timeout=settings.preload_timeout_seconds)
+        self.prefetchers = Prefetchers(
+            preload_timeout_s=settings.preload_timeout_seconds,
+            probe_timeout_s=settings.probe_timeout_seconds,
+            clock=clock,
+        )
+        self._http = httpx.AsyncClient(timeout=settings.probe_timeout_seconds)
         self._locks: dict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._queued: dict[tuple[str, str], bool] = defaultdict(bool)
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self.policy = settings.consolidation_policy()
+        self.lifecycle = settings.lifecycle_policy()
+        self.passes = 0  # completed reconcile passes (tests wait on it, not on time)
 
     async def close(self) -> None:
         await self._http.aclose()
+        await self.prefetchers.close()
 
     async def reconcile(self, namespace: str, name: str) -> Outcome:
         """Converge one model. Concurrent calls coalesce: one runs, at most one waits."""
@@ -151,24 +165,68 @@ class Reconciler:
         self._queued[key] = True
         async with self._locks[key]:
             self._queued[key] = False
-            return await self._reconcile(namespace, name)
+            try:
+                return await self._reconcile(namespace, name)
+            finally:
+                self.passes += 1
 
     # -- observation -------------------------------------------------------------------
 
-    async def _observe(self, namespace: str, name: str) -> list[ObservedInstance]:
+    async def _objects(self, namespace: str, name: str) -> list[InstanceObjects]:
         labels = {MANAGED_BY: MANAGED_BY_VALUE, MODEL_LABEL: name}
         services, pods = await asyncio.gather(
             self.client.list(path_of("v1", "services", namespace), labels),
             self.client.list(path_of("v1", "pods", namespace), labels),
         )
-        return observe(services, pods)
+        return group(services, pods)
 
-    async def _prefetchers(self) -> dict[str, str]:
+    async def _prefetcher_urls(self) -> dict[str, str]:
         pods = await self.client.list(
             path_of("v1", "pods", self.settings.prefetcher_namespace),
             self.settings.prefetcher_labels,
         )
         return prefetcher_urls(pods, self.settings)
+
+    async def _node_statuses(self, urls: Mapping[str, str]) -> dict[str, NodeStatus | None]:
+        return await self.prefetchers.statuses(urls, self.settings.node_status_max_age_seconds)
+
+    def _observe(
+        self,
+        objects: list[InstanceObjects],
+        spec: ServerlessModelSpec,
+        nodes: Mapping[str, NodeStatus | None],
+        now: float,
+    ) -> list[Observed]:
+        """Each instance's neutral observation: its objects, plus whether its nodes'
+        prefetchers verified every byte of its stages (readiness needs both)."""
+        observed = []
+        for inst in objects:
+            verified = inst.verified_at or _verified_at(inst, spec, nodes)
+            obs = inst.observation(verified)
+            observed.append((inst, timed_out(obs, now, self.lifecycle)))
+        return observed
+
+    async def _record_verified(
+        self,
+        model: Mapping[str, Any],
+        objects: list[InstanceObjects],
+        spec: ServerlessModelSpec,
+        nodes: Mapping[str, NodeStatus | None],
+    ) -> bool:
+        """Write ``verified-at`` on each instance whose stages were all verified now, so
+        readiness does not depend on a prefetcher remembering its fetches. Whether any
+        record changed."""
+        changed = False
+        for inst in objects:
+            if inst.record is None or inst.verified_at is not None:
+                continue
+            at = _verified_at(inst, spec, nodes)
+            if at is None:
+                continue
+            with contextlib.suppress(KubeError):  # gone meanwhile: the next pass sees it
+                await self._annotate(model, inst.name, {VERIFIED_AT_ANNOTATION: f"{at:.3f}"})
+                changed = True
+        return changed
 
     async def _manifest(self, spec: ServerlessModelSpec) -> Manifest:
         key = (spec.source.uri, spec.source.revision)
@@ -185,33 +243,57 @@ class Reconciler:
         model.setdefault("metadata", {}).setdefault("namespace", namespace)
         now = self.clock()
         previous = _previous_status(model)
-        instances = await self._observe(namespace, name)
-        endpoints = {i.name: endpoint_url(i.name, namespace, self.settings) for i in instances}
+        objects = await self._objects(namespace, name)
+        urls = await self._prefetcher_urls()
 
         errors = spec_errors(model.get("spec") or {})
         if errors is not None:
-            old = next((c for c in previous.conditions if c.type == VALID), None)
+            old = next((c for c in previous.conditions if c.type == reasons.VALID), None)
             if old is None or old.message != errors:
                 log.warning("model.invalid", model=name, namespace=namespace, problems=errors)
-                self.events(model, "Warning", "InvalidSpec", errors)
-            status = build_status(name, 0, instances, endpoints, previous, now, invalid=errors)
+                self.events(model, reasons.WARNING, reasons.INVALID_SPEC, errors)
+            observed = [(i, i.observation(None)) for i in objects]
+            status = build_status(
+                desired=0,
+                instances=self._details(observed, namespace),
+                previous=previous,
+                now=now,
+                invalid=errors,
+                selector=head_selector(name),
+            )
             await self._write_status(model, previous, status)
             return Outcome(message=errors)  # nothing to retry: the user must change the spec
 
         spec = ServerlessModelSpec.model_validate(model["spec"])
         desired = desired_replicas(spec)
         template = template_hash(spec, self.settings.worker_image)
-        actions = decide(
-            desired, instances, template, now, self.settings.instance_start_timeout_seconds
+        nodes = await self._node_statuses(urls)
+        observed = self._observe(objects, spec, nodes, now)
+        decision = decide_instances(
+            desired, [o for _, o in observed], template, previous.failures, now, self.lifecycle
         )
-        by_name = {i.name: i for i in instances}
-        for instance, why in actions.delete:
+        by_name = {i.name: i for i in objects}
+        failed = dict(decision.newly_failed)
+        for instance, why in decision.delete:
+            if instance in failed:
+                log.warning(
+                    "instance.failed", model=name, instance=instance, error=failed[instance]
+                )
+                self.events(
+                    model,
+                    reasons.WARNING,
+                    reasons.INSTANCE_FAILED,
+                    f"{instance}: {failed[instance]}",
+                )
             await self._delete_instance(model, by_name[instance], why)
+        if decision.gave_up and decision.newly_failed:
+            log.error("model.gave_up", model=name, namespace=namespace, reason=decision.gave_up)
+            self.events(model, reasons.WARNING, reasons.INSTANCES_FAILING, decision.gave_up)
 
-        retry: float | None = None
+        retry: float | None = decision.retry_in
         invalid: str | None = None
         unschedulable: str | None = None
-        if actions.create or actions.complete:
+        if decision.create or decision.complete:
             try:
                 manifest = await self._manifest(spec)
             except (StoreError, StoreURIError, OSError, ValidationError) as exc:
@@ -223,45 +305,56 @@ class Reconciler:
                 log.warning(
                     "model.source_unreadable", model=name, namespace=namespace, error=str(exc)
                 )
-                self.events(model, "Warning", "ModelNotFound", invalid)
+                self.events(model, reasons.WARNING, reasons.MODEL_NOT_FOUND, invalid)
             else:
-                prefetchers = await self._prefetchers()
-                for instance, ranks in actions.complete:
+                for instance, ranks in decision.complete:
                     inst = by_name[instance]
                     plan = inst.plan
-                    assert plan is not None  # decide() only completes instances with a plan
+                    assert plan is not None  # only instances with a plan have missing stages
                     log.info("instance.resume", model=name, instance=instance, stages=list(ranks))
-                    await self._create_stages(
-                        model, spec, instance, plan, ranks, template, prefetchers
-                    )
-                if actions.create:
+                    await self._create_stages(model, spec, instance, plan, ranks, template, urls)
+                if decision.create:
                     unschedulable = await self._create_instances(
-                        model, spec, manifest, actions.create, template, prefetchers, now
+                        model, spec, manifest, decision.create, template, urls, nodes, now
                     )
                     if unschedulable is not None:
                         retry = self.settings.retry_seconds
 
-        instances = await self._observe(namespace, name)
-        changed, finished = await self._consolidate(model, spec, template, instances)
+        changed = await self._record_verified(model, objects, spec, nodes)
+        if changed or not decision.empty:
+            objects = await self._objects(namespace, name)
+        observed = self._observe(objects, spec, nodes, now)
+        changed, finished, records = await self._consolidate(model, spec, template, observed, urls)
         if changed:
-            instances = await self._observe(namespace, name)
-        endpoints = {i.name: endpoint_url(i.name, namespace, self.settings) for i in instances}
+            objects = await self._objects(namespace, name)
+            observed = self._observe(objects, spec, nodes, now)
         status = build_status(
-            name,
-            desired,
-            instances,
-            endpoints,
-            previous,
-            now,
+            desired=desired,
+            instances=self._details(observed, namespace),
+            previous=previous,
+            now=now,
+            failures=decision.failures,
+            gave_up=decision.gave_up,
+            retry_in=decision.retry_in,
             invalid=invalid,
-            invalid_reason="ModelNotFound",
+            invalid_reason=reasons.MODEL_NOT_FOUND,
             unschedulable=unschedulable,
-            generation=(model.get("metadata") or {}).get("generation"),
-            consolidating=consolidating(instances, self.policy),
+            consolidating=consolidating(records, self.policy),
             finished=finished,
+            selector=head_selector(name),
+            generation=(model.get("metadata") or {}).get("generation"),
         )
         await self._write_status(model, previous, status)
-        return Outcome(retry_after=retry, message=invalid or unschedulable or status.phase.value)
+        message = invalid or unschedulable or decision.gave_up or status.phase.value
+        return Outcome(retry_after=retry, message=message)
+
+    def _details(
+        self, observed: list[Observed], namespace: str
+    ) -> list[tuple[InstanceObservation, InstanceStatus]]:
+        return [
+            (obs, inst.detail(endpoint_url(inst.name, namespace, self.settings)))
+            for inst, obs in observed
+        ]
 
     # -- consolidation (decision 0402) -------------------------------------------------
 
@@ -270,43 +363,44 @@ class Reconciler:
         model: Mapping[str, Any],
         spec: ServerlessModelSpec,
         template: str,
-        instances: list[ObservedInstance],
-    ) -> tuple[bool, list[ConsolidationStatus]]:
+        observed: list[Observed],
+        urls: Mapping[str, str],
+    ) -> tuple[bool, list[ConsolidationStatus], list[PipelineConsolidation]]:
         """Observe every pipeline's consolidation, plan (shared, pure), apply. Each step is
         derived from Kubernetes objects and the HTTP probes, so any pass, by any operator
         replica, continues where the last one stopped. (Whether something changed, the
-        consolidations that ended.)"""
+        consolidations that ended, the records observed.)"""
         name = model["metadata"]["name"]
-        by_pipeline = standalones(instances)
+        by_pipeline = standalones(observed)
         changed = False
         finished: list[ConsolidationStatus] = []
         if not self.policy.enabled:
             # Turned off: a standalone not promoted yet goes; a draining pipeline still
             # drains (the plan releases it), its standalone serves.
-            for standalone in by_pipeline.values():
-                if standalone.pending:
-                    await self._delete_instance(model, standalone, "consolidation is off")
+            for objects, obs in by_pipeline.values():
+                if obs.pending:
+                    await self._delete_instance(model, objects, "consolidation is off")
                     changed = True
         # Draining pipelines always (they are released); serving ones while consolidation
         # is on and not given up for them.
         serving = [
-            p
-            for p in pipelines(instances)
-            if p.phase == InstancePhase.DRAINING or (self.policy.enabled and p.abandoned is None)
+            (objects, obs)
+            for objects, obs in pipelines(observed)
+            if obs.phase == InstancePhase.DRAINING
+            or (self.policy.enabled and objects.abandoned is None)
         ]
         if not serving:
-            return changed, finished
-        ready = any(p.phase == InstancePhase.READY for p in serving)
-        prefetchers = await self._prefetchers() if ready else {}
+            return changed, finished, []
+        ready = any(obs.phase == InstancePhase.READY for _, obs in serving)
+        nodes = await self._node_statuses(urls) if ready else {}
         now = self.clock()
-        observed = []
+        records = []
         fetches: dict[str, FetchStatus | None] = {}
-        for pipeline in serving:
+        for objects, obs in serving:
             fetch = None
-            stage = all_card_stage(pipeline.plan)
-            if pipeline.phase == InstancePhase.READY and pipeline.abandoned is None and stage:
-                url = prefetchers.get(stage.node)
-                if url is None:
+            stage = all_card_stage(objects.plan)
+            if obs.phase == InstancePhase.READY and objects.abandoned is None and stage:
+                if stage.node not in urls:
                     # Nothing could fetch and verify the whole model there: give up (a
                     # prefetcher that does not answer now is asked again instead).
                     fetch = FetchStatus(
@@ -316,39 +410,33 @@ class Reconciler:
                     )
                 else:
                     fetch = whole_model_fetch(
-                        await self._node_status(url), spec.source.uri, spec.source.revision
+                        nodes.get(stage.node), spec.source.uri, spec.source.revision
                     )
-            fetches[pipeline.name] = fetch
+            fetches[objects.name] = fetch
             in_flight = None
-            if pipeline.phase == InstancePhase.DRAINING:
-                in_flight = await self._in_flight(pipeline)
+            if obs.phase == InstancePhase.DRAINING:
+                in_flight = await self._in_flight(objects)
             record = pipeline_consolidation(
-                pipeline,
-                by_pipeline.get(pipeline.name),
-                fetch,
-                in_flight,
-                now,
-                self.settings.instance_start_timeout_seconds,
+                (objects, obs), by_pipeline.get(objects.name), fetch, in_flight, now
             )
-            if pipeline.phase == InstancePhase.DRAINING and record.idle_since != (
-                pipeline.idle_since
-            ):
+            if obs.phase == InstancePhase.DRAINING and record.idle_since != objects.idle_since:
                 idle = None if record.idle_since is None else f"{record.idle_since:.3f}"
-                await self._annotate(model, pipeline.name, {IDLE_SINCE_ANNOTATION: idle})
+                await self._annotate(model, objects.name, {IDLE_SINCE_ANNOTATION: idle})
                 changed = True
-            observed.append(record)
-        by_name = {i.name: i for i in instances}
-        for action in consolidation_plan(observed, self.policy, now):
+            records.append(record)
+        by_name = {objects.name: objects for objects, _ in observed}
+        for action in consolidation_plan(records, self.policy, now):
             pipeline = by_name[action.pipeline]
+            replacement = by_pipeline.get(pipeline.name)
             try:
                 ended = await self._apply(
                     model,
                     spec,
                     template,
                     pipeline,
-                    by_pipeline.get(pipeline.name),
+                    replacement[0] if replacement else None,
                     action,
-                    prefetchers,
+                    urls,
                     fetches.get(pipeline.name),
                     now,
                 )
@@ -365,17 +453,17 @@ class Reconciler:
                 if ended is not None:
                     finished.append(ended)
             changed = True
-        return changed, finished
+        return changed, finished, records
 
     async def _apply(
         self,
         model: Mapping[str, Any],
         spec: ServerlessModelSpec,
         template: str,
-        pipeline: ObservedInstance,
-        replacement: ObservedInstance | None,
+        pipeline: InstanceObjects,
+        replacement: InstanceObjects | None,
         action: ConsolidationAction,
-        prefetchers: Mapping[str, str],
+        urls: Mapping[str, str],
         fetch: FetchStatus | None,
         now: float,
     ) -> ConsolidationStatus | None:
@@ -386,13 +474,13 @@ class Reconciler:
         standalone = standalone_name(pipeline.name)
         if isinstance(action, FetchWholeModel):
             # Low priority: it yields to cold-start fetches on the node (decision 0101).
-            url = prefetchers.get(action.node or "")
+            url = urls.get(action.node or "")
             log.info("consolidation.fetch", model=name, instance=pipeline.name, node=action.node)
             await self._preload(name, pipeline.name, spec, 1, 0, url, low_priority=True)
         elif isinstance(action, StartStandalone):
             assert pipeline.plan is not None  # pipelines() only yields planned instances
             plan = standalone_plan(pipeline.plan)
-            url = prefetchers.get(plan.stages[0].node)
+            url = urls.get(plan.stages[0].node)
             service, pod = standalone_objects(
                 model, spec, pipeline.name, plan, template, url, now, self.settings
             )
@@ -411,8 +499,8 @@ class Reconciler:
             )
             self.events(
                 model,
-                "Normal",
-                "ConsolidationStarted",
+                reasons.NORMAL,
+                reasons.CONSOLIDATION_STARTED,
                 f"{standalone}: a pp=1 engine on {plan.stages[0].node} to replace "
                 f"{pipeline.name} (pp={pipeline.plan.pp})",
             )
@@ -436,8 +524,8 @@ class Reconciler:
             )
             self.events(
                 model,
-                "Normal",
-                "ConsolidationPromoted",
+                reasons.NORMAL,
+                reasons.CONSOLIDATION_PROMOTED,
                 f"{standalone} serves; {pipeline.name} drains",
             )
         elif isinstance(action, Release):
@@ -459,6 +547,12 @@ class Reconciler:
                 drain_s=round(now - (pipeline.draining_since or now), 3),
                 reason=action.reason,
             )
+            self.events(
+                model,
+                reasons.NORMAL,
+                reasons.CONSOLIDATION_DONE,
+                f"{standalone} replaced {pipeline.name} ({action.reason})",
+            )
             return finished_record(pipeline, replacement, now, outcome="done", reason=action.reason)
         elif isinstance(action, Abandon):
             # Recorded first, so that no pass starts another standalone for this pipeline.
@@ -475,8 +569,8 @@ class Reconciler:
             )
             self.events(
                 model,
-                "Warning",
-                "ConsolidationAbandoned",
+                reasons.WARNING,
+                reasons.CONSOLIDATION_ABANDONED,
                 f"{pipeline.name} keeps serving: {action.reason}",
             )
             return finished_record(
@@ -494,21 +588,7 @@ class Reconciler:
             {"metadata": {"annotations": dict(annotations)}},
         )
 
-    async def _node_status(self, url: str | None) -> dict[str, Any] | None:
-        """A node prefetcher's ``GET /v1/status`` (None: no prefetcher, or no answer)."""
-        if url is None:
-            return None
-        try:
-            resp = await self._http.get(
-                f"{url}/v1/status", timeout=self.settings.probe_timeout_seconds
-            )
-            resp.raise_for_status()
-            return dict(resp.json())
-        except (httpx.HTTPError, ValueError, TypeError) as exc:
-            log.warning("prefetcher.status_failed", prefetcher=url, error=str(exc) or repr(exc))
-            return None
-
-    async def _in_flight(self, pipeline: ObservedInstance) -> int | None:
+    async def _in_flight(self, pipeline: InstanceObjects) -> int | None:
         """Requests the pipeline's engine serves now, asked of its head pod (None: no
         answer; the drain timeout still releases it)."""
         head = pipeline.pods.get(0)
@@ -530,6 +610,7 @@ class Reconciler:
         count: int,
         template: str,
         prefetchers: Mapping[str, str],
+        node_statuses: Mapping[str, NodeStatus | None],
         requested_at: float,
     ) -> str | None:
         """Plan and create ``count`` instances; the planner's reason if one did not fit."""
@@ -545,7 +626,7 @@ class Reconciler:
             request = plan_request(spec, manifest)
         except ValueError as exc:  # resources.gpuMemoryGiB cannot hold the weights
             reason = f"{exc}; raise spec.resources.gpuMemoryGiB"
-            self.events(model, "Warning", "Unschedulable", reason)
+            self.events(model, reasons.WARNING, reasons.UNSCHEDULABLE, reason)
             return reason
         for _ in range(count):
             started = self.clock()
@@ -556,7 +637,7 @@ class Reconciler:
                     left_out = ", ".join(f"{n} ({why})" for n, why in sorted(skipped.items()))
                     reason += f"; nodes left out: {left_out}"
                 log.warning("instance.unschedulable", model=name, reason=reason)
-                self.events(model, "Warning", "Unschedulable", reason)
+                self.events(model, reasons.WARNING, reasons.UNSCHEDULABLE, reason)
                 return reason
             cluster = reserve(cluster, plan, self.settings)
             await self._create_instance(
@@ -602,8 +683,8 @@ class Reconciler:
         )
         self.events(
             model,
-            "Normal",
-            "InstancePlanned",
+            reasons.NORMAL,
+            reasons.INSTANCE_PLANNED,
             f"{instance}: pp={plan.pp}, {placement}; predicted cold TTFT "
             f"{plan.predicted_ttft_s:.1f} s ({plan.reason})",
         )
@@ -621,7 +702,9 @@ class Reconciler:
         template: str,
         prefetchers: Mapping[str, str],
     ) -> None:
-        """Pre-load every stage on its node, then create the stage pods."""
+        """Pre-load every stage on its node, then create the stage pods. Each worker is
+        told its node's prefetcher even when the pre-load was not accepted (it asks again
+        itself): the prefetcher's verified fetch is what makes the instance Ready."""
         name, namespace = model["metadata"]["name"], model["metadata"]["namespace"]
         urls = {r: prefetchers.get(plan.stage(r).node) for r in ranks}
         accepted = await asyncio.gather(
@@ -629,8 +712,7 @@ class Reconciler:
         )
         preloaded_at = self.clock()
         for rank, ok in zip(ranks, accepted, strict=True):
-            # Without an accepted pre-load the worker fetches its stage itself.
-            url = urls[rank] if ok else None
+            url = urls[rank]
             pod = worker_pod(
                 model,
                 spec,
@@ -673,24 +755,22 @@ class Reconciler:
             log.warning("preload.no_prefetcher", model=name, instance=instance, stage=rank)
             return False
         # pp=1 is the whole model (null pp/rank), as the worker asks for it too.
-        body = {
-            "uri": spec.source.uri,
-            "revision": spec.source.revision,
-            "pp": pp if pp > 1 else None,
-            "rank": rank if pp > 1 else None,
-            "low_priority": low_priority,
-        }
-        try:
-            resp = await self._http.post(f"{url}/v1/preload", json=body)
-            resp.raise_for_status()
-        except httpx.HTTPError as exc:
+        request = PreloadRequest(
+            uri=spec.source.uri,
+            revision=spec.source.revision,
+            pp=pp if pp > 1 else None,
+            rank=rank if pp > 1 else None,
+            low_priority=low_priority,
+        )
+        error = await self.prefetchers.preload(url, request)
+        if error is not None:
             log.warning(
                 "preload.failed",
                 model=name,
                 instance=instance,
                 stage=rank,
                 prefetcher=url,
-                error=str(exc) or type(exc).__name__,
+                error=error,
             )
             return False
         log.info(
@@ -704,7 +784,7 @@ class Reconciler:
         return True
 
     async def _delete_instance(
-        self, model: Mapping[str, Any], inst: ObservedInstance, why: str
+        self, model: Mapping[str, Any], inst: InstanceObjects, why: str
     ) -> None:
         name, namespace = model["metadata"]["name"], model["metadata"]["namespace"]
         # The record first: pods without one are orphans that the next pass removes.
@@ -713,7 +793,7 @@ class Reconciler:
         for pod in inst.pods.values():
             await self.client.delete(path_of("v1", "pods", namespace, pod["metadata"]["name"]))
         log.info("instance.deleted", model=name, instance=inst.name, why=why)
-        self.events(model, "Normal", "InstanceDeleted", f"{inst.name}: {why}")
+        self.events(model, reasons.NORMAL, reasons.INSTANCE_DELETED, f"{inst.name}: {why}")
 
     async def _write_status(
         self,
@@ -762,3 +842,29 @@ def _previous_status(model: Mapping[str, Any]) -> ServerlessModelStatus:
         return ServerlessModelStatus.model_validate({k: v for k, v in raw.items() if k in known})
     except ValidationError:
         return ServerlessModelStatus()
+
+
+def _verified_at(
+    inst: InstanceObjects, spec: ServerlessModelSpec, nodes: Mapping[str, NodeStatus | None]
+) -> float | None:
+    """When the last of the instance's stages was verified on its node (its own stage
+    fetch, or the whole model there); None while any stage is not verified."""
+    plan = inst.plan
+    if plan is None:
+        return None
+    uri, revision = spec.source.uri, spec.source.revision
+    last = 0.0
+    for stage in plan.stages:
+        status = nodes.get(stage.node)
+        if status is None:
+            return None
+        own = fetch_name(plan.pp if plan.pp > 1 else None, stage.rank if plan.pp > 1 else None)
+        done = [
+            f
+            for name in dict.fromkeys((own, fetch_name(None, None)))
+            if (f := status.fetch(uri, revision, name)) is not None and f.state == FetchState.DONE
+        ]
+        if not done:
+            return None
+        last = max(last, min(f.finished_at or 0.0 for f in done))
+    return last

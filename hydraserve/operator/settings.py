@@ -12,10 +12,11 @@ from pydantic import Field
 from pydantic_settings import BaseSettings
 
 from hydraserve.control.consolidation import ConsolidationSettings
+from hydraserve.control.instances import LifecycleSettings
 from hydraserve.settings import component_config
 
 
-class OperatorSettings(BaseSettings, ConsolidationSettings):
+class OperatorSettings(BaseSettings, ConsolidationSettings, LifecycleSettings):
     model_config = component_config("operator")
 
     # Which ServerlessModels to reconcile.
@@ -85,8 +86,17 @@ class OperatorSettings(BaseSettings, ConsolidationSettings):
     retry_seconds: float = Field(
         default=15.0, gt=0, description="Delay before retrying a model that cannot start now."
     )
-    instance_start_timeout_seconds: float = Field(
-        default=900.0, gt=0, description="An instance not ready by then is replaced."
+    node_status_max_age_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="How old a node prefetcher's status may be when a pass reads it (one "
+        "GET per node per interval, shared by all models).",
+    )
+    starting_poll_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often a model with a starting instance is looked at (its stages' "
+        "bytes are verified over HTTP, which no watch event announces).",
     )
 
     # Pipeline consolidation (decision 0402; the shared fields: ConsolidationSettings).

@@ -47,9 +47,13 @@ def profile_from_manifest(
     )
 
 
+def weights_key(uri: str, revision: str) -> str:
+    """Identity of a model's weights in the prefetchers' host caches (``NodeState``)."""
+    return f"{uri}@{revision}"
+
+
 def model_key(spec: ServerlessModelSpec) -> str:
-    """Identity of a model's weights in the prefetchers' host caches."""
-    return f"{spec.source.uri}@{spec.source.revision}"
+    return weights_key(spec.source.uri, spec.source.revision)
 
 
 def replica_bytes(spec: ServerlessModelSpec) -> int:

@@ -56,11 +56,21 @@ class ModelHolding(BaseModel):
 
 
 class NodeStatus(BaseModel):
+    """``GET /v1/status``: what a node holds and fetches (the operator's view of a node)."""
+
     node: str
     capacity_bytes: int
     used_bytes: int
     bytes_from_store: int
     models: list[ModelHolding]
+
+    def holding(self, uri: str, revision: str) -> ModelHolding | None:
+        return next((m for m in self.models if m.uri == uri and m.revision == revision), None)
+
+    def fetch(self, uri: str, revision: str, name: str) -> FetchStatus | None:
+        """One fetch of a model (``fetch_name(pp, rank)``; ``full``: the whole model)."""
+        holding = self.holding(uri, revision)
+        return None if holding is None else holding.fetches.get(name)
 
 
 @dataclass

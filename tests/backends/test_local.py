@@ -1,12 +1,18 @@
-"""The local backend's decisions that need no engine: planning and store errors."""
+"""The local backend without engines: planning, store errors, stage configuration."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import Callable
 from pathlib import Path
 
-from hydraserve.api.models import ServerlessModel
-from hydraserve.backends.local import LocalBackend, LocalSettings
+from hydraserve.api.models import Condition, ModelPhase, ServerlessModel
+from hydraserve.backends.base import ModelView
+from hydraserve.backends.local import LocalBackend, LocalNode, LocalSettings
+from hydraserve.backends.local.instance import LocalInstance
+from hydraserve.backends.local.processes import split_cores
+from hydraserve.control.placement import InstancePlan, StagePlan
 from hydraserve.settings import CommonSettings
 from hydraserve.store import ModelStore
 
@@ -25,47 +31,81 @@ def settings(tmp_path: Path, budget: int) -> LocalSettings:
     return LocalSettings(common=common, memory_budget_bytes=budget)
 
 
-async def scaled_error(backend: LocalBackend, name: str) -> str | None:
+async def scaled_view(
+    backend: LocalBackend, name: str, done: Callable[[ModelView], bool]
+) -> ModelView:
+    """Scale the model to one replica and wait until its view satisfies ``done``."""
     await backend.start()
     try:
         await backend.scale(name, 1)
-        for _ in range(50):
+        for _ in range(100):
             await backend.wait_for_change(name, 0.2)
             view = backend.get_model(name)
             assert view is not None
-            if view.error:
-                return view.error
-        return None
+            if done(view):
+                return view
+        raise AssertionError(f"{name}: the view never got there: {backend.get_model(name)}")
     finally:
         await backend.close()
 
 
-def test_a_model_larger_than_the_machine_is_refused_with_the_planners_reason(
+def condition(view: ModelView, kind: str) -> Condition | None:
+    return next((c for c in view.conditions if c.type == kind), None)
+
+
+def test_a_model_larger_than_the_machine_is_unschedulable_with_the_planners_reason(
     tmp_path: Path, local_store: ModelStore
 ) -> None:
     backend = LocalBackend([model("big", local_store.ref.uri, gib=64)], settings(tmp_path, 8 << 30))
-    error = asyncio.run(scaled_error(backend, "big"))
-    assert error is not None and "cannot place big" in error and "GiB" in error
-    assert backend.get_model("big").instances == ()  # type: ignore[union-attr]
+
+    def refused(view: ModelView) -> bool:
+        scheduled = condition(view, "Scheduled")
+        return scheduled is not None and scheduled.status == "False"
+
+    view = asyncio.run(scaled_view(backend, "big", refused))
+    scheduled = condition(view, "Scheduled")
+    assert scheduled is not None and scheduled.reason == "Unschedulable"
+    assert "cannot place big" in scheduled.message and "GiB" in scheduled.message
+    assert view.instances == () and view.effective_phase == ModelPhase.STARTING
 
 
 def test_a_model_missing_from_the_store_says_how_to_fix_it(tmp_path: Path) -> None:
     backend = LocalBackend([model("gone", str(tmp_path / "nothing"))], settings(tmp_path, 8 << 30))
-    error = asyncio.run(scaled_error(backend, "gone"))
-    assert error is not None and "hydraserve model push" in error
+    view = asyncio.run(scaled_view(backend, "gone", lambda v: v.error is not None))
+    assert view.error is not None and "hydraserve model push" in view.error
+    assert view.effective_phase == ModelPhase.FAILED
+    valid = condition(view, "Valid")
+    assert valid is not None and valid.reason == "ModelNotFound"
+
+
+def plan(pp: int, nodes: tuple[str, ...] = ("local",)) -> InstancePlan:
+    return InstancePlan(
+        pp=pp,
+        stages=[
+            StagePlan(rank=r, node=nodes[r % len(nodes)], gpu=0, start_layer=r, end_layer=r + 1,
+                      memory_bytes=1, all_card=r == 0, fetch_bytes=1)
+            for r in range(pp)
+        ],
+    )  # fmt: skip
+
+
+def instance(tmp_path: Path, pp: int) -> LocalInstance:
+    return LocalInstance(
+        name="m-1", model="m", plan=plan(pp), requested_at=0.0, dir=tmp_path, host="h", port=1
+    )
 
 
 def test_pipelines_run_compiled_even_when_single_stage_engines_run_eager(tmp_path: Path) -> None:
     # vLLM's CPU backend fails on the first step of an eager pipeline (decision 0004), so a
     # default `hydraserve up` with a forced pp = 2 must not start one.
-    from hydraserve.backends.local import _Instance, _ModelState
+    from hydraserve.backends.local.backend import _ModelState
 
     backend = LocalBackend([model("m", "file:///nowhere")], settings(tmp_path, 8 << 30))
     assert backend.settings.enforce_eager
     state = _ModelState(model=model("m", "file:///nowhere"))
 
     def eager(pp: int, override: bool | None = None) -> bool:
-        inst = _Instance(name="m-1", model="m", pp=pp, started_at=0.0, dir=tmp_path, port=1)
+        inst = instance(tmp_path, pp)
         return backend._worker_config(state, inst, 0, 29500, override).enforce_eager
 
     assert eager(1) is True
@@ -74,8 +114,6 @@ def test_pipelines_run_compiled_even_when_single_stage_engines_run_eager(tmp_pat
 
 
 def test_cores_split_between_stages() -> None:
-    from hydraserve.backends.local import split_cores
-
     assert split_cores([0, 1], 2) == ["0", "1"]
     assert split_cores([0, 1, 2, 3, 4], 2) == ["0,1,2", "3,4"]
     assert split_cores(list(range(16)), 4) == ["0,1,2,3", "4,5,6,7", "8,9,10,11", "12,13,14,15"]
@@ -88,22 +126,31 @@ def test_cores_split_between_stages() -> None:
 def test_pipeline_stages_get_their_own_cores_and_the_standalone_gets_them_all(
     tmp_path: Path,
 ) -> None:
-    import os
-
-    from hydraserve.backends.local import _Instance
-
     cores = sorted(os.sched_getaffinity(0))
     backend = LocalBackend([model("m", "file:///nowhere")], settings(tmp_path, 8 << 30))
-    pipeline = _Instance(name="m-1", model="m", pp=2, started_at=0.0, dir=tmp_path, port=1)
-    assert backend._cpu_bind(0, 1, None) is None  # a single stage: vLLM chooses
-    stage_binds = [backend._cpu_bind(r, 2, None) for r in range(2)]
+    pipeline = instance(tmp_path, 2)
+    assert backend._cpu_bind(plan(1), 0) is None  # a single stage: vLLM chooses
+    stage_binds = [backend._cpu_bind(plan(2), r) for r in range(2)]
     if len(cores) >= 2:
         assert stage_binds[0] and stage_binds[1]
         assert not set(stage_binds[0].split(",")) & set(stage_binds[1].split(","))
-    standalone = backend._cpu_bind(0, 1, pipeline)
+    standalone = backend._cpu_bind(plan(1), 0, pipeline)
     assert standalone is not None
     assert sorted(int(c) for c in standalone.split(",")) == cores
     # Configured binds win.
     backend.settings.cpu_binds = ["3", "5"]
-    assert [backend._cpu_bind(r, 2, None) for r in range(2)] == ["3", "5"]
-    assert backend._cpu_bind(0, 1, pipeline) == "3,5"
+    assert [backend._cpu_bind(plan(2), r) for r in range(2)] == ["3", "5"]
+    assert backend._cpu_bind(plan(1), 0, pipeline) == "3,5"
+
+
+def test_stages_on_different_nodes_each_use_their_nodes_cores(tmp_path: Path) -> None:
+    nodes = [
+        LocalNode(name=f"n{i}", host=f"10.0.0.{i}", shm_dir=tmp_path / f"n{i}",
+                  memory_bytes=1 << 30, nic_bytes_per_s=1e7, cpus=(2 * i, 2 * i + 1))
+        for i in range(2)
+    ]  # fmt: skip
+    backend = LocalBackend([model("m", "file:///nowhere")], settings(tmp_path, 8 << 30), nodes)
+    two = plan(2, ("n0", "n1"))
+    assert [backend._cpu_bind(two, r) for r in range(2)] == ["0,1", "2,3"]
+    both_on_n1 = plan(2, ("n1", "n1"))
+    assert [backend._cpu_bind(both_on_n1, r) for r in range(2)] == ["2", "3"]

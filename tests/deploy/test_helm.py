@@ -17,9 +17,8 @@ import pytest
 import yaml
 
 from hydraserve.api.models import ServerlessModelSpec
-from hydraserve.operator.consolidation import standalone_plan
+from hydraserve.control.placement import InstancePlan, StagePlan, standalone_plan
 from hydraserve.operator.manifests import instance_service, standalone_objects, worker_pod
-from hydraserve.operator.naming import InstancePlan, StagePlan
 from hydraserve.operator.settings import OperatorSettings
 
 ROOT = Path(__file__).resolve().parents[2]

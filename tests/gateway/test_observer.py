@@ -82,7 +82,8 @@ def test_gone_models_leave_no_stale_series() -> None:
 
 
 def test_a_consolidation_is_recorded_once_and_its_standalone_is_no_cold_start() -> None:
-    from hydraserve.backends.base import ConsolidationRecord, InstanceOrigin
+    from hydraserve.api.models import ConsolidationStatus
+    from hydraserve.backends.base import InstanceOrigin
 
     metrics = GatewayMetrics()
     observer = ClusterObserver(metrics, started_at=0.0)
@@ -90,8 +91,8 @@ def test_a_consolidation_is_recorded_once_and_its_standalone_is_no_cold_start() 
     standalone = replace(
         became_ready(starting("m-solo")), pp=1, origin=InstanceOrigin.CONSOLIDATION
     )
-    record = ConsolidationRecord(
-        model="m", pipeline="m-pipe", standalone="m-solo", started_at=100.0,
+    record = ConsolidationStatus(
+        pipeline="m-pipe", standalone="m-solo", started_at=100.0,
         fetched_at=102.0, promoted_at=118.0, released_at=119.5,
     )  # fmt: skip
     view = ModelView(model, 1, (standalone,), consolidations=(record,))
@@ -103,8 +104,10 @@ def test_a_consolidation_is_recorded_once_and_its_standalone_is_no_cold_start() 
     for stage, seconds in (("fetch", 2.0), ("promote", 18.0), ("drain", 1.5)):
         assert sample(metrics, "hydraserve_consolidation_stage_seconds_sum", model="m",
                       stage=stage) == seconds  # fmt: skip
-    abandoned = replace(record, pipeline="m-pipe2", outcome="abandoned", promoted_at=None,
-                        released_at=None)  # fmt: skip
+    abandoned = record.model_copy(
+        update={"pipeline": "m-pipe2", "outcome": "abandoned", "promoted_at": None,
+                "released_at": None}
+    )  # fmt: skip
     observer.observe([replace(view, consolidations=(record, abandoned))])
     assert sample(metrics, "hydraserve_consolidations_total", model="m", outcome="abandoned") == 1
     assert sample(metrics, "hydraserve_consolidation_seconds_count", model="m") == 1

@@ -30,6 +30,8 @@ from hydraserve.operator.handlers import OperatorApp
 from hydraserve.operator.planning import Planner, plan_instance
 from hydraserve.operator.settings import OperatorSettings
 from hydraserve.planner.types import ClusterState, Plan, PlanRequest, Unschedulable
+from hydraserve.prefetcher.node import ModelHolding, NodeStatus, PreloadRequest
+from hydraserve.prefetcher.shm import FetchState, FetchStatus, fetch_name
 from hydraserve.store import ModelRef, ModelStore
 
 NAMESPACE = "team-a"
@@ -90,15 +92,22 @@ class LocalHttpServer:
 
 @dataclass
 class RecordingPrefetcher(LocalHttpServer):
-    """A real HTTP server that answers the prefetcher API and records what it was asked.
+    """A real HTTP server that speaks the node prefetcher's API (its own request and
+    status models, so the contract cannot drift) and records what it was asked.
 
-    ``GET /v1/status`` reports the whole-model fetch of each model in ``full`` (uri ->
-    fetch state), as a node prefetcher does once a whole-model preload ran there."""
+    A stage's preload is verified at once unless ``verify`` is off (then it stays fetching
+    until a test calls :meth:`finish`); a low-priority (consolidation) fetch stays fetching.
+    ``full`` sets the whole-model fetch of a model (uri -> state), as consolidation tests
+    drive it."""
 
     node: str
     calls: list[dict[str, Any]] = field(default_factory=list)
     hold: asyncio.Event | None = None  # when set, preload waits on it (a slow prefetcher)
+    verify: bool = True
     full: dict[str, str] = field(default_factory=dict)
+    # (uri, revision) -> fetch name -> its status
+    fetches: dict[tuple[str, str], dict[str, FetchStatus]] = field(default_factory=dict)
+    cached: set[tuple[str, str]] = field(default_factory=set)  # whole models held
     url: str = ""
     _runner: aiohttp.web.AppRunner | None = None
 
@@ -110,38 +119,78 @@ class RecordingPrefetcher(LocalHttpServer):
         ]
 
     async def _preload(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
-        body = await request.json()
-        self.calls.append({**body, "at": time.time()})
+        preload = PreloadRequest.model_validate(await request.json())
+        self.calls.append({**preload.model_dump(), "at": time.time()})
         if self.hold is not None:
             await self.hold.wait()
-        return aiohttp.web.json_response({"state": "fetching", "total": 1}, status=202)
+        name = fetch_name(preload.pp, preload.rank)
+        now = time.time()
+        # A consolidation's background fetch runs until the test says (``full``).
+        verify = self.verify and not preload.low_priority
+        status = FetchStatus(
+            state=FetchState.DONE if verify else FetchState.FETCHING,
+            total=1,
+            verified=1 if verify else 0,
+            started_at=now,
+            finished_at=now if verify else None,
+        )
+        model = self.fetches.setdefault((preload.uri, preload.revision), {})
+        if name not in model or model[name].state == FetchState.FAILED:
+            model[name] = status
+        return aiohttp.web.json_response(status.model_dump(mode="json"), status=202)
+
+    def finish(self) -> None:
+        """Every fetch in flight is verified now."""
+        now = time.time()
+        for model in self.fetches.values():
+            for name, status in list(model.items()):
+                if status.state == FetchState.FETCHING:
+                    model[name] = status.model_copy(
+                        update={"state": FetchState.DONE, "verified": 1, "finished_at": now}
+                    )
 
     async def _healthz(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
         return aiohttp.web.json_response({"status": "ok", "node": self.node})
 
     async def _status(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
-        models = [
-            {
-                "uri": uri,
-                "revision": "main",
-                "name": "tiny",
-                "key": "tiny",
-                "memory_bytes": 1,
-                "complete": state == "done",
-                "last_used": time.time(),
-                "fetches": {"full": {"state": state, "total": 1, "started_at": time.time()}},
-            }
-            for uri, state in self.full.items()
-        ]
-        return aiohttp.web.json_response(
-            {
-                "node": self.node,
-                "capacity_bytes": 1 << 30,
-                "used_bytes": 0,
-                "bytes_from_store": 0,
-                "models": models,
-            }
+        now = time.time()
+        keys = set(self.fetches) | {(uri, "main") for uri in self.full} | self.cached
+        models = []
+        for uri, revision in sorted(keys):
+            fetches = dict(self.fetches.get((uri, revision), {}))
+            if uri in self.full:
+                state = FetchState(self.full[uri])
+                fetches["full"] = FetchStatus(
+                    state=state,
+                    total=1,
+                    started_at=now,
+                    finished_at=now if state == FetchState.DONE else None,
+                )
+            if (uri, revision) in self.cached:
+                fetches["full"] = FetchStatus(
+                    state=FetchState.DONE, total=1, started_at=now, finished_at=now
+                )
+            full = fetches.get("full")
+            models.append(
+                ModelHolding(
+                    uri=uri,
+                    revision=revision,
+                    name=uri.rsplit("/", 1)[-1],
+                    key=uri.rsplit("/", 1)[-1],
+                    memory_bytes=1,
+                    complete=full is not None and full.state == FetchState.DONE,
+                    last_used=now,
+                    fetches=fetches,
+                )
+            )
+        status = NodeStatus(
+            node=self.node,
+            capacity_bytes=1 << 30,
+            used_bytes=0,
+            bytes_from_store=0,
+            models=models,
         )
+        return aiohttp.web.json_response(status.model_dump(mode="json"))
 
 
 @dataclass
@@ -284,6 +333,13 @@ class Cluster:
         )
         return recorder
 
+    async def remove_prefetcher(self, node: str) -> None:
+        """The node's prefetcher pod is gone (its server stops answering too)."""
+        await self.client.delete(
+            path_of("v1", "pods", SYSTEM_NAMESPACE, f"hydraserve-prefetcher-{node}")
+        )
+        await self.prefetchers.pop(node).stop()
+
     # -- scheduler and kubelet -----------------------------------------------------------
 
     async def run_pod(self, pod: dict[str, Any], ready: bool = True, ip: str = "10.1.0.7") -> None:
@@ -340,6 +396,7 @@ class OperatorRunner:
             liveness_endpoint=None,
             resync_seconds=3,
             retry_seconds=1,
+            node_status_max_age_seconds=0.05,
             prefetcher_namespace=SYSTEM_NAMESPACE,
             worker_image="registry.example/hydraserve/worker:test",
             s3_endpoint_url="http://minio.storage:9000",

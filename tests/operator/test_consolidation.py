@@ -342,15 +342,26 @@ async def test_consolidation_turned_off_removes_a_standalone_not_promoted_yet(
 async def test_no_prefetcher_on_the_all_card_node_abandons_without_a_standalone(
     cluster: Cluster, operators: OperatorRunner, engine: FakeEngine
 ) -> None:
+    """The all-card node's prefetcher verified the pipeline's stage, then went away: the
+    pipeline serves (its bytes were verified, and the operator recorded that), but nothing
+    can fetch the whole model there, so its consolidation is given up."""
     for node in ("gpu-a", "gpu-b"):
         await cluster.add_gpu_node(node)
-    await cluster.add_prefetcher("gpu-b")  # none on gpu-a, the all-card node
+        await cluster.add_prefetcher(node)
     await start_operator(operators, engine)
     await cluster.apply_model("llama", replicas=1)
     pods = await eventually(lambda: stage_pods(cluster, 2), what="both stage pods")
+    pipeline = str(pods[0]["metadata"]["labels"]["hydraserve.io/instance"])
+
+    async def verified() -> str | None:
+        return annotations(await pipeline_service(cluster, pipeline)).get(
+            "hydraserve.io/verified-at"
+        )
+
+    await eventually(verified, what="the stages' bytes recorded as verified")
+    await cluster.remove_prefetcher("gpu-a")
     for p in pods:
         await cluster.run_pod(p)
-    pipeline = str(pods[0]["metadata"]["labels"]["hydraserve.io/instance"])
 
     async def abandoned() -> str | None:
         record = annotations(await pipeline_service(cluster, pipeline))

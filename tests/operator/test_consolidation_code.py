@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from hydraserve.api.models import InstanceOrigin, InstancePhase, ModelPhase, ServerlessModelStatus
+from hydraserve.api.models import (
+    FailureStatus,
+    InstanceOrigin,
+    InstancePhase,
+    ModelPhase,
+    ServerlessModelStatus,
+)
 from hydraserve.backends.kubernetes import model_view
 from hydraserve.control.consolidation import (
     Abandon,
@@ -17,17 +23,19 @@ from hydraserve.control.consolidation import (
     Release,
     StandaloneState,
     StartStandalone,
-    consolidation_plan,
-)
-from hydraserve.operator.consolidation import (
-    all_card_stage,
     consolidating,
+    consolidation_plan,
+    next_idle_since,
+)
+from hydraserve.control.instances import InstanceDecision, LifecyclePolicy, decide_instances
+from hydraserve.control.placement import InstancePlan, StagePlan, all_card_stage, standalone_plan
+from hydraserve.control.status import build_status
+from hydraserve.operator.consolidation import (
+    Observed,
     fetch_state,
     finished_record,
-    next_idle_since,
     pipeline_consolidation,
     pipelines,
-    standalone_plan,
     standalone_state,
     standalones,
     whole_model_fetch,
@@ -44,12 +52,11 @@ from hydraserve.operator.naming import (
     REQUESTED_AT_ANNOTATION,
     STAGE_LABEL,
     TEMPLATE_HASH_ANNOTATION,
-    InstancePlan,
-    StagePlan,
     is_dns_label,
     standalone_name,
 )
-from hydraserve.operator.reconcile import ObservedInstance, build_status, decide, observe
+from hydraserve.operator.records import group
+from hydraserve.prefetcher.node import NodeStatus
 from hydraserve.prefetcher.shm import FetchState, FetchStatus
 
 GIB = 1 << 30
@@ -125,14 +132,30 @@ def standalone_objects(
     return [svc], [pod(name, 0, ready=ready, phase=phase)]
 
 
-def observed(*parts: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> list[ObservedInstance]:
+def observed(*parts: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> list[Observed]:
+    """As the reconciler observes them, every stage's bytes verified."""
     services = [s for p in parts for s in p[0]]
     pods = [q for p in parts for q in p[1]]
-    return observe(services, pods)
+    return [(i, i.observation(verified_at=50.0)) for i in group(services, pods)]
 
 
-def by_name(instances: list[ObservedInstance]) -> dict[str, ObservedInstance]:
-    return {i.name: i for i in instances}
+def by_name(instances: list[Observed]) -> dict[str, Observed]:
+    return {i.name: (i, o) for i, o in instances}
+
+
+LIFECYCLE = LifecyclePolicy(start_timeout_s=TIMEOUT)
+
+
+def decide(desired: int, instances: list[Observed]) -> InstanceDecision:
+    obs = [o for _, o in instances]
+    return decide_instances(desired, obs, "t", FailureStatus(), NOW, LIFECYCLE)
+
+
+def status_of(
+    desired: int, instances: list[Observed], previous: ServerlessModelStatus, **kw: Any
+) -> ServerlessModelStatus:
+    pairs = [(o, i.detail(None)) for i, o in instances]
+    return build_status(desired=desired, instances=pairs, previous=previous, now=NOW, **kw)
 
 
 # -- plans and names -----------------------------------------------------------------------
@@ -165,11 +188,21 @@ def test_standalone_name_is_stable_and_a_dns_label() -> None:
 # -- HTTP answers ------------------------------------------------------------------------------
 
 
-def node_status(uri: str, revision: str, full: dict[str, Any] | None) -> dict[str, Any]:
-    fetches = {"pp2-rank0": {"state": "done", "total": 5}}
+def node_status(uri: str, revision: str, full: dict[str, Any] | None) -> NodeStatus:
+    fetches: dict[str, Any] = {"pp2-rank0": {"state": "done", "total": 5}}
     if full is not None:
         fetches["full"] = full
-    return {"node": "gpu-a", "models": [{"uri": uri, "revision": revision, "fetches": fetches}]}
+    holding = {"uri": uri, "revision": revision, "name": "x", "key": "x", "memory_bytes": 5,
+               "complete": False, "last_used": 0.0, "fetches": fetches}  # fmt: skip
+    return NodeStatus.model_validate(
+        {
+            "node": "gpu-a",
+            "capacity_bytes": 9,
+            "used_bytes": 5,
+            "bytes_from_store": 5,
+            "models": [holding],
+        }
+    )
 
 
 def test_whole_model_fetch_reads_the_models_full_fetch_only() -> None:
@@ -180,8 +213,6 @@ def test_whole_model_fetch_reads_the_models_full_fetch_only() -> None:
     assert whole_model_fetch(status, "s3://m/other", "main") is None
     assert whole_model_fetch(node_status("s3://m/x", "main", None), "s3://m/x", "main") is None
     assert whole_model_fetch(None, "s3://m/x", "main") is None
-    broken = node_status("s3://m/x", "main", {"state": "nonsense"})
-    assert whole_model_fetch(broken, "s3://m/x", "main") is None
 
 
 def test_an_old_failed_fetch_is_asked_again_a_new_one_abandons() -> None:
@@ -206,7 +237,7 @@ def test_idle_since_starts_at_the_first_idle_answer_and_resets() -> None:
 def test_standalone_state_from_its_record_and_pod() -> None:
     def state(*parts: Any) -> tuple[StandaloneState, str | None]:
         inst = by_name(observed(pipeline_objects(), *parts)).get("m-abcde-c")
-        return standalone_state(inst, NOW, TIMEOUT)
+        return standalone_state(inst)
 
     assert state() == (StandaloneState.NONE, None)
     svc, _ = standalone_objects()
@@ -223,11 +254,14 @@ def test_the_pipelines_switch_promotes_its_standalone() -> None:
     """Promotion is one write on the pipeline's record; the standalone's own annotation
     may lag behind (an operator killed between the two writes)."""
     draining = pipeline_objects(annotations={DRAINING_SINCE_ANNOTATION: "500"})
-    insts = by_name(observed(draining, standalone_objects(ready=True)))
+    insts = {
+        n: o for n, (_, o) in by_name(observed(draining, standalone_objects(ready=True))).items()
+    }
     assert insts["m-abcde-c"].promoted and not insts["m-abcde-c"].pending
     assert insts["m-abcde-c"].phase == InstancePhase.READY
     assert insts["m-abcde"].phase == InstancePhase.DRAINING
-    insts = by_name(observed(pipeline_objects(), standalone_objects(ready=True)))
+    pending = observed(pipeline_objects(), standalone_objects(ready=True))
+    insts = {n: o for n, (_, o) in by_name(pending).items()}
     assert insts["m-abcde-c"].pending and insts["m-abcde-c"].phase == InstancePhase.STARTING
 
 
@@ -244,7 +278,7 @@ def plan_for(
     insts = observed(*parts)
     found = standalones(insts)
     records = [
-        pipeline_consolidation(p, found.get(p.name), fetch, in_flight, now, TIMEOUT)
+        pipeline_consolidation(p, found.get(p[0].name), fetch, in_flight, now)
         for p in pipelines(insts)
     ]
     return consolidation_plan(records, policy, now)
@@ -309,34 +343,30 @@ def test_draining_pipeline_is_released_when_idle_for_the_grace_or_at_the_timeout
 
 def test_a_pending_standalone_is_no_replica_and_goes_with_its_pipeline() -> None:
     insts = observed(pipeline_objects(), standalone_objects(ready=True))
-    assert decide(1, insts, "t", NOW, TIMEOUT).empty  # not a second replica, not surplus
-    gone = decide(0, insts, "t", NOW, TIMEOUT)
+    assert decide(1, insts).empty  # not a second replica, not surplus
+    gone = decide(0, insts)
     assert set(gone.delete) == {
         ("m-abcde", "scaled down to 0"),
         ("m-abcde-c", "its pipeline m-abcde is gone"),
     }
     orphan = observed(standalone_objects(ready=True))
-    assert decide(1, orphan, "t", NOW, TIMEOUT).delete == (
-        ("m-abcde-c", "its pipeline m-abcde is gone"),
-    )
+    assert decide(1, orphan).delete == (("m-abcde-c", "its pipeline m-abcde is gone"),)
     # A failed pending standalone is the consolidation's to handle (Abandon), not decide's.
     failed = observed(pipeline_objects(), standalone_objects(phase="Failed"))
-    assert decide(1, failed, "t", NOW, TIMEOUT).empty
+    assert decide(1, failed).empty
 
 
 def test_a_draining_pipeline_is_no_replica_its_promoted_standalone_is() -> None:
     draining = pipeline_objects(annotations={DRAINING_SINCE_ANNOTATION: "990"})
     insts = observed(draining, standalone_objects(ready=True))
-    assert decide(1, insts, "t", NOW, TIMEOUT).empty
-    actions = decide(2, insts, "t", NOW, TIMEOUT)
+    assert decide(1, insts).empty
+    actions = decide(2, insts)
     assert actions.create == 1 and not actions.delete
 
 
 def test_status_shows_phases_origins_and_counts_replicas_as_the_gateway_routes() -> None:
     def status(*parts: Any, consolidating: bool = True) -> ServerlessModelStatus:
-        return build_status(
-            "m", 1, observed(*parts), {}, ServerlessModelStatus(), NOW, consolidating=consolidating
-        )
+        return status_of(1, observed(*parts), ServerlessModelStatus(), consolidating=consolidating)
 
     before = status(pipeline_objects(), standalone_objects(ready=True))
     phases = {i.name: (i.phase, i.origin, i.ready) for i in before.instances}
@@ -363,13 +393,17 @@ def test_status_shows_phases_origins_and_counts_replicas_as_the_gateway_routes()
 
 
 def test_model_is_consolidating_while_a_pipeline_is_replaced_or_drains() -> None:
-    assert consolidating(observed(pipeline_objects()), POLICY)
-    assert not consolidating(observed(pipeline_objects()), ConsolidationPolicy(enabled=False))
+    def records(*parts: Any) -> list[Any]:
+        insts = observed(*parts)
+        return [pipeline_consolidation(p, None, None, None, NOW) for p in pipelines(insts)]
+
+    assert consolidating(records(pipeline_objects()), POLICY)
+    assert not consolidating(records(pipeline_objects()), ConsolidationPolicy(enabled=False))
     abandoned = pipeline_objects(annotations={ABANDONED_ANNOTATION: "x"})
-    assert not consolidating(observed(abandoned), POLICY)
+    assert not consolidating(records(abandoned), POLICY)
     draining = pipeline_objects(annotations={DRAINING_SINCE_ANNOTATION: "990"})
-    assert consolidating(observed(draining), ConsolidationPolicy(enabled=False))
-    assert not consolidating(observed(standalone_objects(ready=True)), POLICY)
+    assert consolidating(records(draining), ConsolidationPolicy(enabled=False))
+    assert not consolidating(records(standalone_objects(ready=True)), POLICY)
 
 
 def test_a_finished_consolidation_is_recorded_from_its_annotations_and_kept_bounded() -> None:
@@ -378,7 +412,7 @@ def test_a_finished_consolidation_is_recorded_from_its_annotations_and_kept_boun
     )
     insts = by_name(observed(draining, standalone_objects(ready=True)))
     record = finished_record(
-        insts["m-abcde"], insts["m-abcde-c"], NOW, outcome="done", reason="drained"
+        insts["m-abcde"][0], insts["m-abcde-c"][0], NOW, outcome="done", reason="drained"
     )
     assert (record.started_at, record.fetched_at, record.promoted_at, record.released_at) == (
         200.0,
@@ -387,17 +421,17 @@ def test_a_finished_consolidation_is_recorded_from_its_annotations_and_kept_boun
         NOW,
     )
     assert record.standalone == "m-abcde-c" and record.outcome == "done"
-    gave_up = finished_record(insts["m-abcde"], None, NOW, outcome="abandoned", reason="x")
+    gave_up = finished_record(insts["m-abcde"][0], None, NOW, outcome="abandoned", reason="x")
     assert gave_up.released_at is None and gave_up.started_at == NOW
 
     previous = ServerlessModelStatus()
     for k in range(20):
         entry = record.model_copy(update={"pipeline": f"p{k}"})
-        previous = build_status("m", 0, [], {}, previous, NOW, finished=[entry])
+        previous = status_of(0, [], previous, finished=[entry])
     assert [c.pipeline for c in previous.consolidations] == [f"p{k}" for k in range(4, 20)]
-    again = build_status("m", 0, [], {}, previous, NOW, finished=[record])
+    again = status_of(0, [], previous, finished=[record])
     assert len(again.consolidations) == 16 and again.consolidations[-1] == record
-    kept = build_status("m", 0, [], {}, again, NOW)
+    kept = status_of(0, [], again)
     assert kept.consolidations == again.consolidations
 
 
@@ -436,7 +470,7 @@ def test_gateway_sees_draining_and_consolidation_instances() -> None:
     }
     assert [i.name for i in view.ready_instances] == ["m-abcde-c", "old"]
     (record,) = view.consolidations
-    assert (record.model, record.pipeline, record.outcome) == ("m", "m-zzzzz", "done")
+    assert (record.pipeline, record.outcome) == ("m-zzzzz", "done")
     assert record.seconds == 4.5  # what hydraserve_consolidation_seconds observes
 
 

@@ -7,7 +7,22 @@ from typing import Any
 
 import pytest
 
-from hydraserve.api.models import ModelPhase, ServerlessModelSpec, ServerlessModelStatus
+from hydraserve.api.models import (
+    FailureStatus,
+    InstanceStatus,
+    ModelPhase,
+    ServerlessModelSpec,
+    ServerlessModelStatus,
+)
+from hydraserve.api.validation import desired_replicas, spec_errors
+from hydraserve.control.instances import (
+    InstanceObservation,
+    LifecyclePolicy,
+    decide_instances,
+    timed_out,
+)
+from hydraserve.control.placement import InstancePlan, StagePlan
+from hydraserve.control.status import build_status
 from hydraserve.operator.cluster_state import (
     cluster_state,
     gpu_resource_amount,
@@ -20,19 +35,12 @@ from hydraserve.operator.naming import (
     REQUESTED_AT_ANNOTATION,
     STAGE_LABEL,
     TEMPLATE_HASH_ANNOTATION,
-    InstancePlan,
-    StagePlan,
+    head_selector,
     is_dns_label,
     new_instance_name,
     template_hash,
 )
-from hydraserve.operator.reconcile import (
-    build_status,
-    decide,
-    desired_replicas,
-    observe,
-    spec_errors,
-)
+from hydraserve.operator.records import InstanceObjects, group
 from hydraserve.operator.settings import OperatorSettings
 from hydraserve.planner.types import SLO, ModelProfile, PlanRequest
 
@@ -240,48 +248,93 @@ def pod(instance: str, rank: int, phase: str = "Running", ready: bool = True) ->
 NOW = 1767225600.0  # 2026-01-01T00:00:00Z
 
 
+POLICY = LifecyclePolicy(start_timeout_s=900)
+
+
+def observed(
+    instances: list[InstanceObjects], verified_at: float | None = NOW
+) -> list[InstanceObservation]:
+    """As the reconciler observes: every stage's bytes verified at ``verified_at``."""
+    return [timed_out(i.observation(verified_at), NOW, POLICY) for i in instances]
+
+
+def decide(desired: int, instances: list[InstanceObjects], template: str) -> Any:
+    return decide_instances(desired, observed(instances), template, FailureStatus(), NOW, POLICY)
+
+
+def status_of(
+    instances: list[InstanceObjects],
+    previous: ServerlessModelStatus,
+    now: float,
+    endpoints: dict[str, str] | None = None,
+    verified_at: float | None = NOW,
+    **kw: Any,
+) -> ServerlessModelStatus:
+    pairs: list[tuple[InstanceObservation, InstanceStatus]] = [
+        (o, i.detail((endpoints or {}).get(i.name)))
+        for i, o in zip(instances, observed(instances, verified_at), strict=True)
+    ]
+    return build_status(
+        desired=1, instances=pairs, previous=previous, now=now, selector=head_selector("m"), **kw
+    )
+
+
 def test_decide_creates_completes_and_scales_down_not_ready_first() -> None:
     services = [record("m-ready", "t", NOW - 50), record("m-new", "t", NOW - 1, pp=2)]
     pods = [pod("m-ready", 0), pod("m-new", 0, ready=False)]
-    instances = observe(services, pods)
+    instances = group(services, pods)
     assert [i.name for i in instances] == ["m-ready", "m-new"]
     assert instances[1].missing_ranks == (1,)
 
-    up = decide(3, instances, "t", NOW, 900)
+    up = decide(3, instances, "t")
     assert up.create == 1 and up.complete == (("m-new", (1,)),) and not up.delete
-    down = decide(1, instances, "t", NOW, 900)
+    down = decide(1, instances, "t")
     assert down.create == 0 and [n for n, _ in down.delete] == ["m-new"]
-    zero = decide(0, instances, "t", NOW, 900)
+    zero = decide(0, instances, "t")
     assert sorted(n for n, _ in zero.delete) == ["m-new", "m-ready"]
 
 
 def test_decide_replaces_failed_orphaned_and_timed_out_instances() -> None:
     services = [record("m-failed", "t", NOW - 5), record("m-slow", "t", NOW - 1000)]
     pods = [pod("m-failed", 0, phase="Failed"), pod("m-slow", 0, ready=False), pod("m-orphan", 0)]
-    actions = decide(1, observe(services, pods), "t", NOW, 900)
-    reasons = dict(actions.delete)
-    assert "ended" in reasons["m-failed"]
-    assert "not ready 1000 s" in reasons["m-slow"]
-    assert "Service (the instance record) is gone" in reasons["m-orphan"]
-    assert actions.create == 1
+    actions = decide(1, group(services, pods), "t")
+    why = dict(actions.delete)
+    assert "ended" in why["m-failed"]
+    assert "not ready 1000 s" in why["m-slow"]
+    assert "record is gone" in why["m-orphan"]
+    # Two instances failed (the orphan's pods are only left over): back off, then retry.
+    assert actions.failures.consecutive == 2 and actions.create == 0
+    assert actions.retry_in is not None and actions.retry_in > 0
 
 
 def test_decide_rolls_outdated_instances_after_replacements_are_ready() -> None:
-    old = observe([record("m-old", "t0", NOW - 100)], [pod("m-old", 0)])
-    first = decide(1, old, "t1", NOW, 900)
+    old = group([record("m-old", "t0", NOW - 100)], [pod("m-old", 0)])
+    first = decide(1, old, "t1")
     assert first.create == 1 and not first.delete  # keep serving until the new one is ready
-    both = observe(
+    both = group(
         [record("m-old", "t0", NOW - 100), record("m-new", "t1", NOW - 10)],
         [pod("m-old", 0), pod("m-new", 0)],
     )
-    second = decide(1, both, "t1", NOW, 900)
+    second = decide(1, both, "t1")
     assert second.create == 0 and [n for n, _ in second.delete] == ["m-old"]
 
 
+def test_ready_needs_the_prefetchers_to_have_verified_every_stage() -> None:
+    inst = group([record("m-a", "t", NOW)], [pod("m-a", 0)])
+    unverified = status_of(inst, ServerlessModelStatus(), NOW + 10, verified_at=None)
+    assert unverified.phase == ModelPhase.STARTING and unverified.ready_replicas == 0
+    assert unverified.instances[0].endpoint is None
+    verified = status_of(inst, unverified, NOW + 11, verified_at=NOW + 10)
+    assert verified.phase == ModelPhase.SERVING and verified.ready_replicas == 1
+    # Ready at the later of pod Ready (NOW + 9) and the last verified byte (NOW + 10).
+    assert verified.instances[0].ready_at == NOW + 10
+    assert verified.last_cold_start_seconds == 10.0
+
+
 def test_build_status_serving_with_cold_start_breakdown() -> None:
-    inst = observe([record("m-a", "t", NOW)], [pod("m-a", 0)])
-    status = build_status(
-        "m", 1, inst, {"m-a": "http://m-a.ns.svc:8000"}, ServerlessModelStatus(), NOW + 10
+    inst = group([record("m-a", "t", NOW)], [pod("m-a", 0)])
+    status = status_of(
+        inst, ServerlessModelStatus(), NOW + 10, {"m-a": "http://m-a.ns.svc:8000"}, NOW - 1
     )
     assert status.phase == ModelPhase.SERVING and status.ready_replicas == 1
     assert status.instances[0].endpoint == "http://m-a.ns.svc:8000"
@@ -290,7 +343,7 @@ def test_build_status_serving_with_cold_start_breakdown() -> None:
     assert status.selector == "hydraserve.io/instance,hydraserve.io/model=m,hydraserve.io/stage=0"
     ready = next(c for c in status.conditions if c.type == "Ready")
     # Unchanged status keeps its transition time.
-    again = build_status("m", 1, inst, {}, status, NOW + 99)
+    again = status_of(inst, status, NOW + 99, verified_at=NOW - 1)
     assert next(c for c in again.conditions if c.type == "Ready").last_transition_time == (
         ready.last_transition_time
     )
@@ -313,8 +366,21 @@ def test_instance_plan_roundtrip_from_annotation() -> None:
 
 
 def test_build_status_shows_consolidating_while_a_pipeline_is_replaced() -> None:
-    inst = observe([record("m-a", "t", NOW)], [pod("m-a", 0)])
-    status = build_status("m", 1, inst, {}, ServerlessModelStatus(), NOW, consolidating=True)
+    inst = group([record("m-a", "t", NOW)], [pod("m-a", 0)])
+    status = status_of(inst, ServerlessModelStatus(), NOW, consolidating=True)
     assert status.phase == ModelPhase.CONSOLIDATING and status.ready_replicas == 1
-    after = build_status("m", 1, inst, {}, status, NOW + 1)
+    after = status_of(inst, status, NOW + 1)
     assert after.phase == ModelPhase.SERVING
+
+
+def test_status_backing_off_then_failed_with_the_reason() -> None:
+    failures = FailureStatus(
+        consecutive=1, last_instance="m-x", last_error="exit 1", retry_at=NOW + 10, template="t"
+    )
+    backing = status_of([], ServerlessModelStatus(), NOW, failures=failures, retry_in=10.0)
+    ready = next(c for c in backing.conditions if c.type == "Ready")
+    assert backing.phase == ModelPhase.STARTING and ready.reason == "BackOff"
+    assert "m-x failed (exit 1)" in ready.message
+    gave_up = status_of([], backing, NOW, failures=failures, gave_up="5 instances failed")
+    ready = next(c for c in gave_up.conditions if c.type == "Ready")
+    assert gave_up.phase == ModelPhase.FAILED and ready.reason == "InstancesFailing"

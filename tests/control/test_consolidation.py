@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from hydraserve.api.models import ModelPhase
-from hydraserve.backends.base import InstancePhase
+from hydraserve.api.models import InstancePhase, ModelPhase
 from hydraserve.control.consolidation import (
     Abandon,
     ConsolidationPolicy,
@@ -15,9 +14,10 @@ from hydraserve.control.consolidation import (
     Release,
     StandaloneState,
     StartStandalone,
+    consolidating,
     consolidation_plan,
-    model_phase,
 )
+from hydraserve.control.status import model_phase
 from hydraserve.prefetcher.shm import FetchState
 
 POLICY = ConsolidationPolicy(drain_grace_seconds=0.5, drain_timeout_seconds=60.0)
@@ -92,3 +92,12 @@ def test_model_phase_shows_consolidating_then_serving() -> None:
     assert model_phase(error=None, desired=0, ready=0, live=0, consolidating=False) == "Cold"
     failed = model_phase(error="boom", desired=1, ready=0, live=0, consolidating=False)
     assert failed == ModelPhase.FAILED
+
+
+def test_consolidating_while_a_pipeline_is_replaced_or_drains() -> None:
+    assert consolidating([SERVING], POLICY)
+    assert not consolidating([SERVING], replace(POLICY, enabled=False))
+    assert not consolidating([replace(SERVING, abandoned=True)], POLICY)
+    draining = replace(SERVING, phase=InstancePhase.DRAINING, draining_since=1.0)
+    assert consolidating([draining], replace(POLICY, enabled=False))
+    assert not consolidating([replace(SERVING, pp=1)], POLICY)

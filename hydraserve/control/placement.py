@@ -1,0 +1,102 @@
+"""A placement plan as an instance records it, and the plan of its consolidation (pure).
+
+The planner's :class:`~hydraserve.planner.types.Plan` is turned into an
+:class:`InstancePlan` once and kept with the instance (JSON on its Service on Kubernetes;
+in memory in the local backend), so every later decision about the instance (its stages,
+nodes, the all-card worker a consolidation runs on) reads the same record.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from hydraserve.planner.types import Plan
+
+
+class StagePlan(BaseModel):
+    rank: int
+    node: str
+    gpu: int
+    start_layer: int
+    end_layer: int
+    memory_bytes: int
+    all_card: bool
+    fetch_bytes: int
+    from_cache: bool = False
+
+    @property
+    def layers(self) -> str:
+        return f"{self.start_layer}-{self.end_layer}"
+
+
+class InstancePlan(BaseModel):
+    """A placement plan as it is recorded on the instance (JSON in an annotation)."""
+
+    pp: int = Field(ge=1, le=4)
+    stages: list[StagePlan]
+    predicted_ttft_s: float = 0.0
+    predicted_tpot_s: float = 0.0
+    reason: str = ""
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> InstancePlan:
+        return cls(
+            pp=plan.pp,
+            stages=[
+                StagePlan(
+                    rank=s.rank,
+                    node=s.node,
+                    gpu=s.gpu,
+                    start_layer=s.start_layer,
+                    end_layer=s.end_layer,
+                    memory_bytes=s.memory_bytes,
+                    all_card=s.all_card,
+                    fetch_bytes=s.fetch_bytes,
+                    from_cache=s.from_cache,
+                )
+                for s in sorted(plan.stages, key=lambda s: s.rank)
+            ],
+            predicted_ttft_s=plan.prediction.ttft_s,
+            predicted_tpot_s=plan.prediction.tpot_s,
+            reason=plan.reason,
+        )
+
+    def stage(self, rank: int) -> StagePlan:
+        for s in self.stages:
+            if s.rank == rank:
+                return s
+        raise KeyError(f"plan has no stage {rank}")
+
+
+def all_card_stage(plan: InstancePlan | None) -> StagePlan | None:
+    """The stage whose GPU can hold the whole model: where the standalone engine runs."""
+    if plan is None or plan.pp <= 1:
+        return None
+    return next((s for s in plan.stages if s.all_card), None)
+
+
+def standalone_plan(pipeline: InstancePlan) -> InstancePlan:
+    """pp = 1 on the all-card stage's node and GPU, holding what the whole pipeline held."""
+    stage = all_card_stage(pipeline)
+    if stage is None:
+        raise ValueError("the pipeline has no all-card stage to consolidate on")
+    last = max(s.end_layer for s in pipeline.stages)
+    return InstancePlan(
+        pp=1,
+        stages=[
+            StagePlan(
+                rank=0,
+                node=stage.node,
+                gpu=stage.gpu,
+                start_layer=0,
+                end_layer=last,
+                memory_bytes=sum(s.memory_bytes for s in pipeline.stages),
+                all_card=True,
+                fetch_bytes=sum(s.fetch_bytes for s in pipeline.stages) - stage.fetch_bytes,
+                from_cache=True,
+            )
+        ],
+        predicted_ttft_s=pipeline.predicted_ttft_s,
+        predicted_tpot_s=pipeline.predicted_tpot_s,
+        reason=f"consolidates {pipeline.pp}-stage pipeline on {stage.node}",
+    )
