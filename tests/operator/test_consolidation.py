@@ -23,6 +23,7 @@ from tests.operator.conftest import (
     eventually,
     two_stage_planner,
 )
+from tests.support.waits import operator_passes
 
 PLANNER = two_stage_planner(("gpu-a", "gpu-b"))
 CONSOLIDATES = "hydraserve.io/consolidates"
@@ -120,6 +121,7 @@ async def test_pipeline_is_consolidated_promoted_drained_and_released(
 ) -> None:
     pipeline = await serving_pipeline(cluster, operators, engine)
     standalone = await eventually(lambda: one_standalone(cluster), what="the standalone pod")
+    (app,) = [app for app, _, _ in operators.apps]
 
     # The whole model is asked of the all-card node's prefetcher, at low priority.
     calls = low_priority_calls(cluster, "gpu-a")
@@ -154,7 +156,7 @@ async def test_pipeline_is_consolidated_promoted_drained_and_released(
 
     # Warm but the whole model not verified yet: no promotion.
     await cluster.run_pod(standalone, ip="10.1.0.9")
-    await asyncio.sleep(1.0)
+    await operator_passes(app.reconciler, NAMESPACE, "llama")
     assert (await instance_phases(cluster))[pipeline] == ("Ready", "cold_start")
     assert "hydraserve.io/draining-since" not in annotations(
         await pipeline_service(cluster, pipeline)
@@ -166,9 +168,11 @@ async def test_pipeline_is_consolidated_promoted_drained_and_released(
     assert await model_phase(cluster) == "Consolidating"
     assert "hydraserve.io/draining-since" in annotations(await pipeline_service(cluster, pipeline))
     asked = engine.asked
-    await asyncio.sleep(1.0)
-    assert engine.asked > asked  # the head's engine is asked while it drains
-    assert await stage_pods(cluster, 2) is not None  # busy: not released
+    # The head's engine is asked while it drains (by the operator's own timer) ...
+    await eventually(lambda: asyncio.sleep(0, engine.asked > asked), what="the head asked")
+    # ... and while it is busy, no pass releases the pipeline.
+    await operator_passes(app.reconciler, NAMESPACE, "llama")
+    assert await stage_pods(cluster, 2) is not None
 
     # Idle: the pipeline's stage pods and Service go; the standalone serves alone.
     engine.in_flight = 0
@@ -192,7 +196,7 @@ async def test_pipeline_is_consolidated_promoted_drained_and_released(
     events = {e.get("reason") for e in await cluster.events()}
     assert {"ConsolidationStarted", "ConsolidationPromoted"} <= events
     # Nothing more happens: no second standalone for the standalone, no cold start.
-    await asyncio.sleep(1.0)
+    await operator_passes(app.reconciler, NAMESPACE, "llama")
     assert await released(cluster, pipeline)
 
 
@@ -211,7 +215,7 @@ async def test_operator_restarts_mid_consolidation_and_finishes_it_once(
     # Killed while the standalone starts: the next operator finds it (no second one).
     await operators.crash(first)
     second = await start_operator(operators, engine)
-    await asyncio.sleep(1.5)
+    await operator_passes(second.reconciler, NAMESPACE, "llama", kick=False)
     assert [p["metadata"]["name"] for p in await standalone_pods(cluster)] == [
         standalone["metadata"]["name"]
     ]
@@ -263,7 +267,8 @@ async def test_failed_standalone_is_abandoned_and_the_pipeline_keeps_serving(
     events = await cluster.events()
     assert any(e.get("reason") == "ConsolidationAbandoned" for e in events)
     # Given up for good: no new standalone on later passes.
-    await asyncio.sleep(1.0)
+    (app,) = [app for app, _, _ in operators.apps]
+    await operator_passes(app.reconciler, NAMESPACE, "llama")
     assert not await standalone_pods(cluster)
 
 

@@ -7,7 +7,6 @@ operator crashes mid-reconcile.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from hydraserve.operator.naming import FINALIZER
@@ -18,6 +17,7 @@ from tests.operator.conftest import (
     eventually,
     two_stage_planner,
 )
+from tests.support.waits import operator_passes
 
 
 def arg(pod: dict[str, Any], flag: str) -> str | None:
@@ -155,7 +155,8 @@ async def test_pipelined_instance_stages_on_their_nodes(
     # Stage 1 running but the head not yet ready: still Starting.
     await cluster.run_pod(by_rank[1], ip="10.1.0.8")
     await cluster.run_pod(by_rank[0], ready=False)
-    await asyncio.sleep(0.5)
+    (app,) = [app for app, _, _ in operators.apps]
+    await operator_passes(app.reconciler, NAMESPACE, "llama")
     model = await cluster.model("llama")
     assert model is not None and model["status"]["phase"] == "Starting"
     await cluster.run_pod(by_rank[0])
@@ -238,7 +239,8 @@ async def test_invalid_spec_reports_what_to_fix_and_creates_nothing(
     )
     assert "minReplicas must not exceed scaling.maxReplicas" in valid["message"]
     assert "Fix the spec" in valid["message"]
-    await asyncio.sleep(0.5)
+    (app,) = [app for app, _, _ in operators.apps]
+    await operator_passes(app.reconciler, NAMESPACE, "broken")
     assert await cluster.pods() == [] and await cluster.services() == []
     assert not cluster.prefetchers["gpu-a"].calls
     events = await cluster.events()

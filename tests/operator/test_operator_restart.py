@@ -17,6 +17,7 @@ from tests.operator.conftest import (
     eventually,
     two_stage_planner,
 )
+from tests.support.waits import operator_passes
 
 PLANNER = two_stage_planner(("gpu-a", "gpu-b"))
 
@@ -50,14 +51,15 @@ async def test_crash_while_preloading_then_restart_finishes_the_same_instance(
 
     await operators.crash(first)
     slow.hold.set()
-    await operators.start(planner=PLANNER)
+    second = await operators.start(planner=PLANNER)
 
     pods = await eventually(lambda: pods_when(cluster, 2), what="both stage pods")
     assert {instance_of(p) for p in pods} == {record["metadata"]["name"]}
     assert [s["metadata"]["name"] for s in await cluster.services()] == [record["metadata"]["name"]]
     # The new operator asked again (pre-load is idempotent) before creating the pods.
     assert len(cluster.prefetchers["gpu-a"].calls) == 2 and len(slow.calls) == 2
-    await asyncio.sleep(1.0)  # more triggers (pod events, resync) must not add anything
+    # More triggers (pod events, resync) must not add anything.
+    await operator_passes(second.reconciler, NAMESPACE, "llama", kick=False)
     assert len(await cluster.pods()) == 2 and len(await cluster.services()) == 1
 
 
@@ -75,12 +77,12 @@ async def test_crash_between_stage_pods_then_restart_creates_only_the_missing_on
     assert len(await cluster.pods()) == 1
     calls_before = len(cluster.prefetchers["gpu-b"].calls)
 
-    await operators.start(planner=PLANNER)
+    second = await operators.start(planner=PLANNER)
     pods_after = await eventually(lambda: pods_when(cluster, 2), what="stage 1 recreated")
     assert {p["metadata"]["name"] for p in pods_after} == {p["metadata"]["name"] for p in pods}
     assert len(cluster.prefetchers["gpu-b"].calls) == calls_before + 1  # only the missing stage
     assert len(cluster.prefetchers["gpu-a"].calls) == 1
-    await asyncio.sleep(1.0)
+    await operator_passes(second.reconciler, NAMESPACE, "llama", kick=False)
     assert len(await cluster.pods()) == 2 and len(await cluster.services()) == 1
 
 
@@ -102,8 +104,9 @@ async def test_restart_after_convergence_changes_nothing(
     await operators.crash(first)
     calls = sum(len(p.calls) for p in cluster.prefetchers.values())
 
-    await operators.start(planner=PLANNER)
-    await asyncio.sleep(1.5)
+    second = await operators.start(planner=PLANNER)
+    # Its start-up passes (resume, the pods it lists) change nothing.
+    await operator_passes(second.reconciler, NAMESPACE, "llama", kick=False)
     assert {p["metadata"]["name"] for p in await cluster.pods()} == {
         p["metadata"]["name"] for p in pods
     }
