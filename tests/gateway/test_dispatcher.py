@@ -12,6 +12,7 @@ from hydraserve.gateway.dispatcher import Dispatcher, Ticket
 from hydraserve.gateway.errors import GatewayError
 from hydraserve.gateway.metrics import GatewayMetrics
 from tests.support.fakes import FakeClusterBackend, make_model, ready_instance
+from tests.support.waits import parked
 
 from .conftest import eventually, fast_settings
 
@@ -68,7 +69,7 @@ async def test_waiters_are_released_in_order_when_an_instance_becomes_ready() ->
         order.append(i)
 
     tasks = [asyncio.create_task(waiter(i, t)) for i, t in enumerate(tickets)]
-    await asyncio.sleep(0.01)
+    await parked(*tasks)  # each waits in the queue: nothing is ready yet
     assert order == []
     backend.set_instances("m", [ready_instance("m", "m-0", "http://a")])
     await asyncio.gather(*tasks)
@@ -124,7 +125,7 @@ async def test_a_model_that_cannot_start_fails_its_waiters_at_once() -> None:
     backend, dispatcher, _ = setup()
     ticket = dispatcher.admit(view(backend))
     waiting = asyncio.create_task(dispatcher.wait(ticket))
-    await asyncio.sleep(0.01)
+    await parked(waiting)
     backend.set_error("m", "model not found in the store at /models/m")
     with pytest.raises(GatewayError) as failed:
         await waiting
@@ -136,7 +137,7 @@ async def test_a_deleted_model_fails_its_waiters_with_404() -> None:
     backend, dispatcher, _ = setup()
     ticket = dispatcher.admit(view(backend))
     waiting = asyncio.create_task(dispatcher.wait(ticket))
-    await asyncio.sleep(0.01)
+    await parked(waiting)
     backend.remove_model("m")
     with pytest.raises(GatewayError) as failed:
         await waiting

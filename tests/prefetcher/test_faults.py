@@ -73,8 +73,11 @@ def test_store_outage_mid_fetch_is_ridden_out(
     total = pushed_small.manifest().weights_size
     wait_until(lambda: prefetcher.status().models[0].fetches["full"].fetched > 0, 10)
     proxy.cut()  # the store vanishes mid-fetch
-    time.sleep(1.5)
+    # The fetch has met the outage on several attempts (connections refused) ...
+    refused = proxy.refused
+    wait_until(lambda: proxy.refused >= refused + 3, 10)
     status = prefetcher.status().models[0].fetches["full"]
+    # ... and rides it out instead of failing.
     assert status.state == FetchState.FETCHING and status.fetched < total
     proxy.resume()
     prefetcher.wait(URI, "main", timeout=60)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -92,10 +93,38 @@ class GatedStore(ModelStore):
     def __init__(self, inner: ModelStore, gate: threading.Event) -> None:
         super().__init__(inner.ref)
         self.gate = gate
+        self.entered = threading.Event()  # a read is in flight (held at the gate)
 
     def read_range(self, start: int, end: int) -> bytes:
+        self.entered.set()
         self.gate.wait(10)
         return super().read_range(start, end)
+
+
+class RecordingStore(ModelStore):
+    """A real store that notes, at each read, whether ``busy()`` held (a cold-start fetch
+    still running on the node)."""
+
+    def __init__(self, inner: ModelStore, busy: Callable[[], bool]) -> None:
+        super().__init__(inner.ref)
+        self.busy = busy
+        self.reads: list[bool] = []
+
+    def read_range(self, start: int, end: int) -> bytes:
+        self.reads.append(self.busy())
+        return super().read_range(start, end)
+
+
+class WatchedPrefetcher(Prefetcher):
+    """Sets ``asked`` when a low-priority fetch first asks to read (reaches its gate)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked = threading.Event()
+
+    def _low_priority_gate(self) -> None:
+        self.asked.set()
+        super()._low_priority_gate()
 
 
 def test_low_priority_fetch_waits_for_cold_start_fetches(
@@ -104,15 +133,26 @@ def test_low_priority_fetch_waits_for_cold_start_fetches(
     other = ModelStore(ModelRef(str(tmp_path / "store" / "other")))
     other.push(demo_checkpoint)
     gate = threading.Event()
+    cold = GatedStore(local_store, gate)
+
+    def cold_start_running() -> bool:
+        held = {m.uri: m for m in prefetcher.status().models}
+        return held[local_store.ref.uri].fetches["pp2-rank0"].state != FetchState.DONE
+
+    background = RecordingStore(other, cold_start_running)
 
     def stores(ref: ModelRef) -> ModelStore:
         # The cold-start model's reads wait for the gate, holding its fetch in flight.
-        return GatedStore(local_store, gate) if ref.uri == local_store.ref.uri else other
+        return cold if ref.uri == local_store.ref.uri else background
 
-    prefetcher = Prefetcher("node-a", tmp_path / "shm", 1 << 30, options=FAST, store_factory=stores)
+    prefetcher = WatchedPrefetcher(
+        "node-a", tmp_path / "shm", 1 << 30, options=FAST, store_factory=stores
+    )
     prefetcher.preload(PreloadRequest(uri=local_store.ref.uri, pp=2, rank=0))
     prefetcher.preload(PreloadRequest(uri=other.ref.uri, low_priority=True))
-    time.sleep(0.3)
+    # Both fetches are under way: the cold start's first read is held at the gate, and the
+    # low-priority fetch has asked for its first bytes.
+    assert cold.entered.wait(10) and prefetcher.asked.wait(10)
     held = {m.uri: m for m in prefetcher.status().models}
     assert held[other.ref.uri].fetches["full"].fetched == 0
     assert held[local_store.ref.uri].fetches["pp2-rank0"].state == FetchState.FETCHING
@@ -121,6 +161,8 @@ def test_low_priority_fetch_waits_for_cold_start_fetches(
     prefetcher.wait(other.ref.uri, "main", timeout=30)
     held = {m.uri: m for m in prefetcher.status().models}
     assert held[other.ref.uri].complete
+    # Not one of its reads ran while the cold-start fetch did.
+    assert background.reads and not any(background.reads)
 
 
 @pytest.mark.parametrize("pp,rank", [(1, 0), (3, 2)])

@@ -25,6 +25,7 @@ class FaultProxy:
         self._cut = False
         self._corrupt_at: int | None = None
         self.connections = 0
+        self.refused = 0  # connections refused while cut
         self.corrupted = 0  # bytes flipped so far
 
     # -- control (thread-safe) --------------------------------------------------------------
@@ -67,6 +68,7 @@ class FaultProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._cut:
+            self.refused += 1
             writer.transport.abort()
             return
         self.connections += 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class CountsPasses(Protocol):
@@ -77,3 +77,12 @@ async def operator_passes(
         timeout=timeout,
         what=f"the operator's reconciler ({namespace}/{name})",
     )
+
+
+async def parked(*tasks: asyncio.Task[Any]) -> None:
+    """Let tasks the test just created run until each waits on something, and check that
+    none has finished. One turn of the event loop is enough and needs no clock: asyncio
+    runs the ready tasks first, in creation order, before this coroutine resumes."""
+    await asyncio.sleep(0)
+    finished = [task.get_name() for task in tasks if task.done()]
+    assert not finished, f"expected these tasks to wait, but they finished: {finished}"
