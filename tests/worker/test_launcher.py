@@ -1,0 +1,158 @@
+"""The worker's command line and environment for vLLM, read back by vLLM's own parser.
+
+``hydraserve worker`` hands vLLM a ``serve`` command line (:func:`vllm_serve_args`) and an
+environment (:func:`engine_env`). Here the command line goes through the same parser the
+launcher uses and into vLLM's ``AsyncEngineArgs``, so a flag vLLM renamed or a value that
+lands in the wrong setting fails here, in seconds, rather than at an engine's start.
+"""
+
+from __future__ import annotations
+
+import importlib
+from argparse import Namespace
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hydraserve.store import ModelStore
+from hydraserve.worker.config import StageAddress, WorkerConfig
+from hydraserve.worker.launcher import engine_env, kv_transfer_config, vllm_serve_args
+from hydraserve.worker.loader import LOAD_FORMAT, LoaderConfig
+from hydraserve.worker.loader_config import loader_extra_config
+from hydraserve.worker.plugin import register
+
+MODEL_DIR = Path("/models/tiny/hf")
+# A command line -> (vLLM's parsed namespace, its AsyncEngineArgs).
+Parse = Callable[[list[str]], tuple[Namespace, Any]]
+
+
+@pytest.fixture(scope="module")
+def parse() -> Parse:
+    """vLLM's ``serve`` parser, built as ``run_worker`` builds it."""
+    import vllm.entrypoints.cli.serve as vllm_serve
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    register()
+    parser = FlexibleArgumentParser(prog="hydraserve worker")
+    serve = vllm_serve.ServeSubcommand()
+    serve.subparser_init(parser.add_subparsers(dest="subparser"))
+
+    def run(args: list[str]) -> tuple[Namespace, Any]:
+        namespace = parser.parse_args(args)
+        namespace.model = namespace.model_tag  # what `serve` does with its positional model
+        return namespace, AsyncEngineArgs.from_cli_args(namespace)
+
+    return run
+
+
+def worker(**fields: object) -> WorkerConfig:
+    base: dict[str, object] = {
+        "model_name": "team-a/tiny",
+        "uri": "s3://models/tiny",
+        "revision": "r2",
+        "instance": "tiny-7f3a",
+        "host": "10.1.0.9",
+        "port": 8123,
+        "shm_dir": Path("/dev/shm/hydraserve-test"),
+        "timeline": Path("/tmp/timeline.jsonl"),
+    }
+    return WorkerConfig.model_validate(base | fields)
+
+
+def test_a_single_stage_runs_in_process_with_the_hydraserve_loader(parse: Parse) -> None:
+    config = worker(kv_cache_bytes=64 << 20, max_num_batched_tokens=128, max_model_len=512)
+    args, engine = parse(vllm_serve_args(config, MODEL_DIR))
+    assert args.model_tag == str(MODEL_DIR) and engine.model == str(MODEL_DIR)
+    assert args.served_model_name == ["team-a/tiny"]
+    assert (args.host, args.port) == ("10.1.0.9", 8123)
+    assert engine.load_format == LOAD_FORMAT
+    # What the launcher writes is what every worker process's loader reads.
+    assert engine.model_loader_extra_config == loader_extra_config(config)
+    loader = LoaderConfig.model_validate(engine.model_loader_extra_config)
+    assert (loader.uri, loader.revision, loader.instance) == ("s3://models/tiny", "r2", "tiny-7f3a")
+    assert loader.shm_dir == "/dev/shm/hydraserve-test"
+    assert loader.timeline == "/tmp/timeline.jsonl"
+    assert engine.kv_cache_memory_bytes == 64 << 20
+    assert (engine.max_num_batched_tokens, engine.max_model_len) == (128, 512)
+    assert engine.enforce_eager is True
+    assert engine.distributed_executor_backend == "uni"  # one interpreter, no engine core proc
+    assert engine.pipeline_parallel_size == 1 and not args.headless
+    assert args.middleware == ["hydraserve.worker.inflight.InFlightMiddleware"]
+    assert engine.kv_transfer_config is None
+    assert engine.disable_log_stats is True
+
+
+def test_a_pipeline_stage_joins_stage_zero_through_vllms_multi_node_executor(
+    parse: Parse,
+) -> None:
+    rendezvous = StageAddress(master_addr="10.1.0.4", master_port=29511)
+    head_args, head = parse(
+        vllm_serve_args(worker(pp=3, rank=0, enforce_eager=False, rendezvous=rendezvous), MODEL_DIR)
+    )
+    args, stage = parse(
+        vllm_serve_args(worker(pp=3, rank=2, enforce_eager=False, rendezvous=rendezvous), MODEL_DIR)
+    )
+    for engine in (head, stage):
+        assert engine.pipeline_parallel_size == 3
+        assert engine.distributed_executor_backend == "mp"
+        assert engine.enforce_eager is False  # pipelines run compiled on CPU (decision 0004)
+    assert (args.nnodes, args.node_rank, args.master_addr, args.master_port) == (
+        3,
+        2,
+        "10.1.0.4",
+        29511,
+    )
+    assert (head_args.node_rank, head_args.headless) == (0, False)
+    assert args.headless is True  # only stage 0 serves HTTP ...
+    assert args.middleware == []  # ... and counts in-flight requests
+
+
+def test_kv_transfer_loads_hydraserves_connector_through_vllms_plugin_point(
+    parse: Parse,
+) -> None:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    config = worker(kv_transfer=True, block_size=32)
+    _, engine = parse(vllm_serve_args(config, MODEL_DIR))
+    kv = engine.kv_transfer_config
+    assert kv is not None and kv.kv_role == "kv_both"
+    connector = getattr(importlib.import_module(kv.kv_connector_module_path), kv.kv_connector)
+    assert issubclass(connector, KVConnectorBase_V1)
+    # Saved caches live in the node's shared memory, beside the model's bytes.
+    assert kv.kv_connector_extra_config == {"store_dir": "/dev/shm/hydraserve-test/kv"}
+    assert kv_transfer_config(config)["kv_connector_extra_config"] == {
+        "store_dir": str(config.shm_dir / "kv")
+    }
+    assert engine.disable_hybrid_kv_cache_manager is True  # the connector API needs it
+    assert engine.block_size == 32  # engines that exchange KV must agree on it
+
+
+def test_engine_arguments_from_the_spec_come_last_and_win(parse: Parse) -> None:
+    config = worker(engine_args=["--max-num-seqs", "3", "--seed", "11"])
+    args = vllm_serve_args(config, MODEL_DIR)
+    assert args[-4:] == ["--max-num-seqs", "3", "--seed", "11"]
+    _, engine = parse(args)
+    assert (engine.max_num_seqs, engine.seed) == (3, 11)
+
+
+def test_engine_env_keeps_a_single_stage_in_one_process_and_pins_a_pipelines_layers(
+    local_store: ModelStore,
+) -> None:
+    manifest = local_store.manifest()
+    single = engine_env(worker(), manifest)
+    assert single["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert single["HF_HUB_OFFLINE"] == "1"  # a worker never reaches for a model hub
+    assert "VLLM_PP_LAYER_PARTITION" not in single
+    separate = engine_env(worker(inprocess_engine=False), manifest)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in separate
+    for pp in (2, 4):
+        env = engine_env(worker(pp=pp, rank=1), manifest)
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
+        # vLLM splits the layers exactly as the store's stages did.
+        counts = [int(n) for n in env["VLLM_PP_LAYER_PARTITION"].split(",")]
+        stages = [manifest.stage(pp, rank) for rank in range(pp)]
+        assert counts == [s.end_layer - s.start_layer for s in stages]
+        assert sum(counts) == manifest.num_layers
