@@ -54,7 +54,7 @@ class SourceSpec(_Wire):
 
 
 class SLOSpec(_Wire):
-    """Latency objectives the controller plans against."""
+    """Latency objectives the planner plans against."""
 
     ttft_seconds: Annotated[
         float, Field(default=10.0, gt=0, description="Target cold time-to-first-token, seconds.")
@@ -65,7 +65,7 @@ class SLOSpec(_Wire):
 
 
 class ResourcesSpec(_Wire):
-    """What one full replica needs; the controller splits it across pipeline stages."""
+    """What one full replica needs; the planner splits it across pipeline stages."""
 
     gpu_memory_gi_b: Annotated[
         float,

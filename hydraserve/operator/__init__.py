@@ -1,7 +1,8 @@
 """The Kubernetes operator: reconciles ServerlessModel resources into worker pods.
 
-Pure decisions (``cluster_state``, ``planning``, ``manifests``, ``reconcile``,
-``consolidation``) are separate
-from the adapters that act (``reconciler`` talks to the API server and the prefetchers,
-``handlers`` wires kopf). The ``kopf`` import lives in ``handlers`` only.
+Pure code turns what the operator reads into the shared policies' terms and back into
+objects (``records``, ``cluster_state``, ``planning``, ``manifests``, ``consolidation``,
+``naming``); the decisions themselves are :mod:`hydraserve.control`'s. The adapters act:
+``reconciler`` talks to the API server, ``prefetchers`` to the node prefetchers, and
+``handlers`` wires kopf. The ``kopf`` import lives in ``handlers`` only.
 """

@@ -1,4 +1,4 @@
-"""The operator's use of the controller: a plan request from a spec and its manifest.
+"""The operator's use of the planner: a plan request from a spec and its manifest.
 
 The operator calls the same pure planner as the embedded platform and the simulator; the
 planner is injectable (``Planner``) so tests can force a placement.
@@ -29,5 +29,5 @@ def plan_request(spec: ServerlessModelSpec, manifest: Manifest) -> PlanRequest:
 
 
 def plan_instance(request: PlanRequest, cluster: ClusterState) -> Plan | Unschedulable:
-    """Place one instance with the controller's planner."""
+    """Place one instance with the planner."""
     return plan(request, cluster)

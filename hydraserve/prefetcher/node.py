@@ -3,7 +3,7 @@
 The HTTP service (:mod:`hydraserve.prefetcher.api`) and the embedded platform both drive
 this class. Shared memory is the cache: every model revision a node has fetched stays in
 ``/dev/shm`` (as a sparse file holding the fetched ranges) until evicted. Whole models are
-what the controller can place a cached cold start on; when a new fetch needs room, complete
+what the planner can place a cached cold start on; when a new fetch needs room, complete
 models not fetched for the longest time go first.
 """
 
