@@ -16,6 +16,21 @@ import structlog
 _configured = False
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time of the write, not at configuration:
+    a caller that swaps stderr for a while (a CLI test runner, a daemoniser) and closes
+    its stream must not leave every later log line failing on a closed file."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(level: str = "INFO", json_format: bool | None = None) -> None:
     """Configure structlog and the stdlib root logger once per process.
 
@@ -42,11 +57,11 @@ def configure_logging(level: str = "INFO", json_format: bool | None = None) -> N
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     if not _configured:
-        logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(message)s")
+        logging.basicConfig(level=level.upper(), stream=_CurrentStderr(), format="%(message)s")
         # Per-request client logs drown the events that matter.
         for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "s3transfer"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
