@@ -609,12 +609,11 @@ class LocalBackend(ClusterBackend):
         timeline.record("placement", requested, time.time(), pp=plan.pp)
         if replaces is None:
             # As the operator asks a node's prefetcher: bytes flow before the worker exists.
+            due_in = {s.rank: s.fetch_deadline_s for s in (deadlines.stages if deadlines else ())}
             for stage in plan.stages:
                 pp = plan.pp if plan.pp > 1 else None
-                due = None
-                if deadlines is not None:
-                    placed = next(s for s in deadlines.stages if s.rank == stage.rank)
-                    due = requested + min(placed.fetch_deadline_s, 1e9)
+                # A stage the planner did not place (pp forced by settings) has no deadline.
+                due = requested + min(due_in.get(stage.rank, 0.0), 1e9)
                 await self._preload(
                     state,
                     self.nodes[stage.node],
