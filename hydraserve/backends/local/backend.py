@@ -147,6 +147,7 @@ class LocalBackend(ClusterBackend):
             return
         log.info("scale", model=name, replicas=replicas, previous=state.desired)
         state.desired = replicas
+        state.view = self._make_view(state)
         self._wake.set()
 
     async def wait_for_change(self, name: str, timeout: float) -> None:
@@ -266,7 +267,10 @@ class LocalBackend(ClusterBackend):
     # -- views and notifications -----------------------------------------------------------
 
     def _make_view(self, state: _ModelState) -> ModelView:
-        model = state.model.model_copy(update={"status": state.status})
+        # The replica count asked for lives in the spec, as the scale subresource keeps it
+        # on Kubernetes.
+        spec = state.model.spec.model_copy(update={"replicas": state.desired})
+        model = state.model.model_copy(update={"spec": spec, "status": state.status})
         return view_of(model, kv_bytes_per_token=state.kv_bytes_per_token)
 
     def _publish(self, state: _ModelState, status: ServerlessModelStatus) -> None:
@@ -605,12 +609,11 @@ class LocalBackend(ClusterBackend):
         timeline.record("placement", requested, time.time(), pp=plan.pp)
         if replaces is None:
             # As the operator asks a node's prefetcher: bytes flow before the worker exists.
+            due_in = {s.rank: s.fetch_deadline_s for s in (deadlines.stages if deadlines else ())}
             for stage in plan.stages:
                 pp = plan.pp if plan.pp > 1 else None
-                due = None
-                if deadlines is not None:
-                    placed = next(s for s in deadlines.stages if s.rank == stage.rank)
-                    due = requested + min(placed.fetch_deadline_s, 1e9)
+                # A stage the planner did not place (pp forced by settings) has no deadline.
+                due = requested + min(due_in.get(stage.rank, 0.0), 1e9)
                 await self._preload(
                     state,
                     self.nodes[stage.node],
