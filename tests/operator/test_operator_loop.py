@@ -33,10 +33,14 @@ def env(pod: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def serving_model(cluster: Cluster, name: str) -> dict[str, Any] | None:
+async def phase_is(cluster: Cluster, name: str, phase: str) -> dict[str, Any] | None:
     model = await cluster.model(name)
     status = (model or {}).get("status") or {}
-    return model if status.get("phase") == "Serving" else None
+    return model if status.get("phase") == phase else None
+
+
+async def serving_model(cluster: Cluster, name: str) -> dict[str, Any] | None:
+    return await phase_is(cluster, name, "Serving")
 
 
 async def test_apply_preload_pods_ready_serving(
@@ -95,8 +99,10 @@ async def test_apply_preload_pods_ready_serving(
     ]
     assert services[0]["spec"]["clusterIP"] == "None"
 
-    model = await cluster.model("llama")
-    assert model is not None and model["status"]["phase"] == "Starting"
+    # The status write follows the pod creation in the same pass: wait for it.
+    model = await eventually(
+        lambda: phase_is(cluster, "llama", "Starting"), what="phase Starting"
+    )
     assert model["status"]["selector"].endswith("hydraserve.io/stage=0")
 
     await cluster.run_pod(pod)
