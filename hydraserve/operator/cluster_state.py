@@ -5,7 +5,8 @@ A node offers GPUs if its allocatable has the configured GPU resource. Its NIC b
 GPU type and per-GPU memory come from labels or annotations (annotations win):
 ``hydraserve.io/nic-gbps``, ``hydraserve.io/gpu-type`` (else ``nvidia.com/gpu.product``),
 ``hydraserve.io/gpu-memory-gib`` (else ``nvidia.com/gpu.memory`` in MiB, as NVIDIA's GPU
-feature discovery writes it). What running workers reserve comes from their annotations.
+feature discovery writes it). What running workers reserve comes from their annotations;
+what each node holds in host memory and fetches, from its prefetcher's status.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
+from hydraserve.control.nodes import cached_models, inflight_fetches
 from hydraserve.operator.naming import (
     GPU_ANNOTATION,
     GPU_COUNT_KEY,
@@ -26,7 +28,8 @@ from hydraserve.operator.naming import (
     NODE_ANNOTATION,
 )
 from hydraserve.operator.settings import OperatorSettings
-from hydraserve.planner.types import ClusterState, GPUState, NodeState, Plan
+from hydraserve.planner.types import ClusterState, GPUState, InflightFetch, NodeState, Plan
+from hydraserve.prefetcher.node import NodeStatus
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -117,8 +120,14 @@ def worker_reservations(pods: Iterable[Mapping[str, Any]]) -> dict[tuple[str, in
 
 
 def node_state(
-    node: Mapping[str, Any], held: Mapping[tuple[str, int], int], settings: OperatorSettings
+    node: Mapping[str, Any],
+    held: Mapping[tuple[str, int], int],
+    settings: OperatorSettings,
+    prefetcher: NodeStatus | None = None,
+    now: float = 0.0,
 ) -> NodeState:
+    """One node as the planner sees it: its GPUs' free memory, its NIC, and what its
+    prefetcher reports (host cache, fetches in flight with their deadlines)."""
     name = str((node.get("metadata") or {}).get("name"))
     allocatable = (node.get("status") or {}).get("allocatable") or {}
     amount = parse_quantity(allocatable.get(settings.gpu_resource_name, 0))
@@ -151,6 +160,8 @@ def node_state(
         gpus=tuple(gpus),
         nic_bytes_per_s=gbps * 1e9 / 8,
         gpu_type=gpu_type or "generic",
+        cached_models=cached_models(prefetcher),
+        inflight=inflight_fetches(prefetcher, now),
     )
 
 
@@ -158,8 +169,11 @@ def cluster_state(
     nodes: Iterable[Mapping[str, Any]],
     worker_pods: Iterable[Mapping[str, Any]],
     settings: OperatorSettings,
+    prefetchers: Mapping[str, NodeStatus | None] | None = None,
+    now: float = 0.0,
 ) -> tuple[ClusterState, dict[str, str]]:
-    """The usable nodes, and why each other node was left out."""
+    """The usable nodes, and why each other node was left out. ``prefetchers``: each
+    node's prefetcher status (absent or None: nothing known cached or in flight there)."""
     held = worker_reservations(worker_pods)
     states: list[NodeState] = []
     skipped: dict[str, str] = {}
@@ -169,16 +183,21 @@ def cluster_state(
         if why is not None:
             skipped[name] = why
             continue
-        states.append(node_state(node, held, settings))
+        states.append(node_state(node, held, settings, (prefetchers or {}).get(name), now))
     states.sort(key=lambda n: n.name)
-    return ClusterState(nodes=tuple(states)), skipped
+    return ClusterState(nodes=tuple(states), store_bytes_per_s=settings.store_bytes_per_s), skipped
 
 
 def reserve(cluster: ClusterState, plan: Plan, settings: OperatorSettings) -> ClusterState:
-    """The cluster after a plan's workers took their memory (for the next plan in a pass)."""
+    """The cluster after a plan's workers took their memory and its fetches their links
+    (for the next plan in a pass, before any prefetcher reports them)."""
     taken: dict[tuple[str, int], int] = defaultdict(int)
+    fetches: dict[str, list[InflightFetch]] = defaultdict(list)
     for stage in plan.stages:
         taken[(stage.node, stage.gpu)] += stage.memory_bytes
+        if stage.fetch_bytes and not stage.from_cache:
+            due = stage.fetch_deadline_s if math.isfinite(stage.fetch_deadline_s) else 0.0
+            fetches[stage.node].append(InflightFetch(bytes_left=stage.fetch_bytes, deadline_s=due))
     nodes = []
     for node in cluster.nodes:
         gpus = []
@@ -188,7 +207,8 @@ def reserve(cluster: ClusterState, plan: Plan, settings: OperatorSettings) -> Cl
                 gpus.append(replace(gpu, free_bytes=0))
             else:
                 gpus.append(replace(gpu, free_bytes=max(0, gpu.free_bytes - used)))
-        nodes.append(replace(node, gpus=tuple(gpus)))
+        inflight = node.inflight + tuple(fetches.get(node.name, ()))
+        nodes.append(replace(node, gpus=tuple(gpus), inflight=inflight))
     return replace(cluster, nodes=tuple(nodes))
 
 

@@ -28,13 +28,19 @@ import kopf
 from hydraserve.api.models import GROUP, PLURAL, VERSION, InstancePhase, ModelPhase
 from hydraserve.kube.client import KubeClient, KubeConfig
 from hydraserve.logs import get_logger
+from hydraserve.operator.inventory import WORKER_LABELS, IndexedInventory, ListedInventory
 from hydraserve.operator.naming import FINALIZER, MANAGED_BY, MANAGED_BY_VALUE, MODEL_LABEL
-from hydraserve.operator.planning import Planner, plan_instance
+from hydraserve.operator.planning import Planner
 from hydraserve.operator.reconciler import Reconciler, load_manifest
 from hydraserve.operator.settings import OperatorSettings
 from hydraserve.store import Manifest
 
 log = get_logger("operator")
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A kopf body as the plain dict the reconciler's pure functions read."""
+    return {key: body[key] for key in ("metadata", "spec", "status") if key in body}
 
 
 def post_event(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
@@ -57,7 +63,7 @@ class OperatorApp:
         settings: OperatorSettings,
         kube_config: KubeConfig,
         *,
-        planner: Planner = plan_instance,
+        planner: Planner | None = None,
         manifest_loader: Callable[[str, str], Manifest] = load_manifest,
     ) -> None:
         self.settings = settings
@@ -116,6 +122,48 @@ class OperatorApp:
                 default_namespace=cfg.namespace,
             )
 
+        # Watch-fed indexes of what every pass reads cluster-wide (decision 0202). kopf fills
+        # them before any resource handler runs and passes them to each as keyword args.
+        @kopf.index("v1", "nodes", id="hydraserve_nodes", registry=registry)
+        def hydraserve_nodes(name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+            return {name: _plain(body)}
+
+        @kopf.index("v1", "pods", id="hydraserve_workers", labels=WORKER_LABELS, registry=registry)
+        def hydraserve_workers(
+            namespace: str, name: str, body: kopf.Body, **_: Any
+        ) -> dict[Any, Any]:
+            return {(namespace, name): _plain(body)}
+
+        watched = self.settings.namespaces
+        prefetchers_watched = not watched or self.settings.prefetcher_namespace in watched
+        if prefetchers_watched:
+
+            @kopf.index(
+                "v1",
+                "pods",
+                id="hydraserve_prefetchers",
+                labels=self.settings.prefetcher_labels,
+                registry=registry,
+            )
+            def hydraserve_prefetchers(
+                namespace: str, name: str, body: kopf.Body, **_: Any
+            ) -> dict[Any, Any]:
+                if namespace != self.settings.prefetcher_namespace:
+                    return {}
+                return {name: _plain(body)}
+
+        def bind(indexes: Mapping[str, Any]) -> None:
+            reconciler = self.reconciler
+            if isinstance(reconciler.inventory, IndexedInventory):
+                return
+            listed = ListedInventory(reconciler.client, self.settings)
+            reconciler.inventory = IndexedInventory(
+                indexes["hydraserve_nodes"],
+                indexes["hydraserve_workers"],
+                indexes.get("hydraserve_prefetchers"),
+                listed,
+            )
+
         async def converge(namespace: str, name: str, trigger: str) -> None:
             outcome = await self.reconciler.reconcile(namespace, name)
             if outcome.retry_after is not None:
@@ -125,11 +173,13 @@ class OperatorApp:
         @kopf.on.resume(*models, registry=registry)
         @kopf.on.create(*models, registry=registry)
         @kopf.on.update(*models, field="spec", registry=registry)
-        async def model_changed(namespace: str, name: str, reason: str, **_: Any) -> None:
+        async def model_changed(namespace: str, name: str, reason: str, **kw: Any) -> None:
+            bind(kw)
             await converge(namespace, name, str(reason))
 
         @kopf.timer(*models, interval=self.settings.resync_seconds, registry=registry)
-        async def resync(namespace: str, name: str, **_: Any) -> None:
+        async def resync(namespace: str, name: str, **kw: Any) -> None:
+            bind(kw)
             await self.reconciler.reconcile(namespace, name)
 
         def starting(status: kopf.Status, **_: Any) -> bool:
@@ -144,7 +194,8 @@ class OperatorApp:
             when=starting,
             registry=registry,
         )
-        async def readiness(namespace: str, name: str, **_: Any) -> None:
+        async def readiness(namespace: str, name: str, **kw: Any) -> None:
+            bind(kw)
             await self.reconciler.reconcile(namespace, name)
 
         def consolidating(status: kopf.Status, **_: Any) -> bool:
@@ -161,11 +212,13 @@ class OperatorApp:
             when=consolidating,
             registry=registry,
         )
-        async def consolidation(namespace: str, name: str, **_: Any) -> None:
+        async def consolidation(namespace: str, name: str, **kw: Any) -> None:
+            bind(kw)
             await self.reconciler.reconcile(namespace, name)
 
         @kopf.on.event("v1", "pods", labels={MANAGED_BY: MANAGED_BY_VALUE}, registry=registry)
-        async def worker_changed(body: kopf.Body, namespace: str, **_: Any) -> None:
+        async def worker_changed(body: kopf.Body, namespace: str, **kw: Any) -> None:
+            bind(kw)
             model = (body.get("metadata") or {}).get("labels", {}).get(MODEL_LABEL)
             if not model:
                 return

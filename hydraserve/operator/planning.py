@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hydraserve.api.models import ServerlessModelSpec
-from hydraserve.planner import plan
+from hydraserve.planner import PlannerConfig, plan
 from hydraserve.planner.profile import (
     model_key,
     plan_request_for,
@@ -28,6 +28,10 @@ def plan_request(spec: ServerlessModelSpec, manifest: Manifest) -> PlanRequest:
     return plan_request_for(spec, profile)
 
 
-def plan_instance(request: PlanRequest, cluster: ClusterState) -> Plan | Unschedulable:
-    """Place one instance with the planner."""
-    return plan(request, cluster)
+def planner_for(config: PlannerConfig) -> Planner:
+    """The planner with the operator's cost-model constants (``settings.planner``)."""
+
+    def plan_instance(request: PlanRequest, cluster: ClusterState) -> Plan | Unschedulable:
+        return plan(request, cluster, config)
+
+    return plan_instance

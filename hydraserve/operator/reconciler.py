@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -60,6 +61,7 @@ from hydraserve.operator.consolidation import (
     standalones,
     whole_model_fetch,
 )
+from hydraserve.operator.inventory import Inventory, ListedInventory
 from hydraserve.operator.manifests import (
     endpoint_url,
     instance_service,
@@ -68,7 +70,6 @@ from hydraserve.operator.manifests import (
 )
 from hydraserve.operator.naming import (
     ABANDONED_ANNOTATION,
-    APP_NAME,
     DRAINING_SINCE_ANNOTATION,
     FETCHED_AT_ANNOTATION,
     IDLE_SINCE_ANNOTATION,
@@ -77,13 +78,12 @@ from hydraserve.operator.naming import (
     MODEL_LABEL,
     PROMOTED_AT_ANNOTATION,
     VERIFIED_AT_ANNOTATION,
-    WORKER_APP,
     head_selector,
     new_instance_name,
     standalone_name,
     template_hash,
 )
-from hydraserve.operator.planning import Planner, plan_instance, plan_request
+from hydraserve.operator.planning import Planner, plan_request, planner_for
 from hydraserve.operator.prefetchers import Prefetchers
 from hydraserve.operator.records import InstanceObjects, group
 from hydraserve.operator.settings import OperatorSettings
@@ -129,14 +129,14 @@ class Reconciler:
         client: KubeClient,
         settings: OperatorSettings,
         *,
-        planner: Planner = plan_instance,
+        planner: Planner | None = None,
         manifest_loader: Callable[[str, str], Manifest] = load_manifest,
         events: EventSink = _no_events,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.settings = settings
-        self.planner = planner
+        self.planner = planner or planner_for(settings.planner)
         self.manifest_loader = manifest_loader
         self.events = events
         self.clock = clock
@@ -152,6 +152,8 @@ class Reconciler:
         self.policy = settings.consolidation_policy()
         self.lifecycle = settings.lifecycle_policy()
         self.passes = 0  # completed reconcile passes (tests wait on it, not on time)
+        # Listed until kopf's watch-fed indexes are bound (operator/handlers.py).
+        self.inventory: Inventory = ListedInventory(client, settings)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -181,11 +183,7 @@ class Reconciler:
         return group(services, pods)
 
     async def _prefetcher_urls(self) -> dict[str, str]:
-        pods = await self.client.list(
-            path_of("v1", "pods", self.settings.prefetcher_namespace),
-            self.settings.prefetcher_labels,
-        )
-        return prefetcher_urls(pods, self.settings)
+        return prefetcher_urls(await self.inventory.prefetcher_pods(), self.settings)
 
     async def _node_statuses(self, urls: Mapping[str, str]) -> dict[str, NodeStatus | None]:
         return await self.prefetchers.statuses(urls, self.settings.node_status_max_age_seconds)
@@ -616,12 +614,11 @@ class Reconciler:
         """Plan and create ``count`` instances; the planner's reason if one did not fit."""
         name = model["metadata"]["name"]
         nodes, worker_pods = await asyncio.gather(
-            self.client.list(path_of("v1", "nodes")),
-            self.client.list(
-                path_of("v1", "pods"), {MANAGED_BY: MANAGED_BY_VALUE, APP_NAME: WORKER_APP}
-            ),
+            self.inventory.nodes(), self.inventory.worker_pods()
         )
-        cluster, skipped = cluster_state(nodes, worker_pods, self.settings)
+        cluster, skipped = cluster_state(
+            nodes, worker_pods, self.settings, node_statuses, self.clock()
+        )
         try:
             request = plan_request(spec, manifest)
         except ValueError as exc:  # resources.gpuMemoryGiB cannot hold the weights
@@ -640,6 +637,14 @@ class Reconciler:
                 self.events(model, reasons.WARNING, reasons.UNSCHEDULABLE, reason)
                 return reason
             cluster = reserve(cluster, plan, self.settings)
+            planned_at = self.clock()
+            # Each prefetcher keeps its fetch's deadline and reports it, so later plans
+            # (this operator's, after a restart too) do not admit a fetch that makes it late.
+            deadlines = {
+                s.rank: planned_at + s.fetch_deadline_s
+                for s in plan.stages
+                if math.isfinite(s.fetch_deadline_s)
+            }
             await self._create_instance(
                 model,
                 spec,
@@ -647,8 +652,9 @@ class Reconciler:
                 template,
                 prefetchers,
                 requested_at,
-                planned_at=self.clock(),
-                plan_seconds=self.clock() - started,
+                planned_at=planned_at,
+                plan_seconds=planned_at - started,
+                deadlines=deadlines,
             )
         return None
 
@@ -662,6 +668,7 @@ class Reconciler:
         requested_at: float,
         planned_at: float,
         plan_seconds: float,
+        deadlines: Mapping[int, float],
     ) -> None:
         name, namespace = model["metadata"]["name"], model["metadata"]["namespace"]
         instance = new_instance_name(name)
@@ -689,7 +696,7 @@ class Reconciler:
             f"{plan.predicted_ttft_s:.1f} s ({plan.reason})",
         )
         await self._create_stages(
-            model, spec, instance, plan, tuple(range(plan.pp)), template, prefetchers
+            model, spec, instance, plan, tuple(range(plan.pp)), template, prefetchers, deadlines
         )
 
     async def _create_stages(
@@ -701,6 +708,7 @@ class Reconciler:
         ranks: tuple[int, ...],
         template: str,
         prefetchers: Mapping[str, str],
+        deadlines: Mapping[int, float] | None = None,
     ) -> None:
         """Pre-load every stage on its node, then create the stage pods. Each worker is
         told its node's prefetcher even when the pre-load was not accepted (it asks again
@@ -708,7 +716,12 @@ class Reconciler:
         name, namespace = model["metadata"]["name"], model["metadata"]["namespace"]
         urls = {r: prefetchers.get(plan.stage(r).node) for r in ranks}
         accepted = await asyncio.gather(
-            *(self._preload(name, instance, spec, plan.pp, r, urls[r]) for r in ranks)
+            *(
+                self._preload(
+                    name, instance, spec, plan.pp, r, urls[r], deadline=(deadlines or {}).get(r)
+                )
+                for r in ranks
+            )
         )
         preloaded_at = self.clock()
         for rank, ok in zip(ranks, accepted, strict=True):
@@ -726,6 +739,7 @@ class Reconciler:
             )
             try:
                 await self.client.create(path_of("v1", "pods", namespace), pod)
+                self.inventory.created(pod)
             except KubeError as exc:
                 if exc.status != 409:
                     raise
@@ -750,6 +764,7 @@ class Reconciler:
         url: str | None,
         *,
         low_priority: bool = False,
+        deadline: float | None = None,
     ) -> bool:
         if url is None:
             log.warning("preload.no_prefetcher", model=name, instance=instance, stage=rank)
@@ -761,6 +776,7 @@ class Reconciler:
             pp=pp if pp > 1 else None,
             rank=rank if pp > 1 else None,
             low_priority=low_priority,
+            deadline=deadline,
         )
         error = await self.prefetchers.preload(url, request)
         if error is not None:

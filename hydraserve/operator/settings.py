@@ -13,10 +13,11 @@ from pydantic_settings import BaseSettings
 
 from hydraserve.control.consolidation import ConsolidationSettings
 from hydraserve.control.instances import LifecycleSettings
+from hydraserve.planner.config import PlanningSettings
 from hydraserve.settings import component_config
 
 
-class OperatorSettings(BaseSettings, ConsolidationSettings, LifecycleSettings):
+class OperatorSettings(BaseSettings, ConsolidationSettings, LifecycleSettings, PlanningSettings):
     model_config = component_config("operator")
 
     # Which ServerlessModels to reconcile.

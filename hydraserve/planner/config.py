@@ -119,3 +119,21 @@ class PlannerConfig(BaseModel):
         ge=0,
         description="A node whose share for a new fetch is below this is not used.",
     )
+
+
+class PlanningSettings(BaseModel):
+    """The planner's inputs that come from settings, the same on every backend
+    (``HYDRASERVE_<COMPONENT>_PLANNER`` as JSON, ``..._STORE_BYTES_PER_S``)."""
+
+    planner: PlannerConfig = Field(
+        default_factory=PlannerConfig,
+        description="The planner's cost-model constants (JSON). The defaults describe a GPU "
+        "cluster like the paper's; this machine's measured values are in "
+        "benchmarks/README.md (engine-ready floor, post-fetch time).",
+    )
+    store_bytes_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Aggregate bandwidth of the model store, shared by every node's fetches "
+        "(bytes/s; None: unlimited, each node's NIC is the only limit).",
+    )

@@ -42,6 +42,12 @@ class PreloadRequest(BaseModel):
     low_priority: bool = Field(
         default=False, description="Background fetch (consolidation): yields to cold starts."
     )
+    deadline: float | None = Field(
+        default=None,
+        description="Epoch seconds by which the caller's plan needs the bytes (the "
+        "planner's fetch deadline); reported in the status so later plans do not admit a "
+        "fetch that would make this one late. None: no deadline.",
+    )
 
 
 class ModelHolding(BaseModel):
@@ -118,8 +124,14 @@ class Prefetcher:
             model.last_used = time.time()
             existing = model.shm.read_status(name)
             running = name in model.threads and model.threads[name].is_alive()
-            if running or (existing and existing.state == FetchState.DONE):
-                return existing or model.fetchers[name].status
+            if running:
+                # A second plan relying on a running fetch: keep the tighter deadline.
+                status = model.fetchers[name].status
+                if request.deadline is not None:
+                    status.deadline = min(request.deadline, status.deadline or request.deadline)
+                return existing or status
+            if existing and existing.state == FetchState.DONE:
+                return existing
             full = model.shm.read_status(fetch_name(None, None))
             if full and full.state == FetchState.DONE:
                 return full  # the whole model is here: every stage is satisfied
@@ -137,6 +149,8 @@ class Prefetcher:
                 gate=self._low_priority_gate if request.low_priority else None,
                 present=present,
             )
+            fetcher.status.deadline = request.deadline
+            fetcher.status.low_priority = request.low_priority
             model.fetchers[name] = fetcher
             thread = threading.Thread(
                 target=self._run,

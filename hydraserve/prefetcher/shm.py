@@ -39,6 +39,14 @@ class FetchStatus(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     ranges: list[tuple[int, int]] = Field(default_factory=list)
+    deadline: float | None = Field(
+        default=None,
+        description="Epoch seconds by which the plan that asked for this fetch needs it "
+        "done (the earliest such plan); None: no deadline.",
+    )
+    low_priority: bool = Field(
+        default=False, description="A background fetch (consolidation) that yields."
+    )
 
 
 def model_key(uri: str, revision: str) -> str:

@@ -20,6 +20,7 @@ from hydraserve.api.models import ServerlessModelSpec
 from hydraserve.control.placement import InstancePlan, StagePlan, standalone_plan
 from hydraserve.operator.manifests import instance_service, standalone_objects, worker_pod
 from hydraserve.operator.settings import OperatorSettings
+from hydraserve.planner import PlannerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "hydraserve"
@@ -40,6 +41,8 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "gateway.apiKeysSecret=hydraserve-keys",
         "--set", "operator.consolidation.enabled=false",
         "--set", "operator.consolidation.drainTimeoutSeconds=60",
+        "--set", "operator.planner.config.engine_ready_floor_s=15",
+        "--set", "operator.planner.storeBytesPerSecond=5000000000",
     ],
     "no-gateway-standalone": [
         "--set", "gateway.enabled=false", "--set", "operator.leaderElection=false",
@@ -171,11 +174,15 @@ def test_operator_env_is_read_by_its_settings(rendered: dict[str, list[dict[str,
             assert settings.standalone is False
             assert settings.consolidation is False
             assert settings.drain_timeout_seconds == 60
+            assert settings.planner.engine_ready_floor_s == 15
+            assert settings.store_bytes_per_s == 5e9
         if name == "defaults":
             assert settings.worker_image == "ghcr.io/hydraserve/worker:0.1.0"
             assert settings.worker_tolerations[0]["key"] == "nvidia.com/gpu"
             assert settings.consolidation is True
             assert settings.consolidation_poll_seconds == 2
+            assert settings.planner == PlannerConfig()
+            assert settings.store_bytes_per_s is None
 
 
 def test_prefetcher_daemonset_shm_capacity_and_nodes(

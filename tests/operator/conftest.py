@@ -27,7 +27,7 @@ import pytest
 from hydraserve.api.models import GROUP, KIND, PLURAL, VERSION
 from hydraserve.kube.client import KubeClient, KubeConfig, path_of
 from hydraserve.operator.handlers import OperatorApp
-from hydraserve.operator.planning import Planner, plan_instance
+from hydraserve.operator.planning import Planner
 from hydraserve.operator.settings import OperatorSettings
 from hydraserve.planner.types import ClusterState, Plan, PlanRequest, Unschedulable
 from hydraserve.prefetcher.node import ModelHolding, NodeStatus, PreloadRequest
@@ -133,6 +133,8 @@ class RecordingPrefetcher(LocalHttpServer):
             verified=1 if verify else 0,
             started_at=now,
             finished_at=now if verify else None,
+            deadline=preload.deadline,
+            low_priority=preload.low_priority,
         )
         model = self.fetches.setdefault((preload.uri, preload.revision), {})
         if name not in model or model[name].state == FetchState.FAILED:
@@ -407,9 +409,12 @@ class OperatorRunner:
         )
         self.apps: list[tuple[OperatorApp, asyncio.Event, asyncio.Task[None]]] = []
 
-    async def start(self, planner: Planner = plan_instance, **overrides: Any) -> OperatorApp:
-        settings = self.settings.model_copy(update=overrides)
-        app = OperatorApp(settings, KubeConfig(server=self.server), planner=planner)
+    async def start(self, plan_with: Planner | None = None, **overrides: Any) -> OperatorApp:
+        # Validated, so a misspelt or mistyped override fails here, not deep in a pass.
+        unknown = set(overrides) - set(OperatorSettings.model_fields)
+        assert not unknown, f"not operator settings: {unknown}"
+        settings = OperatorSettings.model_validate(self.settings.model_dump() | overrides)
+        app = OperatorApp(settings, KubeConfig(server=self.server), planner=plan_with)
         stop, ready = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(app.run(stop_flag=stop, ready_flag=ready))
         await asyncio.wait_for(ready.wait(), 10)

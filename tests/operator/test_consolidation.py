@@ -31,7 +31,7 @@ CONSOLIDATES = "hydraserve.io/consolidates"
 
 async def start_operator(operators: OperatorRunner, engine: FakeEngine) -> OperatorApp:
     return await operators.start(
-        planner=PLANNER,
+        plan_with=PLANNER,
         consolidation=True,
         consolidation_poll_seconds=0.2,
         # Longer than any wait here: what no pod event triggers (the fetch verified, the
@@ -334,7 +334,7 @@ async def test_consolidation_turned_off_removes_a_standalone_not_promoted_yet(
     await eventually(lambda: one_standalone(cluster), what="the standalone pod")
     (first,) = [app for app, _, _ in operators.apps]
     await operators.crash(first)
-    await operators.start(planner=PLANNER, consolidation=False, worker_port=engine.port)
+    await operators.start(plan_with=PLANNER, consolidation=False, worker_port=engine.port)
 
     await eventually(lambda: _no_standalone(cluster), what="the standalone deleted")
     await eventually(

@@ -100,9 +100,7 @@ async def test_apply_preload_pods_ready_serving(
     assert services[0]["spec"]["clusterIP"] == "None"
 
     # The status write follows the pod creation in the same pass: wait for it.
-    model = await eventually(
-        lambda: phase_is(cluster, "llama", "Starting"), what="phase Starting"
-    )
+    model = await eventually(lambda: phase_is(cluster, "llama", "Starting"), what="phase Starting")
     assert model["status"]["selector"].endswith("hydraserve.io/stage=0")
 
     await cluster.run_pod(pod)
@@ -131,7 +129,7 @@ async def test_pipelined_instance_stages_on_their_nodes(
     for node in ("gpu-a", "gpu-b"):
         await cluster.add_gpu_node(node)
         await cluster.add_prefetcher(node)
-    await operators.start(planner=two_stage_planner(("gpu-a", "gpu-b")))
+    await operators.start(plan_with=two_stage_planner(("gpu-a", "gpu-b")))
 
     await cluster.apply_model("llama", replicas=1)
     pods = await eventually(lambda: _pods_if(cluster, 2), what="two stage pods")

@@ -43,7 +43,7 @@ async def test_crash_while_preloading_then_restart_finishes_the_same_instance(
     await two_nodes(cluster)
     slow = cluster.prefetchers["gpu-b"]
     slow.hold = asyncio.Event()
-    first = await operators.start(planner=PLANNER)
+    first = await operators.start(plan_with=PLANNER)
     await cluster.apply_model("llama", replicas=1)
     await eventually(lambda: asyncio.sleep(0, bool(slow.calls)), what="the pre-load on gpu-b")
     (record,) = await cluster.services()
@@ -51,7 +51,7 @@ async def test_crash_while_preloading_then_restart_finishes_the_same_instance(
 
     await operators.crash(first)
     slow.hold.set()
-    second = await operators.start(planner=PLANNER)
+    second = await operators.start(plan_with=PLANNER)
 
     pods = await eventually(lambda: pods_when(cluster, 2), what="both stage pods")
     assert {instance_of(p) for p in pods} == {record["metadata"]["name"]}
@@ -67,7 +67,7 @@ async def test_crash_between_stage_pods_then_restart_creates_only_the_missing_on
     cluster: Cluster, operators: OperatorRunner
 ) -> None:
     await two_nodes(cluster)
-    first = await operators.start(planner=PLANNER)
+    first = await operators.start(plan_with=PLANNER)
     await cluster.apply_model("llama", replicas=1)
     pods = await eventually(lambda: pods_when(cluster, 2), what="both stage pods")
     await operators.crash(first)
@@ -77,7 +77,7 @@ async def test_crash_between_stage_pods_then_restart_creates_only_the_missing_on
     assert len(await cluster.pods()) == 1
     calls_before = len(cluster.prefetchers["gpu-b"].calls)
 
-    second = await operators.start(planner=PLANNER)
+    second = await operators.start(plan_with=PLANNER)
     pods_after = await eventually(lambda: pods_when(cluster, 2), what="stage 1 recreated")
     assert {p["metadata"]["name"] for p in pods_after} == {p["metadata"]["name"] for p in pods}
     assert len(cluster.prefetchers["gpu-b"].calls) == calls_before + 1  # only the missing stage
@@ -90,7 +90,7 @@ async def test_restart_after_convergence_changes_nothing(
     cluster: Cluster, operators: OperatorRunner
 ) -> None:
     await two_nodes(cluster)
-    first = await operators.start(planner=PLANNER)
+    first = await operators.start(plan_with=PLANNER)
     await cluster.apply_model("llama", replicas=1)
     pods = await eventually(lambda: pods_when(cluster, 2), what="both stage pods")
     for i, pod in enumerate(pods):
@@ -104,7 +104,7 @@ async def test_restart_after_convergence_changes_nothing(
     await operators.crash(first)
     calls = sum(len(p.calls) for p in cluster.prefetchers.values())
 
-    second = await operators.start(planner=PLANNER)
+    second = await operators.start(plan_with=PLANNER)
     # Its start-up passes (resume, the pods it lists) change nothing.
     await operator_passes(second.reconciler, NAMESPACE, "llama", kick=False)
     assert {p["metadata"]["name"] for p in await cluster.pods()} == {

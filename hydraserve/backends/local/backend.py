@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 import uuid
@@ -122,7 +123,6 @@ class LocalBackend(ClusterBackend):
         self.instances_dir = self.settings.common.state_dir / "instances"
         self._prefetcher: Prefetcher | None = None
         # (uri, revision, fetch) -> (deadline epoch, low priority) of fetches asked for.
-        self._deadlines: dict[tuple[str, str, str], tuple[float, bool]] = {}
         self.policy = self.settings.consolidation_policy()
         self.lifecycle = self.settings.lifecycle_policy()
         self.passes = 0  # completed reconcile passes (tests wait on it, not on time)
@@ -250,10 +250,13 @@ class LocalBackend(ClusterBackend):
     ) -> None:
         source = state.model.spec.source
         request = PreloadRequest(
-            uri=source.uri, revision=source.revision, pp=pp, rank=rank, low_priority=low_priority
+            uri=source.uri,
+            revision=source.revision,
+            pp=pp,
+            rank=rank,
+            low_priority=low_priority,
+            deadline=deadline_at,
         )
-        key = (source.uri, source.revision, fetch_name(pp, rank))
-        self._deadlines[key] = (deadline_at or time.time(), low_priority)
         if node.prefetcher_url is not None:
             resp = await self._http.post(
                 f"{node.prefetcher_url}/v1/preload",
@@ -540,7 +543,6 @@ class LocalBackend(ClusterBackend):
             statuses,
             time.time(),
             self.settings.store_bytes_per_s,
-            self._deadlines,
         )
         return plan_placement(plan_request_for(spec, profile), cluster, self.settings.planner)
 
@@ -613,7 +615,8 @@ class LocalBackend(ClusterBackend):
             for stage in plan.stages:
                 pp = plan.pp if plan.pp > 1 else None
                 # A stage the planner did not place (pp forced by settings) has no deadline.
-                due = requested + min(due_in.get(stage.rank, 0.0), 1e9)
+                due_s = due_in.get(stage.rank)
+                due = requested + due_s if due_s is not None and math.isfinite(due_s) else None
                 await self._preload(
                     state,
                     self.nodes[stage.node],

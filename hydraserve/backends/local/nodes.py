@@ -11,10 +11,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydraserve.planner.profile import weights_key
-from hydraserve.planner.types import ClusterState, GPUState, InflightFetch, NodeState
+from hydraserve.control.nodes import cached_models, inflight_fetches
+from hydraserve.planner.types import ClusterState, GPUState, NodeState
 from hydraserve.prefetcher.node import NodeStatus
-from hydraserve.prefetcher.shm import FetchState
 
 
 @dataclass(frozen=True)
@@ -31,35 +30,10 @@ class LocalNode:
 
 
 def node_state(
-    node: LocalNode,
-    used_bytes: int,
-    status: NodeStatus | None,
-    now: float,
-    deadlines: Mapping[tuple[str, str, str], tuple[float, bool]] | None = None,
+    node: LocalNode, used_bytes: int, status: NodeStatus | None, now: float
 ) -> NodeState:
-    """One node for the planner: free memory, its link, the whole models its prefetcher
-    holds (a cache hit) and the fetches in flight on its link (``deadlines``: (uri,
-    revision, fetch) -> (deadline epoch, low priority) of the fetches this backend asked
-    for; others count as due now)."""
-    cached: set[str] = set()
-    inflight: list[InflightFetch] = []
-    for holding in status.models if status is not None else ():
-        if holding.complete:
-            cached.add(weights_key(holding.uri, holding.revision))
-        for name, fetch in holding.fetches.items():
-            if fetch.state not in (FetchState.PENDING, FetchState.FETCHING):
-                continue
-            left = max(0, fetch.total - fetch.verified)
-            if not left:
-                continue
-            deadline, low = (deadlines or {}).get(
-                (holding.uri, holding.revision, name), (now, False)
-            )
-            inflight.append(
-                InflightFetch(
-                    bytes_left=left, deadline_s=max(0.0, deadline - now), low_priority=low
-                )
-            )
+    """One node for the planner: free memory, its link, and what its prefetcher reports
+    (host cache, fetches in flight with their deadlines), as the operator reads it too."""
     return NodeState(
         name=node.name,
         gpus=(
@@ -70,8 +44,8 @@ def node_state(
             ),
         ),
         nic_bytes_per_s=node.nic_bytes_per_s,
-        cached_models=frozenset(cached),
-        inflight=tuple(inflight),
+        cached_models=cached_models(status),
+        inflight=inflight_fetches(status, now),
     )
 
 
@@ -81,11 +55,8 @@ def cluster_view(
     statuses: Mapping[str, NodeStatus | None],
     now: float,
     store_bytes_per_s: float | None,
-    deadlines: Mapping[tuple[str, str, str], tuple[float, bool]] | None = None,
 ) -> ClusterState:
     return ClusterState(
-        nodes=tuple(
-            node_state(n, used.get(n.name, 0), statuses.get(n.name), now, deadlines) for n in nodes
-        ),
+        nodes=tuple(node_state(n, used.get(n.name, 0), statuses.get(n.name), now) for n in nodes),
         store_bytes_per_s=store_bytes_per_s,
     )

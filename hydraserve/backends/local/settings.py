@@ -9,11 +9,11 @@ from pydantic_settings import BaseSettings
 
 from hydraserve.control.consolidation import ConsolidationSettings
 from hydraserve.control.instances import LifecycleSettings
-from hydraserve.planner.config import PlannerConfig
+from hydraserve.planner.config import PlanningSettings
 from hydraserve.settings import CommonSettings, component_config
 
 
-class LocalSettings(BaseSettings, ConsolidationSettings, LifecycleSettings):
+class LocalSettings(BaseSettings, ConsolidationSettings, LifecycleSettings, PlanningSettings):
     model_config = component_config("local")
     common: CommonSettings = Field(default_factory=CommonSettings)
     worker_host: str = "127.0.0.1"
@@ -40,13 +40,6 @@ class LocalSettings(BaseSettings, ConsolidationSettings, LifecycleSettings):
     )
     local_read_bytes_per_s: float = Field(
         default=2e9, gt=0, description="How fast this machine reads its local store."
-    )
-    planner: PlannerConfig = Field(
-        default_factory=PlannerConfig,
-        description="The planner's cost-model constants (JSON in HYDRASERVE_LOCAL_PLANNER).",
-    )
-    store_bytes_per_s: float | None = Field(
-        default=None, gt=0, description="Aggregate bandwidth of the model store (None: unlimited)."
     )
     retry_seconds: float = Field(
         default=15.0, gt=0, description="Delay before retrying a model that cannot start now."
