@@ -20,8 +20,9 @@ from hydraserve.operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
 WORKER_LABELS = {MANAGED_BY: MANAGED_BY_VALUE, APP_NAME: WORKER_APP}
-# How long a created pod is counted without the watch having shown it.
-RECENT_SECONDS = 60.0
+# How long a created pod is counted without the watch having shown it (a watch delivers
+# within milliseconds; a pod deleted by someone else meanwhile holds memory this long).
+RECENT_SECONDS = 10.0
 
 
 class Inventory(Protocol):
@@ -33,6 +34,9 @@ class Inventory(Protocol):
 
     def created(self, pod: Obj) -> None:
         """A worker pod this operator just created (before any watch reports it)."""
+
+    def deleted(self, namespace: str, name: str) -> None:
+        """A worker pod this operator just deleted."""
 
 
 class ListedInventory:
@@ -54,6 +58,9 @@ class ListedInventory:
 
     def created(self, pod: Obj) -> None:
         pass  # the next LIST shows it
+
+    def deleted(self, namespace: str, name: str) -> None:
+        pass
 
 
 def _values(index: Mapping[Any, Iterable[Obj]]) -> list[Obj]:
@@ -102,3 +109,6 @@ class IndexedInventory:
 
     def created(self, pod: Obj) -> None:
         self._recent[_key(pod)] = (self._clock(), pod)
+
+    def deleted(self, namespace: str, name: str) -> None:
+        self._recent.pop((namespace, name), None)

@@ -808,6 +808,7 @@ class Reconciler:
             await self.client.delete(path_of("v1", "services", namespace, inst.name))
         for pod in inst.pods.values():
             await self.client.delete(path_of("v1", "pods", namespace, pod["metadata"]["name"]))
+            self.inventory.deleted(namespace, pod["metadata"]["name"])
         log.info("instance.deleted", model=name, instance=inst.name, why=why)
         self.events(model, reasons.NORMAL, reasons.INSTANCE_DELETED, f"{inst.name}: {why}")
 
@@ -843,6 +844,8 @@ class Reconciler:
                 for obj in await self.client.list(path_of("v1", plural, namespace), labels):
                     obj_name = obj["metadata"]["name"]
                     gone += await self.client.delete(path_of("v1", plural, namespace, obj_name))
+                    if plural == "pods":
+                        self.inventory.deleted(namespace, obj_name)
             log.info("model.cleaned_up", model=name, namespace=namespace, deleted=gone)
         self._locks.pop(key, None)
         self._queued.pop(key, None)

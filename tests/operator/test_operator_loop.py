@@ -192,18 +192,13 @@ async def test_scale_to_zero_deletes_pods_then_scale_up(
     await cluster.scale("llama", 0)
     await eventually(lambda: _pods_if(cluster, 0), what="pods deleted")
     assert await cluster.services() == []
-    model = await eventually(lambda: _phase_is(cluster, "llama", "Cold"), what="phase Cold")
+    model = await eventually(lambda: phase_is(cluster, "llama", "Cold"), what="phase Cold")
     assert model["status"]["replicas"] == 0
     ready = next(c for c in model["status"]["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "ScaledToZero"
 
     await cluster.scale("llama", 1)
     await eventually(lambda: _pods_if(cluster, 1), what="one pod again")
-
-
-async def _phase_is(cluster: Cluster, name: str, phase: str) -> dict[str, Any] | None:
-    model = await cluster.model(name)
-    return model if model and (model.get("status") or {}).get("phase") == phase else None
 
 
 async def test_delete_runs_finalizer_cleanup(cluster: Cluster, operators: OperatorRunner) -> None:
@@ -235,7 +230,7 @@ async def test_invalid_spec_reports_what_to_fix_and_creates_nothing(
     await cluster.apply_model(
         "broken", replicas=1, pipeline={"maxSize": 9}, scaling={"minReplicas": 3, "maxReplicas": 2}
     )
-    model = await eventually(lambda: _phase_is(cluster, "broken", "Failed"), what="Failed")
+    model = await eventually(lambda: phase_is(cluster, "broken", "Failed"), what="Failed")
     valid = next(c for c in model["status"]["conditions"] if c["type"] == "Valid")
     assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
     assert (
@@ -257,7 +252,7 @@ async def test_missing_model_in_store_says_so_and_retries(
     await cluster.add_gpu_node("gpu-a")
     await operators.start()
     await cluster.apply_model("ghost", replicas=1, source={"uri": "/nonexistent/ghost"})
-    model = await eventually(lambda: _phase_is(cluster, "ghost", "Failed"), what="Failed")
+    model = await eventually(lambda: phase_is(cluster, "ghost", "Failed"), what="Failed")
     valid = next(c for c in model["status"]["conditions"] if c["type"] == "Valid")
     assert valid["reason"] == "ModelNotFound"
     assert "hydraserve model push" in valid["message"]
