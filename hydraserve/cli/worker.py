@@ -25,6 +25,12 @@ def worker(
     compiled: bool = typer.Option(False, help="Compiled mode instead of --enforce-eager."),
     config: Path | None = typer.Option(None, help="A WorkerConfig JSON file (overrides flags)."),
     engine_arg: list[str] = typer.Option([], help="Extra vLLM argument (repeatable)."),
+    kv_transfer: bool = typer.Option(
+        False, help="Load HydraServe's KV connector (requests can move here by KV transfer)."
+    ),
+    block_size: int | None = typer.Option(
+        None, min=16, help="KV block size; engines that exchange KV must agree on it."
+    ),
 ) -> None:
     """Run one stage of a model instance: fetch (or wait for) its bytes, start vLLM, serve."""
     from hydraserve.worker.config import StageAddress, WorkerConfig
@@ -50,5 +56,7 @@ def worker(
             rendezvous=StageAddress(master_addr=master_addr, master_port=master_port),
             enforce_eager=not compiled,
             engine_args=engine_arg,
+            kv_transfer=kv_transfer,
+            block_size=block_size,
         )
     run_worker(worker_config)

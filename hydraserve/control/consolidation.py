@@ -67,6 +67,19 @@ class ConsolidationSettings(BaseModel):
         description="... or this long after the switch, idle or not.",
     )
 
+    kv_transfer: bool = Field(
+        default=True,
+        description="Engines whose stages all run on one node save and load KV caches "
+        "through that node's shared memory (HydraServe's KV connector), so requests can "
+        "move to a standalone there by KV transfer; others move by recompute.",
+    )
+    kv_block_size: int = Field(
+        default=32,
+        ge=16,
+        description="KV block size of every engine when kv_transfer is on (whole blocks "
+        "move; the CPU default of 128 would leave short requests nothing to move).",
+    )
+
     def consolidation_policy(self) -> ConsolidationPolicy:
         return ConsolidationPolicy(
             enabled=self.consolidation,

@@ -75,8 +75,16 @@ def all_card_stage(plan: InstancePlan | None) -> StagePlan | None:
     return next((s for s in plan.stages if s.all_card), None)
 
 
+def kv_hand_over(plan: InstancePlan, enabled: bool) -> bool:
+    """Whether an instance's engines load the KV connector: only when every stage runs on
+    one node, since saved KV moves through that node's shared memory (decision 0400). A
+    pipeline across nodes hands its streams over by recompute."""
+    return enabled and len({s.node for s in plan.stages}) == 1
+
+
 def standalone_plan(pipeline: InstancePlan) -> InstancePlan:
-    """pp = 1 on the all-card stage's node and GPU, holding what the whole pipeline held."""
+    """pp = 1 on the all-card stage's node and GPU, with one replica's memory (what the
+    all-card stage holds; the pipeline's memory is given back when it is released)."""
     stage = all_card_stage(pipeline)
     if stage is None:
         raise ValueError("the pipeline has no all-card stage to consolidate on")
@@ -90,7 +98,7 @@ def standalone_plan(pipeline: InstancePlan) -> InstancePlan:
                 gpu=stage.gpu,
                 start_layer=0,
                 end_layer=last,
-                memory_bytes=sum(s.memory_bytes for s in pipeline.stages),
+                memory_bytes=stage.memory_bytes,
                 all_card=True,
                 fetch_bytes=sum(s.fetch_bytes for s in pipeline.stages) - stage.fetch_bytes,
                 from_cache=True,

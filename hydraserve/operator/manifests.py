@@ -12,12 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from hydraserve.api.models import API_VERSION, KIND, ServerlessModelSpec
-from hydraserve.control.placement import InstancePlan
+from hydraserve.control.placement import InstancePlan, kv_hand_over
 from hydraserve.operator.cluster_state import gpu_resource_amount
 from hydraserve.operator.naming import (
     CONSOLIDATES_LABEL,
     GPU_ANNOTATION,
     INSTANCE_LABEL,
+    KV_TRANSFER_ANNOTATION,
     MEMORY_ANNOTATION,
     NODE_ANNOTATION,
     PLAN_ANNOTATION,
@@ -80,6 +81,7 @@ def instance_service(
                 TEMPLATE_HASH_ANNOTATION: template,
                 REQUESTED_AT_ANNOTATION: f"{requested_at:.3f}",
                 PLANNED_AT_ANNOTATION: f"{planned_at:.3f}",
+                KV_TRANSFER_ANNOTATION: str(kv_hand_over(plan, settings.kv_transfer)).lower(),
             },
             "ownerReferences": [owner_reference(model)],
         },
@@ -125,6 +127,8 @@ def worker_args(
         args.append(f"--prefetcher={prefetcher_url}")
     if settings.worker_compiled:
         args.append("--compiled")
+    if kv_hand_over(plan, settings.kv_transfer):
+        args += ["--kv-transfer", f"--block-size={settings.kv_block_size}"]
     # `--engine-arg=VALUE` keeps values that start with `--` from reading as options.
     args += [f"--engine-arg={arg}" for arg in spec.engine.args]
     return args

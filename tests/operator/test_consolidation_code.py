@@ -166,7 +166,7 @@ def test_standalone_plan_is_one_stage_on_the_all_card_node_holding_the_whole_mod
     assert plan.pp == 1
     (stage,) = plan.stages
     assert (stage.node, stage.gpu, stage.start_layer, stage.end_layer) == ("gpu-a", 1, 0, 32)
-    assert stage.memory_bytes == 14 * GIB and stage.all_card
+    assert stage.memory_bytes == 8 * GIB and stage.all_card  # one replica, not the pipeline's
     assert stage.fetch_bytes == 4 * GIB  # only what the node's stage did not fetch
 
 

@@ -156,3 +156,25 @@ def test_engine_env_keeps_a_single_stage_in_one_process_and_pins_a_pipelines_lay
         stages = [manifest.stage(pp, rank) for rank in range(pp)]
         assert counts == [s.end_layer - s.start_layer for s in stages]
         assert sum(counts) == manifest.num_layers
+
+
+def test_worker_command_line_reaches_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flags the operator writes into a worker pod (operator/manifests.py) are the
+    ``hydraserve worker`` options, and they land in the WorkerConfig it runs."""
+    from typer.testing import CliRunner
+
+    from hydraserve.cli.main import app
+
+    seen: list[WorkerConfig] = []
+    monkeypatch.setattr("hydraserve.worker.launcher.run_worker", seen.append)
+    args = ["worker", "--name=m", "--uri=s3://models/m", "--pp=2", "--rank=1", "--compiled"]
+    result = CliRunner().invoke(app, [*args, "--kv-transfer", "--block-size=48"])
+    assert result.exit_code == 0, result.output
+    (config,) = seen
+    assert (config.pp, config.rank, config.enforce_eager) == (2, 1, False)
+    assert config.kv_transfer is True and config.block_size == 48
+    assert kv_transfer_config(config)["kv_role"] == "kv_both"
+
+    seen.clear()
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert seen[0].kv_transfer is False and seen[0].block_size is None

@@ -61,7 +61,7 @@ from hydraserve.control.consolidation import (
     next_idle_since,
 )
 from hydraserve.control.instances import InstanceObservation, decide_instances, timed_out
-from hydraserve.control.placement import InstancePlan, StagePlan, standalone_plan
+from hydraserve.control.placement import InstancePlan, StagePlan, kv_hand_over, standalone_plan
 from hydraserve.control.status import build_status
 from hydraserve.logs import get_logger
 from hydraserve.planner import plan as plan_placement
@@ -604,7 +604,7 @@ class LocalBackend(ClusterBackend):
             dir=inst_dir,
             host=head.host,
             port=free_port(head.host),
-            kv_transfer=self.settings.kv_transfer,
+            kv_transfer=kv_hand_over(plan, self.settings.kv_transfer),
             replaces=replaces.name if replaces else None,
         )
         timeline = Timeline(inst_dir / "timeline.jsonl", model=model.name, instance=name)
@@ -679,8 +679,8 @@ class LocalBackend(ClusterBackend):
             enforce_eager=enforce_eager,
             max_model_len=self.settings.max_model_len,
             kv_cache_bytes=self.settings.kv_cache_bytes,
-            kv_transfer=self.settings.kv_transfer,
-            block_size=self.settings.kv_block_size if self.settings.kv_transfer else None,
+            kv_transfer=inst.kv_transfer,
+            block_size=self.settings.kv_block_size if inst.kv_transfer else None,
             engine_args=[*self.settings.extra_engine_args, *model.spec.engine.args],
         )
 

@@ -72,14 +72,3 @@ class LocalSettings(BaseSettings, ConsolidationSettings, LifecycleSettings, Plan
         description="VLLM_CPU_OMP_THREADS_BIND of the standalone engine; None = the "
         "pipeline stages' binds together (it takes over their cores).",
     )
-    kv_transfer: bool = Field(
-        default=True,
-        description="Engines save and load KV caches through the node's shared memory "
-        "(HydraServe's KV connector), so requests can move by KV transfer.",
-    )
-    kv_block_size: int = Field(
-        default=32,
-        ge=16,
-        description="KV block size of every engine when kv_transfer is on (whole blocks "
-        "move; the CPU default of 128 would leave short requests nothing to move).",
-    )
