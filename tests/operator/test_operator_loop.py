@@ -301,3 +301,29 @@ async def test_failed_stage_replaces_the_instance(
     await eventually(replaced, what="a replacement instance")
     events = await cluster.events()
     assert any("CUDA out of memory" in e.get("message", "") for e in events)
+
+
+async def test_a_serving_pod_is_not_ready_until_its_bytes_are_verified(
+    cluster: Cluster, operators: OperatorRunner
+) -> None:
+    """Compiled workers adopt bytes before they are verified: readiness waits for the node
+    prefetcher's verified fetch, not only for the pod's /health."""
+    await cluster.add_gpu_node("gpu-a")
+    prefetcher = await cluster.add_prefetcher("gpu-a")
+    prefetcher.verify = False  # the fetch stays in flight until finish()
+    app = await operators.start()
+    await cluster.apply_model("llama", replicas=1)
+    (pod,) = await eventually(lambda: _pods_if(cluster, 1), what="a worker pod")
+    await cluster.run_pod(pod)  # /health answers
+
+    await operator_passes(app.reconciler, NAMESPACE, "llama", more=3)
+    model = await cluster.model("llama")
+    assert model is not None and model["status"]["phase"] == "Starting"
+    assert model["status"]["readyReplicas"] == 0
+    assert model["status"]["instances"][0]["ready"] is False
+
+    prefetcher.finish()  # every byte verified: the readiness timer sees it
+    model = await eventually(lambda: serving_model(cluster, "llama"), what="Serving")
+    assert model["status"]["instances"][0]["ready"] is True
+    (record,) = await cluster.services()
+    assert "hydraserve.io/verified-at" in record["metadata"]["annotations"]
