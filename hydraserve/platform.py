@@ -7,7 +7,9 @@ gateway code as the cluster; only the backend differs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import Field
@@ -18,6 +20,9 @@ from hydraserve.logs import get_logger
 from hydraserve.settings import CommonSettings, component_config
 from hydraserve.store import ModelNotFound, ModelRef, ModelStore
 from hydraserve.store.demo import make_demo_model
+
+if TYPE_CHECKING:
+    from hydraserve.backends.base import ClusterBackend
 
 log = get_logger("platform")
 
@@ -32,11 +37,25 @@ class PlatformSettings(BaseSettings):
     )
     demo_model: str = Field(default="demo", description="Name of the demo model ('' = none).")
     demo_size: str = "tiny"
+    demo_ttft_slo_seconds: float | None = Field(
+        default=None, gt=0, description="The demo model's TTFT SLO (None: the spec default)."
+    )
     keep_alive_seconds: float = Field(default=60.0, ge=0)
     models_file: Path | None = Field(
         default=None, description="YAML with more ServerlessModel documents to register."
     )
     auth_enabled: bool = False
+    emulated_nodes: int = Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="Run on an emulated cluster of this many nodes (network namespaces with "
+        "shaped links, an S3 store, a prefetcher each; needs root): the planner places "
+        "instances and pipelines over them. 0 = this machine as one node.",
+    )
+    link_mbit: float = Field(
+        default=100.0, gt=0, description="Each emulated node's link to the store, Mbit/s."
+    )
 
     @property
     def store_root(self) -> str:
@@ -63,6 +82,11 @@ def ensure_demo_model(settings: PlatformSettings) -> ServerlessModel:
                 "source": {"uri": uri if "://" in uri else f"file://{uri}"},
                 "resources": {"gpuMemoryGiB": 1},
                 "scaling": {"minReplicas": 0, "keepAliveSeconds": settings.keep_alive_seconds},
+                **(
+                    {"slo": {"ttftSeconds": settings.demo_ttft_slo_seconds}}
+                    if settings.demo_ttft_slo_seconds
+                    else {}
+                ),
             },
         }
     )
@@ -81,12 +105,50 @@ def platform_models(settings: PlatformSettings) -> list[ServerlessModel]:
 
 
 def run_platform(settings: PlatformSettings) -> None:
+    if settings.emulated_nodes:
+        run_emulated(settings)
+        return
     from hydraserve.backends.local import LocalBackend, LocalSettings
+
+    models = platform_models(settings)
+    serve(settings, LocalBackend(models, LocalSettings(common=settings.common)), models)
+
+
+def run_emulated(settings: PlatformSettings) -> None:
+    """The platform on an emulated cluster: the store is an S3 server in its own namespace,
+    every node fetches over its own shaped link, and workers run inside their node."""
+    from hydraserve.backends.local import LocalBackend, LocalSettings
+    from hydraserve.backends.local.nodes import default_memory_budget
+    from hydraserve.emulation.netns import EmulatedCluster
+    from hydraserve.emulation.nodes import emulated_local_nodes
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    log_dir = settings.common.state_dir / "emulated"
+    with EmulatedCluster(
+        nodes=settings.emulated_nodes, rate_mbit=settings.link_mbit, log_dir=log_dir
+    ) as cluster:
+        settings.common.s3.endpoint_url = cluster.s3_endpoint
+        settings.store_uri = settings.store_uri or "s3://hydraserve"
+        models = platform_models(settings)
+        local = LocalSettings(common=settings.common)
+        budget = local.memory_budget_bytes or default_memory_budget()
+        nodes = emulated_local_nodes(cluster, budget)
+        log.info(
+            "platform.emulated",
+            nodes=[f"{n.name}@{n.host} cores={','.join(map(str, n.cpus))}" for n in nodes],
+            link_mbit=settings.link_mbit,
+            store=cluster.s3_endpoint,
+        )
+        serve(settings, LocalBackend(models, local, nodes), models)
+
+
+def serve(
+    settings: PlatformSettings, backend: ClusterBackend, models: list[ServerlessModel]
+) -> None:
     from hydraserve.gateway.server import gateway_server
     from hydraserve.gateway.settings import GatewaySettings
 
-    models = platform_models(settings)
-    backend = LocalBackend(models, LocalSettings(common=settings.common))
     gateway_settings = GatewaySettings(
         host=settings.host, port=settings.port, auth_enabled=settings.auth_enabled
     )

@@ -591,9 +591,10 @@ class ProxyResponse:
         await send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def _body(self, send: Send, data: bytes, *, more: bool) -> None:
-        if not more:
-            # Before sending: once the last message is out, the server reports a
-            # "disconnect" that is no disconnect, and the watcher must ignore it.
+        if not more or DONE_MARK in data:
+            # Before sending: once the last message (or a stream's [DONE]) is out, the
+            # client has the whole answer; a disconnect after it (the server reports one
+            # after the last message, clients close right after [DONE]) is a success.
             self._response_complete = True
         await send({"type": "http.response.body", "body": data, "more_body": more})
 

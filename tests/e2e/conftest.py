@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +81,22 @@ def corrupt_store(root: Path) -> Path:
     return location
 
 
-def start_platform(state_dir: Path, env: dict[str, str] | None = None) -> Platform:
+def start_platform(
+    state_dir: Path,
+    env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
+    bad_models: bool = True,
+    timeout: float = 120,
+) -> Platform:
+    """``hydraserve up`` in a subprocess; ``bad_models`` also registers a model missing from
+    the store and a corrupted one."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    models = state_dir / "models.yaml"
-    models.write_text(MISSING_MODEL + CORRUPT_MODEL.format(uri=corrupt_store(state_dir / "bad")))
+    models_args: list[str] = []
+    if bad_models:
+        models = state_dir / "models.yaml"
+        corrupt = corrupt_store(state_dir / "bad")
+        models.write_text(MISSING_MODEL + CORRUPT_MODEL.format(uri=corrupt))
+        models_args = ["--models-file", str(models)]
     port = free_port()
     log = state_dir / "platform.log"
     full_env = {
@@ -104,10 +116,10 @@ def start_platform(state_dir: Path, env: dict[str, str] | None = None) -> Platfo
                 str(port),
                 "--state-dir",
                 str(state_dir),
-                "--models-file",
-                str(models),
+                *models_args,
                 "--keep-alive",
                 "600",
+                *args,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -115,7 +127,7 @@ def start_platform(state_dir: Path, env: dict[str, str] | None = None) -> Platfo
             start_new_session=True,
         )
     platform = Platform(f"http://127.0.0.1:{port}/v1", state_dir, process, log)
-    deadline = time.time() + 120
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"hydraserve up exited:\n{platform.log_tail()}")

@@ -217,6 +217,9 @@ class FakeEngineBehaviour:
     token_delay: float = 0.0
     fail_status: int | None = None  # answer every request with this HTTP error
     break_after_tokens: int | None = None  # streams: drop the connection after N tokens
+    # streams: seconds between sending [DONE] and ending the response (a real server's
+    # last chunk can trail the event the client stops at)
+    done_linger: float = 0.0
 
 
 @dataclass
@@ -395,6 +398,10 @@ class FakeEngine:
             }
             tail += b"data: " + json.dumps(usage).encode() + b"\n\n"
         tail += b"data: [DONE]\n\n"
+        if behaviour.done_linger:
+            await send({"type": "http.response.body", "body": tail, "more_body": True})
+            await asyncio.sleep(behaviour.done_linger)
+            tail = b""
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 

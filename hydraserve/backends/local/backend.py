@@ -23,7 +23,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
 from pydantic import ValidationError
@@ -36,7 +35,7 @@ from hydraserve.api.models import (
 )
 from hydraserve.backends.base import ClusterBackend, ModelView, view_of
 from hydraserve.backends.local.instance import Consolidation, LocalInstance
-from hydraserve.backends.local.nodes import LocalNode, cluster_view
+from hydraserve.backends.local.nodes import LocalNode, cluster_view, default_memory_budget
 from hydraserve.backends.local.processes import (
     free_port,
     log_tail,
@@ -81,6 +80,9 @@ from hydraserve.worker.config import StageAddress, WorkerConfig
 from hydraserve.worker.inflight import INFLIGHT_PATH
 from hydraserve.worker.timeline import Timeline, read_timeline, stage_timings
 
+# Worker ports on an emulated node (its namespace has nothing else on them but its
+# prefetcher, on 8300).
+NODE_PORTS_FROM, NODE_PORTS_TO = 20000, 29999
 log = get_logger("backends.local")
 
 # Local instances are made from the spec the backend was given; it never changes.
@@ -122,7 +124,7 @@ class LocalBackend(ClusterBackend):
         self._http = httpx.AsyncClient(timeout=2)
         self.instances_dir = self.settings.common.state_dir / "instances"
         self._prefetcher: Prefetcher | None = None
-        # (uri, revision, fetch) -> (deadline epoch, low priority) of fetches asked for.
+        self._next_port: dict[str, int] = {}
         self.policy = self.settings.consolidation_policy()
         self.lifecycle = self.settings.lifecycle_policy()
         self.passes = 0  # completed reconcile passes (tests wait on it, not on time)
@@ -201,14 +203,20 @@ class LocalBackend(ClusterBackend):
             prefetcher_url=self.settings.prefetcher_url,
         )
 
+    def _free_port(self, node: LocalNode) -> int:
+        """A port for a worker on ``node``. A node reached through ``exec_prefix`` (an
+        emulated node's own network namespace) has no other users: hand out its ports in
+        turn; this machine's come from the kernel."""
+        if not node.exec_prefix:
+            return free_port(node.host)
+        port = self._next_port.get(node.name, NODE_PORTS_FROM)
+        self._next_port[node.name] = port + 1 if port < NODE_PORTS_TO else NODE_PORTS_FROM
+        return port
+
     def _memory_budget(self) -> int:
         if self.settings.memory_budget_bytes is not None:
             return self.settings.memory_budget_bytes
-        available = 0
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-        return int(available * 0.8)
+        return default_memory_budget()
 
     def _node_prefetcher(self) -> Prefetcher:
         if self._prefetcher is None:
@@ -603,7 +611,7 @@ class LocalBackend(ClusterBackend):
             requested_at=requested,
             dir=inst_dir,
             host=head.host,
-            port=free_port(head.host),
+            port=self._free_port(head),
             kv_transfer=kv_hand_over(plan, self.settings.kv_transfer),
             replaces=replaces.name if replaces else None,
         )
@@ -624,7 +632,7 @@ class LocalBackend(ClusterBackend):
                     stage.rank if pp else None,
                     deadline_at=due,
                 )
-        master_port = free_port(head.host)
+        master_port = self._free_port(head)
         eager = self.settings.consolidation_enforce_eager if replaces else None
         for stage in plan.stages:
             config = self._worker_config(state, inst, stage.rank, master_port, eager)

@@ -29,6 +29,15 @@ class LocalNode:
     env: Mapping[str, str] = field(default_factory=dict)  # e.g. GLOO_SOCKET_IFNAME
 
 
+def default_memory_budget() -> int:
+    """Memory the planner may give instances on this machine by default: 80 % of what is
+    available now."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(int(line.split()[1]) * 1024 * 0.8)
+    return 0
+
+
 def node_state(
     node: LocalNode, used_bytes: int, status: NodeStatus | None, now: float
 ) -> NodeState:

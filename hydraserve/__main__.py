@@ -1,0 +1,6 @@
+"""``python -m hydraserve``: the ``hydraserve`` command."""
+
+from hydraserve.cli.main import main
+
+if __name__ == "__main__":
+    main()
