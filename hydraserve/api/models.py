@@ -288,6 +288,27 @@ class FailureStatus(_Wire):
     )
 
 
+class AttainmentStatus(_Wire):
+    """How often requests met one SLO over the window (null: no such request)."""
+
+    met: int = Field(default=0, ge=0)
+    missed: int = Field(default=0, ge=0)
+    ratio: float | None = Field(default=None, ge=0, le=1, description="met / (met + missed).")
+
+
+class SloAttainmentStatus(_Wire):
+    """The share of the model's requests that met ``spec.slo``, over a sliding window,
+    measured by the gateway. Cold requests waited for an instance to start; warm ones
+    found one ready."""
+
+    window_seconds: float = Field(gt=0)
+    updated_at: float = Field(description="When the gateway computed it (epoch seconds).")
+    ttft_cold: AttainmentStatus = Field(default_factory=AttainmentStatus)
+    ttft_warm: AttainmentStatus = Field(default_factory=AttainmentStatus)
+    tpot_cold: AttainmentStatus = Field(default_factory=AttainmentStatus)
+    tpot_warm: AttainmentStatus = Field(default_factory=AttainmentStatus)
+
+
 class ServerlessModelStatus(_Wire):
     """Observed state, written by the operator."""
 
@@ -317,6 +338,9 @@ class ServerlessModelStatus(_Wire):
         default=None, description="Request-to-ready time of the latest cold start, seconds."
     )
     failures: FailureStatus = Field(default_factory=FailureStatus)
+    slo_attainment: SloAttainmentStatus | None = Field(
+        default=None, description="Written by the gateway; the operator keeps it."
+    )
     observed_generation: int | None = None
 
 

@@ -21,6 +21,7 @@ from hydraserve.api.models import (
     InstanceStatus,
     ModelPhase,
     ServerlessModel,
+    SloAttainmentStatus,
     StageTiming,
 )
 from hydraserve.api.validation import desired_replicas
@@ -169,3 +170,8 @@ class ClusterBackend(ABC):
     @abstractmethod
     async def wait_for_change(self, name: str, timeout: float) -> None:
         """Return when the model's view changes, or after ``timeout`` seconds."""
+
+    async def report_slo_attainment(  # noqa: B027 - optional hook
+        self, name: str, attainment: SloAttainmentStatus
+    ) -> None:
+        """Keep the gateway's SLO attainment in the model's status (``sloAttainment``)."""

@@ -15,7 +15,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hydraserve.api.models import GROUP, PLURAL, VERSION, ServerlessModel, ServerlessModelSpec
+from hydraserve.api.models import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    ServerlessModel,
+    ServerlessModelSpec,
+    SloAttainmentStatus,
+)
 from hydraserve.api.validation import spec_errors
 from hydraserve.backends.base import ClusterBackend, ModelView, view_of
 from hydraserve.kube.client import KubeClient, KubeError, path_of
@@ -118,6 +125,16 @@ class KubernetesBackend(ClusterBackend):
             {"spec": {"replicas": replicas}},
         )
         log.info("model.scale", model=name, namespace=namespace, replicas=replicas)
+
+    async def report_slo_attainment(self, name: str, attainment: SloAttainmentStatus) -> None:
+        owner = self._owners.get(name)
+        if owner is None:
+            return
+        namespace, obj_name = owner
+        body = {"status": {"sloAttainment": attainment.model_dump(by_alias=True, mode="json")}}
+        await self.client.merge_patch(
+            path_of(MODELS_API, PLURAL, namespace, obj_name, "status"), body
+        )
 
     async def wait_for_change(self, name: str, timeout: float) -> None:
         event = self._changed[name]

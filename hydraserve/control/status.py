@@ -195,5 +195,7 @@ def build_status(
         consolidations=history[-CONSOLIDATION_HISTORY:],
         last_cold_start_seconds=last_cold,
         failures=failures,
+        # Written by the gateway, kept by the control plane.
+        slo_attainment=previous.slo_attainment,
         observed_generation=generation if generation is not None else previous.observed_generation,
     )

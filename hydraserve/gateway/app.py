@@ -22,6 +22,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from hydraserve import __version__
+from hydraserve.api.models import SloAttainmentStatus
 from hydraserve.backends.base import ClusterBackend, InstancePhase, ModelView
 from hydraserve.gateway import errors
 from hydraserve.gateway.auth import ANONYMOUS, Authenticator, Principal, forbidden_model
@@ -41,6 +42,7 @@ from hydraserve.gateway.schemas import (
     ModelStatus,
 )
 from hydraserve.gateway.settings import GatewaySettings
+from hydraserve.gateway.slo import SloWindow
 from hydraserve.logs import get_logger
 
 log = get_logger("gateway")
@@ -134,7 +136,10 @@ class Gateway:
             on_view=self.observer.observe_model,
         )
         self.upstream = Upstream(settings)
-        self.proxy_context = ProxyContext(self.dispatcher, self.upstream, self.metrics, settings)
+        self.slo = SloWindow(settings.slo_window_seconds)
+        self.proxy_context = ProxyContext(
+            self.dispatcher, self.upstream, self.metrics, settings, slo=self.slo
+        )
         self.started_at = time.time()
 
     def _in_flight(self, model: str) -> int:
@@ -172,7 +177,9 @@ class Gateway:
     ) -> Response:
         model = parsed.model
         view = self.resolve(request, model, principal)
+        cold = not view.ready_instances
         ticket: Ticket = self.dispatcher.admit(view)  # raises 429 when the queue is full
+        slo = view.model.spec.slo
         proxied = ProxiedRequest(
             model=model,
             endpoint=endpoint,
@@ -181,6 +188,9 @@ class Gateway:
             request_id=request.state.request_id,
             arrived_at=arrived_at,
             key_name=principal.name,
+            ttft_slo_s=slo.ttft_seconds,
+            tpot_slo_s=slo.tpot_milliseconds / 1000,
+            cold=cold,
         )
         return ForwardResponse(ProxyResponse(self.proxy_context, proxied, ticket))
 
@@ -196,8 +206,20 @@ class Gateway:
                 starting_instances=starting,
                 phase=view.effective_phase.value,
                 error=view.error,
+                slo_attainment=self.slo_attainment(view.name),
             ),
         )
+
+    def slo_attainment(self, model: str) -> SloAttainmentStatus | None:
+        """The model's attainment over the window, also exported as gauges."""
+        attainment = self.slo.attainment(model, time.time())
+        if attainment is not None:
+            for key in ("ttft_cold", "ttft_warm", "tpot_cold", "tpot_warm"):
+                slo, start = key.split("_")
+                ratio = getattr(attainment, key).ratio
+                if ratio is not None:
+                    self.metrics.slo_attainment.labels(model, slo, start).set(ratio)
+        return attainment
 
     def on_error(self, request: Request, error: GatewayError) -> None:
         """Counts answers the gateway gives without reaching an engine."""
@@ -230,6 +252,7 @@ class Gateway:
         ]
         if self.authenticator is not None:
             loops.append(self.authenticator.run_reload(self.settings.api_keys_reload_seconds))
+        loops.append(self.report_slo_attainment())
         tasks = [asyncio.create_task(loop) for loop in loops]
         log.info("gateway.started", auth=self.authenticator is not None,
                  models=[v.name for v in self.backend.list_models()])  # fmt: skip
@@ -243,6 +266,19 @@ class Gateway:
             await self.upstream.close()
             if manage_backend:
                 await self.backend.close()
+
+    async def report_slo_attainment(self) -> None:
+        """Every ``slo_report_seconds``: each model's attainment into its status."""
+        while True:
+            await asyncio.sleep(self.settings.slo_report_seconds)
+            for model in self.slo.models():
+                attainment = self.slo_attainment(model)
+                if attainment is None:
+                    continue
+                try:
+                    await self.backend.report_slo_attainment(model, attainment)
+                except Exception as exc:  # the next round writes it again
+                    log.warning("slo.report_failed", model=model, error=str(exc))
 
 
 def _created(view: ModelView, default: float) -> int:

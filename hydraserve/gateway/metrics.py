@@ -68,6 +68,19 @@ class GatewayMetrics:
             buckets=TPOT_BUCKETS,
             registry=r,
         )
+        self.slo_requests = Counter(
+            "hydraserve_gateway_slo_requests_total",
+            "Streaming requests by whether they met the model's TTFT or TPOT SLO; start=cold "
+            "when the request waited for an instance to start.",
+            ["model", "slo", "start", "outcome"],
+            registry=r,
+        )
+        self.slo_attainment = Gauge(
+            "hydraserve_gateway_slo_attainment_ratio",
+            "Share of the model's requests that met an SLO over the attainment window.",
+            ["model", "slo", "start"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "hydraserve_gateway_queue_wait_seconds",
             "Time a request waited for a ready instance (0 when one was free).",

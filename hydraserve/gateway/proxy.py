@@ -40,6 +40,7 @@ from hydraserve.gateway.migration import (
     pinned_reason,
 )
 from hydraserve.gateway.settings import GatewaySettings
+from hydraserve.gateway.slo import SloWindow
 from hydraserve.gateway.sse import (
     DONE_MARK,
     KEEPALIVE,
@@ -109,6 +110,7 @@ class ProxyContext:
     metrics: GatewayMetrics
     settings: GatewaySettings
     prefill: dict[str, PrefillEstimator] = field(default_factory=dict)
+    slo: SloWindow | None = None
 
     def prefill_estimator(self, model: str) -> PrefillEstimator:
         found = self.prefill.get(model)
@@ -128,6 +130,9 @@ class ProxiedRequest:
     request_id: str
     arrived_at: float  # time.perf_counter()
     key_name: str | None = None
+    ttft_slo_s: float | None = None  # the model's spec.slo, to count attainment
+    tpot_slo_s: float | None = None
+    cold: bool = False  # no instance was ready when the request was admitted
 
 
 def _is_retryable_before_response(exc: BaseException) -> bool:
@@ -603,6 +608,29 @@ class ProxyResponse:
 
     # --- bookkeeping ----------------------------------------------------------------------
 
+    def _record_slo(self, ttft: float) -> None:
+        req, slo = self._req, self._ctx.slo
+        if slo is None or req.ttft_slo_s is None or req.tpot_slo_s is None:
+            return
+        tpot = None
+        if self._token_events > 1 and self._last_token_at is not None:
+            assert self._first_token_at is not None
+            tpot = (self._last_token_at - self._first_token_at) / (self._token_events - 1)
+        outcome = slo.observe(
+            req.model,
+            time.time(),
+            cold=req.cold,
+            ttft_s=ttft,
+            tpot_s=tpot,
+            ttft_slo_s=req.ttft_slo_s,
+            tpot_slo_s=req.tpot_slo_s,
+        )
+        start = "cold" if req.cold else "warm"
+        counter = self._ctx.metrics.slo_requests
+        counter.labels(req.model, "ttft", start, "met" if outcome.ttft_met else "missed").inc()
+        if outcome.tpot_met is not None:
+            counter.labels(req.model, "tpot", start, "met" if outcome.tpot_met else "missed").inc()
+
     def _record(self) -> None:
         req, metrics = self._req, self._ctx.metrics
         duration = time.perf_counter() - req.arrived_at
@@ -615,6 +643,7 @@ class ProxyResponse:
             if self._token_events > 1 and self._last_token_at is not None:
                 gap = (self._last_token_at - self._first_token_at) / (self._token_events - 1)
                 metrics.child(metrics.tpot, req.model).observe(gap)
+            self._record_slo(ttft)
         if self._ctx.settings.access_log:
             log.info(
                 "request.done",

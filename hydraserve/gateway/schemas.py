@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
+from hydraserve.api.models import SloAttainmentStatus
+
 
 def _json_number(value: Any) -> Any:
     # Pydantic's lax mode would turn true into 1 and "5" into 5; JSON does not.
@@ -117,6 +119,11 @@ class ModelStatus(BaseModel):
         default=None, description="Cold, Starting, Serving, Consolidating or Failed."
     )
     error: str | None = None
+    slo_attainment: SloAttainmentStatus | None = Field(
+        default=None,
+        description="Share of streaming requests that met the model's TTFT and TPOT SLOs "
+        "over the gateway's window, cold and warm apart.",
+    )
 
 
 class ModelCard(BaseModel):

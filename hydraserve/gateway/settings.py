@@ -124,3 +124,13 @@ class GatewaySettings(BaseSettings):
     )
 
     access_log: bool = Field(default=True, description="One log event per finished request.")
+    slo_window_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Window of the per-model SLO attainment (GET /v1/models/{id}, status).",
+    )
+    slo_report_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often the attainment is written to each model's status.",
+    )

@@ -240,7 +240,8 @@ def test_rbac_is_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> N
         r for rule in gateway["rules"] for r in rule["resources"]
         if set(rule["verbs"]) & {"create", "update", "patch", "delete"}
     }  # fmt: skip
-    assert writes == {"serverlessmodels/scale"}
+    # The autoscaler's replicas, and status.sloAttainment.
+    assert writes == {"serverlessmodels/scale", "serverlessmodels/status"}
     operator = find(docs, "ClusterRole", "-operator")
     deletable = {
         r for rule in operator["rules"] for r in rule["resources"] if "delete" in rule["verbs"]

@@ -23,7 +23,7 @@ from typing import Any
 import uvicorn
 from starlette.types import Message, Receive, Scope, Send
 
-from hydraserve.api.models import ServerlessModel, StageTiming
+from hydraserve.api.models import ServerlessModel, SloAttainmentStatus, StageTiming
 from hydraserve.backends.base import ClusterBackend, InstancePhase, InstanceView, ModelView
 
 # --- the cluster ------------------------------------------------------------------------
@@ -37,8 +37,9 @@ def make_model(
     keep_alive_seconds: float = 30.0,
     target_concurrency: int = 8,
     uri: str | None = None,
+    slo: dict[str, float] | None = None,
 ) -> ServerlessModel:
-    spec = {
+    spec: dict[str, Any] = {
         "source": {"uri": uri or f"/models/{name}"},
         "scaling": {
             "minReplicas": min_replicas,
@@ -47,6 +48,8 @@ def make_model(
             "targetConcurrency": target_concurrency,
         },
     }
+    if slo is not None:
+        spec["slo"] = slo
     return ServerlessModel.model_validate({"metadata": {"name": name}, "spec": spec})
 
 
@@ -91,6 +94,7 @@ class FakeClusterBackend(ClusterBackend):
         self.cold_start_seconds = cold_start_seconds
         self.fail_starts_with: str | None = None  # the next started instances fail so
         self.scale_calls: list[tuple[str, int]] = []
+        self.slo_reports: dict[str, SloAttainmentStatus] = {}  # what the gateway reported
         self._views: dict[str, ModelView] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._ordinal: dict[str, int] = {}
@@ -146,6 +150,9 @@ class FakeClusterBackend(ClusterBackend):
                 instances.append(self._start_instance(name))
         self._views[name] = replace(view, desired_replicas=replicas, instances=tuple(instances))
         self._notify(name)
+
+    async def report_slo_attainment(self, name: str, attainment: SloAttainmentStatus) -> None:
+        self.slo_reports[name] = attainment
 
     async def wait_for_change(self, name: str, timeout: float) -> None:
         event = self._changed.setdefault(name, asyncio.Event())

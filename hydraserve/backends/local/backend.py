@@ -32,6 +32,7 @@ from hydraserve.api.models import (
     InstancePhase,
     ServerlessModel,
     ServerlessModelStatus,
+    SloAttainmentStatus,
 )
 from hydraserve.backends.base import ClusterBackend, ModelView, view_of
 from hydraserve.backends.local.instance import Consolidation, LocalInstance
@@ -276,6 +277,11 @@ class LocalBackend(ClusterBackend):
         await asyncio.to_thread(self._node_prefetcher().preload, request)
 
     # -- views and notifications -----------------------------------------------------------
+
+    async def report_slo_attainment(self, name: str, attainment: SloAttainmentStatus) -> None:
+        state = self._models.get(name)
+        if state is not None:
+            self._publish(state, state.status.model_copy(update={"slo_attainment": attainment}))
 
     def _make_view(self, state: _ModelState) -> ModelView:
         # The replica count asked for lives in the spec, as the scale subresource keeps it
