@@ -196,6 +196,20 @@ class StageTiming(_Wire):
     end: float
 
 
+class ColdStartPrediction(_Wire):
+    """What the planner predicted for this cold start (its cost model's terms)."""
+
+    ttft_seconds: float = Field(description="Predicted cold TTFT of the first request.")
+    ready_seconds: float = Field(
+        description="Predicted time from the request to the instance ready (the TTFT "
+        "without waiting and prefill): what the measured cold start is compared with."
+    )
+    tpot_seconds: float = 0.0
+    terms: dict[str, float] = Field(
+        default_factory=dict, description="The cost model's named terms (seconds, bytes/s)."
+    )
+
+
 class WorkerStatus(_Wire):
     pod: str
     node: str
@@ -233,10 +247,16 @@ class InstanceStatus(_Wire):
     ready_at: float | None = Field(
         default=None, description="When it first served with every stage's bytes verified."
     )
+    verified_at: float | None = Field(
+        default=None, description="When the last of its stages' bytes was verified."
+    )
     kv_transfer: bool = Field(
         default=False,
         description="Its engine saves and loads KV caches through the node's shared memory, "
         "so requests can move to or from it by KV transfer.",
+    )
+    prediction: ColdStartPrediction | None = Field(
+        default=None, description="The planner's prediction for its cold start."
     )
     error: str | None = Field(default=None, description="Why it failed (phase Failed).")
 

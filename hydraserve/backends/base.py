@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 # InstancePhase and InstanceOrigin are the API's (status.instances[].phase/origin), so the
 # embedded platform and Kubernetes report instances in the same words.
 from hydraserve.api.models import (
+    ColdStartPrediction,
     Condition,
     ConsolidationStatus,
     InstanceOrigin,
@@ -53,6 +54,7 @@ class InstanceView:
     # whether a request can move between two instances by KV transfer.
     node: str | None = None
     kv_transfer: bool = False
+    prediction: ColdStartPrediction | None = None  # the planner's, for this cold start
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ def instance_view(model: str, inst: InstanceStatus) -> InstanceView:
         origin=inst.origin,
         node=next((w.node for w in inst.workers if w.stage == 0), None),
         kv_transfer=inst.kv_transfer,
+        prediction=inst.prediction,
     )
 
 

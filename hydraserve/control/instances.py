@@ -89,6 +89,7 @@ class InstanceObservation:
     promoted: bool = False  # a standalone that took over its pipeline
     draining_since: float | None = None
     ready_at: float | None = None
+    verified_at: float | None = None  # when the last stage's bytes were verified
 
     @property
     def pending(self) -> bool:

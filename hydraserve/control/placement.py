@@ -8,8 +8,11 @@ nodes, the all-card worker a consolidation runs on) reads the same record.
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, Field
 
+from hydraserve.api.models import ColdStartPrediction
 from hydraserve.planner.types import Plan
 
 
@@ -36,6 +39,9 @@ class InstancePlan(BaseModel):
     stages: list[StagePlan]
     predicted_ttft_s: float = 0.0
     predicted_tpot_s: float = 0.0
+    # The cost model's named terms (planner Prediction.terms): what calibration compares
+    # the measured cold start with.
+    terms: dict[str, float] = Field(default_factory=dict)
     reason: str = ""
 
     @classmethod
@@ -58,7 +64,22 @@ class InstancePlan(BaseModel):
             ],
             predicted_ttft_s=plan.prediction.ttft_s,
             predicted_tpot_s=plan.prediction.tpot_s,
+            terms={k: v for k, v in plan.prediction.terms.items() if math.isfinite(v)},
             reason=plan.reason,
+        )
+
+    def prediction(self) -> ColdStartPrediction | None:
+        """The prediction as status shows it; None for a plan made without the planner
+        (forced pp, a standalone)."""
+        if not self.terms:
+            return None
+        t = self.terms
+        ready = t.get("startup_s", 0.0) + t.get("serial_load_s", 0.0) + t.get("post_fetch_s", 0.0)
+        return ColdStartPrediction(
+            ttft_seconds=self.predicted_ttft_s,
+            ready_seconds=ready,
+            tpot_seconds=self.predicted_tpot_s,
+            terms=dict(t),
         )
 
     def stage(self, rank: int) -> StagePlan:

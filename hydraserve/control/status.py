@@ -93,6 +93,7 @@ def instance_status(obs: InstanceObservation, detail: InstanceStatus) -> Instanc
             "endpoint": detail.endpoint if serving else None,
             "requested_at": obs.requested_at or None,
             "ready_at": obs.ready_at,
+            "verified_at": obs.verified_at,
             "error": obs.failure,
         }
     )

@@ -131,6 +131,14 @@ class GatewayMetrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        self.cold_start_prediction_error = Histogram(
+            "hydraserve_cold_start_prediction_error_seconds",
+            "Measured minus predicted time from instance requested to ready (the planner's "
+            "error; positive: slower than predicted).",
+            ["model"],
+            buckets=(-60, -30, -10, -5, -2, -1, 0, 1, 2, 5, 10, 30, 60, 120),
+            registry=r,
+        )
         self.cold_start_stage_seconds = Histogram(
             "hydraserve_cold_start_stage_seconds",
             "Duration of each stage of a cold start (fetch, imports, weight load, ...).",

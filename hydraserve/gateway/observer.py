@@ -111,6 +111,9 @@ class ClusterObserver:
         if instance.ready_at is not None and instance.started_at:
             total = max(0.0, instance.ready_at - instance.started_at)
             self._metrics.cold_start_seconds.labels(model).observe(total)
+        predicted = instance.prediction.ready_seconds if instance.prediction else None
+        if total is not None and predicted is not None:
+            self._metrics.cold_start_prediction_error.labels(model).observe(total - predicted)
         stages = {}
         for timing in instance.cold_start:
             seconds = max(0.0, timing.end - timing.start)
@@ -122,6 +125,7 @@ class ClusterObserver:
             instance=instance.name,
             pp=instance.pp,
             seconds=None if total is None else round(total, 3),
+            predicted_seconds=None if predicted is None else round(predicted, 3),
             stages=stages,
         )
 

@@ -506,6 +506,10 @@ class ProxyResponse:
                 self._instance = instance
                 self._queue_wait += time.perf_counter() - started
                 return instance
+            if keepalive is None:
+                # Woken a hair before the deadline (the loop's timer and the dispatcher's
+                # clock differ): wait again; only a stream may get keep-alives.
+                continue
             # A streaming client has waited a keep-alive interval: commit the stream and
             # keep the connection visibly alive while the model starts.
             if not self._committed:

@@ -32,6 +32,7 @@ from hydraserve.api.models import (
 )
 from hydraserve.api.validation import desired_replicas, spec_errors
 from hydraserve.control import reasons
+from hydraserve.control.coldstart import log_cold_start, newly_measured
 from hydraserve.control.consolidation import (
     Abandon,
     ConsolidationAction,
@@ -87,13 +88,16 @@ from hydraserve.operator.planning import Planner, plan_request, planner_for
 from hydraserve.operator.prefetchers import Prefetchers
 from hydraserve.operator.records import InstanceObjects, group
 from hydraserve.operator.settings import OperatorSettings
-from hydraserve.planner.types import Plan, Unschedulable
+from hydraserve.planner.calibration import CalibrationState, Calibrator, ColdStartRecord
+from hydraserve.planner.types import ClusterState, Plan, PlanRequest, Unschedulable
 from hydraserve.prefetcher.node import NodeStatus, PreloadRequest
 from hydraserve.prefetcher.shm import FetchState, FetchStatus, fetch_name
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
 from hydraserve.store.uri import StoreURIError
 from hydraserve.worker.inflight import INFLIGHT_PATH
 
+CALIBRATION_CONFIGMAP = "hydraserve-planner-calibration"
+CALIBRATION_KEY = "state.json"
 log = get_logger("operator")
 
 MODELS_API = f"{GROUP}/{VERSION}"
@@ -136,7 +140,10 @@ class Reconciler:
     ) -> None:
         self.client = client
         self.settings = settings
-        self.planner = planner or planner_for(settings.planner)
+        self.planner = planner or self._plan_calibrated
+        # The planner's fitted constants, kept in a ConfigMap beside the operator.
+        self.calibrator = Calibrator(settings)
+        self._calibration_loaded = False
         self.manifest_loader = manifest_loader
         self.events = events
         self.clock = clock
@@ -234,7 +241,54 @@ class Reconciler:
 
     # -- the loop ----------------------------------------------------------------------
 
+    def _plan_calibrated(self, request: PlanRequest, cluster: ClusterState) -> Plan | Unschedulable:
+        return planner_for(self.calibrator.config(self.settings.planner))(request, cluster)
+
+    async def _load_calibration(self) -> None:
+        if self._calibration_loaded:
+            return
+        self._calibration_loaded = True
+        with contextlib.suppress(KubeError):
+            found = await self.client.get(self._calibration_path())
+            raw = ((found or {}).get("data") or {}).get(CALIBRATION_KEY)
+            if raw:
+                with contextlib.suppress(ValueError):
+                    self.calibrator.state = CalibrationState.model_validate_json(raw)
+
+    def _calibration_path(self, named: bool = True) -> str:
+        ns = self.settings.prefetcher_namespace
+        return path_of("v1", "configmaps", ns, CALIBRATION_CONFIGMAP if named else None)
+
+    async def _measured(self, record: ColdStartRecord) -> None:
+        """A cold start became ready: log it beside its prediction; calibrate and keep
+        the fitted constants in the ConfigMap."""
+        log_cold_start(log, record)
+        changed = self.calibrator.observe(record, self.settings.planner, self.clock())
+        if not changed:
+            return
+        config = self.calibrator.config(self.settings.planner)
+        log.info("planner.calibrated", **{name: getattr(config, name) for name in changed})
+        data = {CALIBRATION_KEY: self.calibrator.state.model_dump_json()}
+        try:
+            await self.client.merge_patch(self._calibration_path(), {"data": data})
+        except KubeError as exc:
+            if exc.status != 404:
+                log.warning("calibration.save_failed", error=str(exc))
+                return
+            body = {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": CALIBRATION_CONFIGMAP,
+                    "labels": {MANAGED_BY: MANAGED_BY_VALUE},
+                },
+                "data": data,
+            }
+            with contextlib.suppress(KubeError):
+                await self.client.create(self._calibration_path(named=False), body)
+
     async def _reconcile(self, namespace: str, name: str) -> Outcome:
+        await self._load_calibration()
         model = await self.client.get(model_path(namespace, name))
         if model is None or (model.get("metadata") or {}).get("deletionTimestamp"):
             return Outcome(message="gone or being deleted")
@@ -822,6 +876,8 @@ class Reconciler:
         if new == previous.model_dump(by_alias=True, mode="json"):
             return
         meta = model["metadata"]
+        for record in newly_measured(meta["name"], previous, status):
+            await self._measured(record)
         await self.client.merge_patch(
             model_path(meta["namespace"], meta["name"], "status"), {"status": new}
         )

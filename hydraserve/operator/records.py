@@ -200,6 +200,7 @@ class InstanceObjects:
             promoted=self.promoted,
             draining_since=self.draining_since,
             ready_at=self.ready_at(verified_at),
+            verified_at=verified_at,
         )
 
     def detail(self, endpoint: str | None) -> InstanceStatus:
@@ -230,6 +231,7 @@ class InstanceObjects:
             endpoint=endpoint if self.record is not None else None,
             cold_start=self._cold_start(),
             kv_transfer=self.kv_transfer,
+            prediction=plan.prediction() if plan is not None else None,
         )
 
     def _cold_start(self) -> list[StageTiming]:

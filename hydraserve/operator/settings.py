@@ -13,11 +13,14 @@ from pydantic_settings import BaseSettings
 
 from hydraserve.control.consolidation import ConsolidationSettings
 from hydraserve.control.instances import LifecycleSettings
+from hydraserve.planner.calibration import CalibrationSettings
 from hydraserve.planner.config import PlanningSettings
 from hydraserve.settings import component_config
 
 
-class OperatorSettings(BaseSettings, ConsolidationSettings, LifecycleSettings, PlanningSettings):
+class OperatorSettings(
+    BaseSettings, ConsolidationSettings, LifecycleSettings, PlanningSettings, CalibrationSettings
+):
     model_config = component_config("operator")
 
     # Which ServerlessModels to reconcile.

@@ -191,6 +191,7 @@ class _Planner:
         terms["tpot_s"] = tpot
         terms["bottleneck_bytes_per_s"] = min(rates)
         terms["store_share_bytes_per_s"] = store_share
+        terms["fetch_efficiency"] = config.fetch_efficiency
         budget = fetch_budget_s(
             request.slo.ttft_s, request.waited_s, max_stage_bytes, prefill, config
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -40,6 +41,14 @@ def test_cold_then_warm_completion_and_cold_start_metrics(platform: Platform) ->
     metrics = httpx.get(platform.url.removesuffix("/v1") + "/metrics").text
     for stage in ("imports", "engine_init", "weight_load"):
         assert f'stage="{stage}"' in metrics, stage
+    # The planner's prediction beside the measured cold start: in the log and as metrics.
+    assert 'hydraserve_cold_start_prediction_error_seconds_count{model="demo"} 1.0' in metrics
+    measured = [
+        line for line in platform.log_tail(400).splitlines() if "coldstart.measured" in line
+    ]
+    assert measured, platform.log_tail()
+    event = json.loads(measured[0])  # the platform logs JSON lines
+    assert event["predicted_ready_s"] > 0 and event["measured_ready_s"] > 0
 
 
 def test_streaming_chat(platform: Platform) -> None:

@@ -32,7 +32,16 @@ def test_every_queried_metric_exists_and_labels_are_real() -> None:
         assert queried, target["expr"]
         assert queried <= exported, queried - exported
         labels = set(re.findall(r"\{\{(\w+)\}\}", target.get("legendFormat", "")))
-        assert labels <= {"model", "status", "endpoint", "reason", "phase", "stage", "method"}
+        assert labels <= {
+            "model",
+            "status",
+            "endpoint",
+            "reason",
+            "phase",
+            "stage",
+            "method",
+            "start",
+        }
 
 
 def test_panels_do_not_overlap() -> None:

@@ -111,3 +111,20 @@ def test_a_consolidation_is_recorded_once_and_its_standalone_is_no_cold_start() 
     observer.observe([replace(view, consolidations=(record, abandoned))])
     assert sample(metrics, "hydraserve_consolidations_total", model="m", outcome="abandoned") == 1
     assert sample(metrics, "hydraserve_consolidation_seconds_count", model="m") == 1
+
+
+def test_the_planners_error_is_recorded_with_each_cold_start() -> None:
+    from hydraserve.api.models import ColdStartPrediction
+
+    metrics = GatewayMetrics()
+    observer = ClusterObserver(metrics)
+    model = make_model("m")
+    predicted = ColdStartPrediction(ttft_seconds=6.5, ready_seconds=6.0, terms={"fetch_s": 4.0})
+    instance = replace(starting("m-0"), prediction=predicted)
+    observer.observe([ModelView(model, 1, (instance,))])
+    observer.observe([ModelView(model, 1, (became_ready(instance, seconds=8.0),))])
+    # Measured 8 s against a predicted 6 s: +2 s (no _sum: the buckets go negative).
+    name = "hydraserve_cold_start_prediction_error_seconds_bucket"
+    assert sample(metrics, name, model="m", le="1.0") == 0
+    assert sample(metrics, name, model="m", le="2.0") == 1
+    assert sample(metrics, "hydraserve_cold_start_prediction_error_seconds_count", model="m") == 1

@@ -170,3 +170,47 @@ async def test_passes_read_nodes_and_reservations_from_watches_not_lists(
 async def _two(cluster: Cluster) -> list[dict[str, Any]] | None:
     pods = await cluster.pods()
     return pods if len(pods) == 2 else None
+
+
+async def test_a_cold_start_records_its_prediction_and_calibrates_the_planner(
+    cluster: Cluster, operators: OperatorRunner
+) -> None:
+    """The plan's prediction is in the instance's status; once it is ready the measured
+    cold start is fed to the calibration, whose state the operator keeps in a ConfigMap
+    (read back by a restarted operator)."""
+    from hydraserve.kube.client import path_of
+    from hydraserve.operator.reconciler import CALIBRATION_CONFIGMAP, CALIBRATION_KEY
+    from hydraserve.planner.calibration import CalibrationState
+    from tests.operator.conftest import SYSTEM_NAMESPACE
+
+    await cluster.add_gpu_node("gpu-a")
+    await cluster.add_prefetcher("gpu-a")
+    app = await operators.start(
+        planner=PLANNER, calibration_min_samples=1, calibration_min_interval_seconds=0
+    )
+    await cluster.apply_model("llama", replicas=1)
+    (pod,) = await eventually(cluster.pods, what="a worker pod")
+    status = await eventually(lambda: _instance(cluster), what="instance status")
+    prediction = status["prediction"]
+    assert prediction["readySeconds"] > 0 and "engine_ready_floor_s" in prediction["terms"]
+    await cluster.run_pod(pod)
+
+    path = path_of("v1", "configmaps", SYSTEM_NAMESPACE, CALIBRATION_CONFIGMAP)
+    saved = await eventually(lambda: cluster.client.get(path), what="the calibration ConfigMap")
+    state = CalibrationState.model_validate_json(saved["data"][CALIBRATION_KEY])
+    assert state.cold_starts == 1 and state.fitted
+    assert app.reconciler.calibrator.state.fitted == state.fitted
+
+    restarted = await operators.start(planner=PLANNER)
+    await cluster.scale("llama", 0)  # a change, so the new operator reconciles
+
+    async def reloaded() -> bool:
+        return restarted.reconciler.calibrator.state.fitted == state.fitted
+
+    await eventually(reloaded, what="the restarted operator's calibration")
+
+
+async def _instance(cluster: Cluster) -> dict[str, Any] | None:
+    model = await cluster.model("llama")
+    instances = ((model or {}).get("status") or {}).get("instances") or []
+    return instances[0] if instances else None

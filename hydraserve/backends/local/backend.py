@@ -47,6 +47,7 @@ from hydraserve.backends.local.processes import (
 )
 from hydraserve.backends.local.settings import LocalSettings
 from hydraserve.control import reasons
+from hydraserve.control.coldstart import log_cold_start, newly_measured
 from hydraserve.control.consolidation import (
     Abandon,
     ConsolidationAction,
@@ -65,6 +66,12 @@ from hydraserve.control.placement import InstancePlan, StagePlan, kv_hand_over, 
 from hydraserve.control.status import build_status
 from hydraserve.logs import get_logger
 from hydraserve.planner import plan as plan_placement
+from hydraserve.planner.calibration import (
+    Calibrator,
+    ColdStartRecord,
+    load_calibration,
+    save_calibration,
+)
 from hydraserve.planner.profile import (
     kv_bytes_per_token,
     model_key,
@@ -84,6 +91,8 @@ from hydraserve.worker.timeline import Timeline, read_timeline, stage_timings
 # Worker ports on an emulated node (its namespace has nothing else on them but its
 # prefetcher, on 8300).
 NODE_PORTS_FROM, NODE_PORTS_TO = 20000, 29999
+# How long readiness waits for the worker to record engine_init after /health answered.
+ENGINE_INIT_GRACE_S = 2.0
 log = get_logger("backends.local")
 
 # Local instances are made from the spec the backend was given; it never changes.
@@ -126,6 +135,8 @@ class LocalBackend(ClusterBackend):
         self.instances_dir = self.settings.common.state_dir / "instances"
         self._prefetcher: Prefetcher | None = None
         self._next_port: dict[str, int] = {}
+        self.calibration_path = self.settings.common.state_dir / "planner-calibration.json"
+        self.calibrator = Calibrator(self.settings, load_calibration(self.calibration_path))
         self.policy = self.settings.consolidation_policy()
         self.lifecycle = self.settings.lifecycle_policy()
         self.passes = 0  # completed reconcile passes (tests wait on it, not on time)
@@ -283,6 +294,15 @@ class LocalBackend(ClusterBackend):
         if state is not None:
             self._publish(state, state.status.model_copy(update={"slo_attainment": attainment}))
 
+    def _measured(self, record: ColdStartRecord) -> None:
+        """A cold start became ready: log it beside its prediction; calibrate."""
+        log_cold_start(log, record)
+        changed = self.calibrator.observe(record, self.settings.planner, time.time())
+        if changed:
+            config = self.calibrator.config(self.settings.planner)
+            log.info("planner.calibrated", **{name: getattr(config, name) for name in changed})
+            save_calibration(self.calibration_path, self.calibrator.state)
+
     def _make_view(self, state: _ModelState) -> ModelView:
         # The replica count asked for lives in the spec, as the scale subresource keeps it
         # on Kubernetes.
@@ -294,6 +314,8 @@ class LocalBackend(ClusterBackend):
         """Take a new status; wake the model's waiters when what they read changed."""
         if status == state.status and state.view is not None:
             return
+        for record in newly_measured(state.model.name, state.status, status):
+            self._measured(record)
         if status.phase != state.status.phase:
             log.info(
                 "model.phase",
@@ -404,8 +426,12 @@ class LocalBackend(ClusterBackend):
                     inst.failure = error
                     continue
                 inst.bytes_verified = verified
+                if verified:
+                    inst.verified_at = time.time()
             if not inst.head_serving:
                 inst.head_serving = await self._healthy(inst)
+                if inst.head_serving:
+                    inst.healthy_at = now
             if not (inst.head_serving and inst.bytes_verified):
                 continue
             if inst.replaces is not None:
@@ -420,8 +446,13 @@ class LocalBackend(ClusterBackend):
                          instance=inst.name, replaces=inst.replaces,
                          warmup_s=inst.warmup.result(),
                          start_s=round(now - inst.requested_at, 3))  # fmt: skip
-            inst.ready_at = now
             events = read_timeline(inst.dir / "timeline.jsonl")
+            recorded = any(e.get("stage") == "engine_init" for e in events)
+            if not recorded and now - (inst.healthy_at or now) < ENGINE_INIT_GRACE_S:
+                # The worker records engine_init when it sees its own /health answer (it
+                # polls too): wait a moment for it so the cold start's breakdown is whole.
+                continue
+            inst.ready_at = now
             inst.cold_start = tuple(stage_timings(events, inst.requested_at))
             if inst.replaces is None:
                 log.info(
@@ -558,7 +589,8 @@ class LocalBackend(ClusterBackend):
             time.time(),
             self.settings.store_bytes_per_s,
         )
-        return plan_placement(plan_request_for(spec, profile), cluster, self.settings.planner)
+        config = self.calibrator.config(self.settings.planner)
+        return plan_placement(plan_request_for(spec, profile), cluster, config)
 
     def _forced_pp(
         self, state: _ModelState, manifest: Manifest, plan: InstancePlan

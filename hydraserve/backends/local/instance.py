@@ -41,6 +41,8 @@ class LocalInstance:
     # Observed (latched: once true, true until a stage exits).
     head_serving: bool = False
     bytes_verified: bool = False
+    verified_at: float | None = None
+    healthy_at: float | None = None  # when stage 0 first answered /health
     ready_at: float | None = None
     failure: str | None = None
     cold_start: tuple[StageTiming, ...] = ()
@@ -77,6 +79,7 @@ class LocalInstance:
             promoted=self.promoted,
             draining_since=self.draining_since,
             ready_at=self.ready_at,
+            verified_at=self.verified_at,
         )
 
     def detail(self) -> InstanceStatus:
@@ -97,4 +100,5 @@ class LocalInstance:
             endpoint=self.endpoint,
             cold_start=list(self.cold_start),
             kv_transfer=self.kv_transfer,
+            prediction=self.plan.prediction(),
         )

@@ -9,11 +9,14 @@ from pydantic_settings import BaseSettings
 
 from hydraserve.control.consolidation import ConsolidationSettings
 from hydraserve.control.instances import LifecycleSettings
+from hydraserve.planner.calibration import CalibrationSettings
 from hydraserve.planner.config import PlanningSettings
 from hydraserve.settings import CommonSettings, component_config
 
 
-class LocalSettings(BaseSettings, ConsolidationSettings, LifecycleSettings, PlanningSettings):
+class LocalSettings(
+    BaseSettings, ConsolidationSettings, LifecycleSettings, PlanningSettings, CalibrationSettings
+):
     model_config = component_config("local")
     common: CommonSettings = Field(default_factory=CommonSettings)
     worker_host: str = "127.0.0.1"

@@ -1,0 +1,151 @@
+"""A planner that calibrates itself from the cold starts it placed (pure).
+
+From each measured cold start (:class:`ColdStartRecord`, built by ``control/coldstart.py``)
+the calibrator takes one sample of the constant that bounded it:
+
+* **engine-ready floor** — when the instance became ready later than its bytes were
+  verified plus ``post_fetch_s`` (the engine was the bound): ``ready - serial load -
+  post_fetch``;
+* **fetch efficiency** — when the plan fetched over the network: the efficiency the plan
+  used × predicted fetch time / measured fetch time (request to last byte verified).
+
+``post_fetch_s`` is not separable from the ready time in what both backends observe, so it
+stays a setting. A fitted constant is the median of the last ``calibration_window``
+samples (robust to a straggler), applied once ``calibration_min_samples`` exist, moved at
+most ``calibration_max_step``× per update and no more often than every
+``calibration_min_interval_seconds`` (rate-limited), and kept within the bounds of its
+``PlannerConfig`` field. ``calibration = False`` pins the configured constants. The state
+is a small JSON document the backends persist (a file locally, a ConfigMap on Kubernetes).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from hydraserve.planner.config import PlannerConfig
+
+FLOOR = "engine_ready_floor_s"
+EFFICIENCY = "fetch_efficiency"
+# Bounds of a fitted value (seconds; fraction of line rate).
+BOUNDS = {FLOOR: (0.1, 900.0), EFFICIENCY: (0.05, 1.0)}
+
+
+@dataclass(frozen=True)
+class ColdStartRecord:
+    model: str
+    instance: str
+    pp: int
+    predicted_ready_s: float  # request -> ready, as the planner predicted
+    measured_ready_s: float
+    measured_fetch_s: float | None  # request -> last stage verified (None: not known)
+    terms: dict[str, float]  # the prediction's cost-model terms
+
+    @property
+    def error_s(self) -> float:
+        """Measured minus predicted (positive: slower than predicted)."""
+        return self.measured_ready_s - self.predicted_ready_s
+
+
+class CalibrationSettings(BaseModel):
+    """The calibration settings every backend has (inherited by their settings)."""
+
+    calibration: bool = Field(
+        default=True,
+        description="Fit the planner's engine-ready floor and fetch efficiency from measured "
+        "cold starts; off: the configured constants are used as they are (pinned).",
+    )
+    calibration_min_samples: int = Field(default=3, ge=1)
+    calibration_window: int = Field(default=20, ge=1, description="Samples kept per constant.")
+    calibration_max_step: float = Field(
+        default=2.0, gt=1, description="A fitted constant moves at most this factor per update."
+    )
+    calibration_min_interval_seconds: float = Field(
+        default=60.0, ge=0, description="Least time between two updates of a constant."
+    )
+
+
+class CalibrationState(BaseModel):
+    """What is persisted: recent samples and the fitted constants."""
+
+    samples: dict[str, list[float]] = Field(default_factory=dict)
+    fitted: dict[str, float] = Field(default_factory=dict)
+    updated_at: dict[str, float] = Field(default_factory=dict)
+    cold_starts: int = 0
+
+
+class Calibrator:
+    def __init__(self, settings: CalibrationSettings, state: CalibrationState | None = None):
+        self.settings = settings
+        self.state = state or CalibrationState()
+
+    def config(self, base: PlannerConfig) -> PlannerConfig:
+        """``base`` with the fitted constants (``base`` itself when calibration is off)."""
+        if not self.settings.calibration or not self.state.fitted:
+            return base
+        return base.model_copy(update=self.state.fitted)
+
+    def observe(self, record: ColdStartRecord, base: PlannerConfig, now: float) -> list[str]:
+        """Take a measured cold start; the constants whose fitted value changed."""
+        if not self.settings.calibration:
+            return []
+        self.state.cold_starts += 1
+        current = self.config(base)
+        terms = record.terms
+        post = terms.get("post_fetch_s", current.post_fetch_s)
+        serial = terms.get("serial_load_s", 0.0)
+        samples: dict[str, float] = {}
+        fetch = record.measured_fetch_s
+        engine_bound = fetch is None or record.measured_ready_s > fetch + post + 0.5
+        if engine_bound:
+            samples[FLOOR] = record.measured_ready_s - serial - post
+        predicted_fetch = terms.get("fetch_s", 0.0)
+        used = terms.get(EFFICIENCY, current.fetch_efficiency)
+        if fetch is not None and fetch > 0 and predicted_fetch > 0 and not engine_bound:
+            samples[EFFICIENCY] = used * (predicted_fetch + terms.get("fetch_start_delay_s", 0))
+            samples[EFFICIENCY] /= fetch
+        changed = []
+        for name, value in samples.items():
+            low, high = BOUNDS[name]
+            kept = self.state.samples.setdefault(name, [])
+            kept.append(min(high, max(low, value)))
+            del kept[: -self.settings.calibration_window]
+            if self._update(name, getattr(current, name), now):
+                changed.append(name)
+        return changed
+
+    def _update(self, name: str, current: float, now: float) -> bool:
+        kept = self.state.samples[name]
+        if len(kept) < self.settings.calibration_min_samples:
+            return False
+        last = self.state.updated_at.get(name)
+        if last is not None and now - last < self.settings.calibration_min_interval_seconds:
+            return False
+        target = statistics.median(kept)
+        step = self.settings.calibration_max_step
+        value = min(current * step, max(current / step, target))
+        low, high = BOUNDS[name]
+        value = round(min(high, max(low, value)), 4)
+        if value == self.state.fitted.get(name, current):
+            return False
+        self.state.fitted[name] = value
+        self.state.updated_at[name] = now
+        return True
+
+
+def load_calibration(path: Path) -> CalibrationState | None:
+    """A persisted state, or None (missing or unreadable: start afresh)."""
+    try:
+        return CalibrationState.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save_calibration(path: Path, state: CalibrationState) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(state.model_dump_json())
+    tmp.replace(path)
