@@ -88,3 +88,51 @@ def sim(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"cluster": spec.name, "cells": rows}, indent=2) + "\n")
         console.print(f"results written to {json_out}")
+
+
+@app.command("replay")
+def replay_history(
+    state: Path = typer.Argument(
+        ...,
+        help="A calibration state: <state_dir>/planner-calibration.json, or the "
+        "state.json key of the hydraserve-planner-calibration ConfigMap saved to a file.",
+    ),
+    planner: str = typer.Option(
+        "{}", help="The configured PlannerConfig (JSON), as HYDRASERVE_*_PLANNER sets it."
+    ),
+    output: Path | None = typer.Option(None, help="Also write the rows as JSON here."),
+) -> None:
+    """Plan the recorded cold starts again: with the configured constants and with the
+    calibrated ones, beside what was chosen and measured."""
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from hydraserve.planner import PlannerConfig
+    from hydraserve.planner.calibration import CalibrationSettings, CalibrationState, Calibrator
+    from hydraserve.sim.replay import replay
+
+    saved = CalibrationState.model_validate_json(state.read_text())
+    base = PlannerConfig.model_validate_json(planner)
+    calibrated = Calibrator(CalibrationSettings(), saved).config(base)
+    rows = replay(saved.history, base, calibrated)
+    table = Table(
+        title=f"{len(rows)} recorded cold starts; calibrated: {saved.fitted or 'nothing'}"
+    )
+    for column in ("instance", "pp then", "measured s", "pp configured", "predicted s",
+                   "pp calibrated", "predicted s "):  # fmt: skip
+        table.add_column(column)
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    for r in rows:
+        table.add_row(
+            r.instance, str(r.recorded_pp), fmt(r.measured_ready_s),
+            str(r.base_pp or "unschedulable"), fmt(r.base_ready_s),
+            str(r.calibrated_pp or "unschedulable"), fmt(r.calibrated_ready_s),
+        )  # fmt: skip
+    Console().print(table)
+    if output is not None:
+        output.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")

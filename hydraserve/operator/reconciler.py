@@ -144,6 +144,9 @@ class Reconciler:
         # The planner's fitted constants, kept in a ConfigMap beside the operator.
         self.calibrator = Calibrator(settings)
         self._calibration_loaded = False
+        # What each cold start was planned from, until it is measured (replay history;
+        # not kept across restarts).
+        self._plan_inputs: dict[str, tuple[PlanRequest, ClusterState]] = {}
         self.manifest_loader = manifest_loader
         self.events = events
         self.clock = clock
@@ -263,11 +266,15 @@ class Reconciler:
         """A cold start became ready: log it beside its prediction; calibrate and keep
         the fitted constants in the ConfigMap."""
         log_cold_start(log, record)
-        changed = self.calibrator.observe(record, self.settings.planner, self.clock())
-        if not changed:
+        now = self.clock()
+        changed = self.calibrator.observe(record, self.settings.planner, now)
+        if changed:
+            config = self.calibrator.config(self.settings.planner)
+            log.info("planner.calibrated", **{name: getattr(config, name) for name in changed})
+        inputs = self._plan_inputs.pop(record.instance, None)
+        self.calibrator.remember(record, inputs, now)
+        if not changed and inputs is None:
             return
-        config = self.calibrator.config(self.settings.planner)
-        log.info("planner.calibrated", **{name: getattr(config, name) for name in changed})
         data = {CALIBRATION_KEY: self.calibrator.state.model_dump_json()}
         try:
             await self.client.merge_patch(self._calibration_path(), {"data": data})
@@ -681,6 +688,7 @@ class Reconciler:
             return reason
         for _ in range(count):
             started = self.clock()
+            seen = cluster
             plan: Plan | Unschedulable = self.planner(request, cluster)
             if isinstance(plan, Unschedulable):
                 reason = plan.reason
@@ -709,6 +717,7 @@ class Reconciler:
                 planned_at=planned_at,
                 plan_seconds=planned_at - started,
                 deadlines=deadlines,
+                inputs=(request, seen),
             )
         return None
 
@@ -723,9 +732,12 @@ class Reconciler:
         planned_at: float,
         plan_seconds: float,
         deadlines: Mapping[int, float],
+        inputs: tuple[PlanRequest, ClusterState] | None = None,
     ) -> None:
         name, namespace = model["metadata"]["name"], model["metadata"]["namespace"]
         instance = new_instance_name(name)
+        if inputs is not None:
+            self._plan_inputs[instance] = inputs
         record = instance_service(
             model, instance, plan, template, requested_at, planned_at, self.settings
         )

@@ -24,12 +24,17 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from hydraserve.planner.config import PlannerConfig
+from hydraserve.planner.types import ClusterState, PlanRequest
 
 FLOOR = "engine_ready_floor_s"
 EFFICIENCY = "fetch_efficiency"
+# Cold starts kept with their planner inputs (each holds the cluster it saw).
+HISTORY = 20
+_REQUEST = TypeAdapter(PlanRequest)
+_CLUSTER = TypeAdapter(ClusterState)
 # Bounds of a fitted value (seconds; fraction of line rate).
 BOUNDS = {FLOOR: (0.1, 900.0), EFFICIENCY: (0.05, 1.0)}
 
@@ -68,19 +73,59 @@ class CalibrationSettings(BaseModel):
     )
 
 
+class PlannedColdStart(BaseModel):
+    """One cold start with the planner's inputs when it was placed (for replay)."""
+
+    at: float
+    model: str
+    instance: str
+    pp: int
+    measured_ready_s: float
+    request: str  # PlanRequest, JSON
+    cluster: str  # ClusterState, JSON
+
+    def inputs(self) -> tuple[PlanRequest, ClusterState]:
+        return _REQUEST.validate_json(self.request), _CLUSTER.validate_json(self.cluster)
+
+
 class CalibrationState(BaseModel):
-    """What is persisted: recent samples and the fitted constants."""
+    """What is persisted: recent samples, the fitted constants, and the last cold starts
+    with their planner inputs (``hydraserve bench replay`` re-plans them)."""
 
     samples: dict[str, list[float]] = Field(default_factory=dict)
     fitted: dict[str, float] = Field(default_factory=dict)
     updated_at: dict[str, float] = Field(default_factory=dict)
     cold_starts: int = 0
+    history: list[PlannedColdStart] = Field(default_factory=list)
 
 
 class Calibrator:
     def __init__(self, settings: CalibrationSettings, state: CalibrationState | None = None):
         self.settings = settings
         self.state = state or CalibrationState()
+
+    def remember(
+        self,
+        record: ColdStartRecord,
+        inputs: tuple[PlanRequest, ClusterState] | None,
+        now: float,
+    ) -> None:
+        """Keep a measured cold start with the inputs it was planned from (bounded)."""
+        if inputs is None:
+            return
+        request, cluster = inputs
+        self.state.history.append(
+            PlannedColdStart(
+                at=now,
+                model=record.model,
+                instance=record.instance,
+                pp=record.pp,
+                measured_ready_s=record.measured_ready_s,
+                request=_REQUEST.dump_json(request).decode(),
+                cluster=_CLUSTER.dump_json(cluster).decode(),
+            )
+        )
+        del self.state.history[:-HISTORY]
 
     def config(self, base: PlannerConfig) -> PlannerConfig:
         """``base`` with the fitted constants (``base`` itself when calibration is off)."""

@@ -79,7 +79,7 @@ from hydraserve.planner.profile import (
     profile_from_manifest,
     replica_bytes,
 )
-from hydraserve.planner.types import Plan, Unschedulable
+from hydraserve.planner.types import ClusterState, Plan, PlanRequest, Unschedulable
 from hydraserve.prefetcher.node import NodeStatus, Prefetcher, PreloadRequest
 from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
@@ -135,6 +135,8 @@ class LocalBackend(ClusterBackend):
         self.instances_dir = self.settings.common.state_dir / "instances"
         self._prefetcher: Prefetcher | None = None
         self._next_port: dict[str, int] = {}
+        # What each cold start was planned from, until it is measured (replay history).
+        self._plan_inputs: dict[str, tuple[PlanRequest, ClusterState]] = {}
         self.calibration_path = self.settings.common.state_dir / "planner-calibration.json"
         self.calibrator = Calibrator(self.settings, load_calibration(self.calibration_path))
         self.policy = self.settings.consolidation_policy()
@@ -297,11 +299,13 @@ class LocalBackend(ClusterBackend):
     def _measured(self, record: ColdStartRecord) -> None:
         """A cold start became ready: log it beside its prediction; calibrate."""
         log_cold_start(log, record)
-        changed = self.calibrator.observe(record, self.settings.planner, time.time())
+        now = time.time()
+        changed = self.calibrator.observe(record, self.settings.planner, now)
         if changed:
             config = self.calibrator.config(self.settings.planner)
             log.info("planner.calibrated", **{name: getattr(config, name) for name in changed})
-            save_calibration(self.calibration_path, self.calibrator.state)
+        self.calibrator.remember(record, self._plan_inputs.pop(record.instance, None), now)
+        save_calibration(self.calibration_path, self.calibrator.state)
 
     def _make_view(self, state: _ModelState) -> ModelView:
         # The replica count asked for lives in the spec, as the scale subresource keeps it
@@ -558,24 +562,28 @@ class LocalBackend(ClusterBackend):
             state.blocked = (reasons.MODEL_NOT_FOUND, message)
             log.error("instance.store_error", model=model.name, error=str(exc))
             return False
-        planned = await self._plan(state, manifest)
+        planned, inputs = await self._plan(state, manifest)
         if isinstance(planned, Unschedulable):
             reason = f"cannot place {model.name}: {planned.reason}"
             state.blocked = (reasons.UNSCHEDULABLE, reason)
             log.error("instance.unschedulable", model=model.name, reason=planned.reason)
             return False
         plan = self._forced_pp(state, manifest, InstancePlan.from_plan(planned))
-        await self._start_instance(state, plan, requested, deadlines=planned)
+        inst = await self._start_instance(state, plan, requested, deadlines=planned)
+        if inputs is not None:
+            self._plan_inputs[inst.name] = inputs
         return True
 
-    async def _plan(self, state: _ModelState, manifest: Manifest) -> Plan | Unschedulable:
-        """The planner's placement over this backend's nodes: their free memory, links,
-        host caches and fetches in flight."""
+    async def _plan(
+        self, state: _ModelState, manifest: Manifest
+    ) -> tuple[Plan | Unschedulable, tuple[PlanRequest, ClusterState] | None]:
+        """The planner's placement over this backend's nodes (their free memory, links,
+        host caches and fetches in flight), and the inputs it was made from."""
         spec = state.model.spec
         try:
             profile = profile_from_manifest(manifest, replica_bytes(spec), model_key(spec))
         except ValueError as exc:
-            return Unschedulable(reason=f"{exc}; raise spec.resources.gpuMemoryGiB")
+            return Unschedulable(reason=f"{exc}; raise spec.resources.gpuMemoryGiB"), None
         used: dict[str, int] = {}
         for s in self._models.values():
             for inst in s.instances.values():
@@ -590,7 +598,8 @@ class LocalBackend(ClusterBackend):
             self.settings.store_bytes_per_s,
         )
         config = self.calibrator.config(self.settings.planner)
-        return plan_placement(plan_request_for(spec, profile), cluster, config)
+        request = plan_request_for(spec, profile)
+        return plan_placement(request, cluster, config), (request, cluster)
 
     def _forced_pp(
         self, state: _ModelState, manifest: Manifest, plan: InstancePlan
