@@ -208,6 +208,9 @@ class ColdStartPrediction(_Wire):
     terms: dict[str, float] = Field(
         default_factory=dict, description="The cost model's named terms (seconds, bytes/s)."
     )
+    gpu_type: str | None = Field(
+        default=None, description="The GPU type of its nodes (null: a mix of types)."
+    )
 
 
 class WorkerStatus(_Wire):

@@ -34,6 +34,7 @@ def cold_start_record(model: str, inst: InstanceStatus) -> ColdStartRecord | Non
         measured_ready_s=max(0.0, inst.ready_at - inst.requested_at),
         measured_fetch_s=fetch,
         terms=dict(inst.prediction.terms),
+        gpu_type=inst.prediction.gpu_type,
     )
 
 

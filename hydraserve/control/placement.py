@@ -26,6 +26,7 @@ class StagePlan(BaseModel):
     all_card: bool
     fetch_bytes: int
     from_cache: bool = False
+    gpu_type: str = "generic"
 
     @property
     def layers(self) -> str:
@@ -59,6 +60,7 @@ class InstancePlan(BaseModel):
                     all_card=s.all_card,
                     fetch_bytes=s.fetch_bytes,
                     from_cache=s.from_cache,
+                    gpu_type=s.gpu_type,
                 )
                 for s in sorted(plan.stages, key=lambda s: s.rank)
             ],
@@ -75,7 +77,9 @@ class InstancePlan(BaseModel):
             return None
         t = self.terms
         ready = t.get("startup_s", 0.0) + t.get("serial_load_s", 0.0) + t.get("post_fetch_s", 0.0)
+        types = {s.gpu_type for s in self.stages}
         return ColdStartPrediction(
+            gpu_type=types.pop() if len(types) == 1 else None,
             ttft_seconds=self.predicted_ttft_s,
             ready_seconds=ready,
             tpot_seconds=self.predicted_tpot_s,

@@ -269,8 +269,8 @@ class Reconciler:
         now = self.clock()
         changed = self.calibrator.observe(record, self.settings.planner, now)
         if changed:
-            config = self.calibrator.config(self.settings.planner)
-            log.info("planner.calibrated", **{name: getattr(config, name) for name in changed})
+            fitted = self.calibrator.state.fitted
+            log.info("planner.calibrated", fitted={name: fitted[name] for name in changed})
         inputs = self._plan_inputs.pop(record.instance, None)
         self.calibrator.remember(record, inputs, now)
         if not changed and inputs is None:

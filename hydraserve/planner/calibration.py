@@ -48,6 +48,7 @@ class ColdStartRecord:
     measured_ready_s: float
     measured_fetch_s: float | None  # request -> last stage verified (None: not known)
     terms: dict[str, float]  # the prediction's cost-model terms
+    gpu_type: str | None = None  # its nodes' GPU type (None: a mix)
 
     @property
     def error_s(self) -> float:
@@ -128,10 +129,21 @@ class Calibrator:
         del self.state.history[:-HISTORY]
 
     def config(self, base: PlannerConfig) -> PlannerConfig:
-        """``base`` with the fitted constants (``base`` itself when calibration is off)."""
+        """``base`` with the fitted constants (``base`` itself when calibration is off).
+        Floors fitted per GPU type go to ``engine_ready_floor_by_gpu_type``."""
         if not self.settings.calibration or not self.state.fitted:
             return base
-        return base.model_copy(update=self.state.fitted)
+        update: dict[str, object] = {}
+        by_type = dict(base.engine_ready_floor_by_gpu_type)
+        for name, value in self.state.fitted.items():
+            constant, _, gpu_type = name.partition("@")
+            if gpu_type:
+                by_type[gpu_type] = value
+            else:
+                update[constant] = value
+        if by_type:
+            update["engine_ready_floor_by_gpu_type"] = by_type
+        return base.model_copy(update=update)
 
     def observe(self, record: ColdStartRecord, base: PlannerConfig, now: float) -> list[str]:
         """Take a measured cold start; the constants whose fitted value changed."""
@@ -145,8 +157,9 @@ class Calibrator:
         samples: dict[str, float] = {}
         fetch = record.measured_fetch_s
         engine_bound = fetch is None or record.measured_ready_s > fetch + post + 0.5
+        floor_key = f"{FLOOR}@{record.gpu_type}" if record.gpu_type else FLOOR
         if engine_bound:
-            samples[FLOOR] = record.measured_ready_s - serial - post
+            samples[floor_key] = record.measured_ready_s - serial - post
         predicted_fetch = terms.get("fetch_s", 0.0)
         used = terms.get(EFFICIENCY, current.fetch_efficiency)
         if fetch is not None and fetch > 0 and predicted_fetch > 0 and not engine_bound:
@@ -154,11 +167,13 @@ class Calibrator:
             samples[EFFICIENCY] /= fetch
         changed = []
         for name, value in samples.items():
-            low, high = BOUNDS[name]
+            constant, _, gpu_type = name.partition("@")
+            low, high = BOUNDS[constant]
             kept = self.state.samples.setdefault(name, [])
             kept.append(min(high, max(low, value)))
             del kept[: -self.settings.calibration_window]
-            if self._update(name, getattr(current, name), now):
+            now_value = current.floor_for(gpu_type) if gpu_type else getattr(current, constant)
+            if self._update(name, now_value, now):
                 changed.append(name)
         return changed
 
@@ -172,7 +187,7 @@ class Calibrator:
         target = statistics.median(kept)
         step = self.settings.calibration_max_step
         value = min(current * step, max(current / step, target))
-        low, high = BOUNDS[name]
+        low, high = BOUNDS[name.partition("@")[0]]
         value = round(min(high, max(low, value)), 4)
         if value == self.state.fitted.get(name, current):
             return False

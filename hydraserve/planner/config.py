@@ -39,6 +39,12 @@ class PlannerConfig(BaseModel):
         "fetch (the worker streams tensors in as they land). Measured: the data-plane "
         "benchmark's engine-ready time with a pre-filled shared-memory stage.",
     )
+    engine_ready_floor_by_gpu_type: dict[str, float] = Field(
+        default_factory=dict,
+        description="Engine-ready floor per GPU type (node label), where it differs from "
+        "engine_ready_floor_s; a plan takes the largest of its nodes' floors. Calibration "
+        "fits it from cold starts on nodes of one type.",
+    )
     fetch_start_delay_s: float = Field(
         default=0.0,
         ge=0,
@@ -70,6 +76,10 @@ class PlannerConfig(BaseModel):
         description="Rate of loading a model held in the node's host-memory cache onto the "
         "device (bytes/s); None = instantaneous.",
     )
+
+    def floor_for(self, gpu_type: str) -> float:
+        return self.engine_ready_floor_by_gpu_type.get(gpu_type, self.engine_ready_floor_s)
+
     # --- inference speed ------------------------------------------------------------------
     default_prefill_s: float = Field(
         default=0.5, ge=0, description="Prefill seconds when the model has no profile."

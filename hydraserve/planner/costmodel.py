@@ -86,13 +86,16 @@ def predict_ttft(
     max_stage_bytes: int,
     prefill_s: float,
     config: PlannerConfig,
+    floor_s: float | None = None,
 ) -> TTFTEstimate:
-    """Cold TTFT of a plan whose slowest stage fetch takes ``fetch_s`` seconds."""
+    """Cold TTFT of a plan whose slowest stage fetch takes ``fetch_s`` seconds
+    (``floor_s``: the engine-ready floor of its nodes; default: the config's)."""
+    floor = config.engine_ready_floor_s if floor_s is None else floor_s
     fetch_done = config.fetch_start_delay_s + fetch_s
     serial_load = (
         max_stage_bytes / config.serial_load_bytes_per_s if config.serial_load_bytes_per_s else 0.0
     )
-    startup = max(config.engine_ready_floor_s, fetch_done)
+    startup = max(floor, fetch_done)
     ttft = waited_s + startup + serial_load + config.post_fetch_s + prefill_s
     return TTFTEstimate(
         ttft,
@@ -100,7 +103,7 @@ def predict_ttft(
             "waited_s": waited_s,
             "fetch_s": fetch_s,
             "fetch_start_delay_s": config.fetch_start_delay_s,
-            "engine_ready_floor_s": config.engine_ready_floor_s,
+            "engine_ready_floor_s": floor,
             "startup_s": startup,
             "serial_load_s": serial_load,
             "post_fetch_s": config.post_fetch_s,

@@ -180,12 +180,16 @@ class _Planner:
             shapes = [StageShape(s.layers, model.replica_bytes, s.gpu_type) for s in shapes]
         prefill = predict_prefill_s(model, shapes, config)
         tpot = predict_tpot_s(model, shapes, config)
+        floor = None
+        if config.engine_ready_floor_by_gpu_type:
+            floor = max(config.floor_for(c.node.gpu_type) for c in nodes_by_rank)
         estimate = predict_ttft(
             waited_s=request.waited_s,
             fetch_s=fetch_s,
             max_stage_bytes=max_stage_bytes,
             prefill_s=prefill,
             config=config,
+            floor_s=floor,
         )
         terms = dict(estimate.terms)
         terms["tpot_s"] = tpot
@@ -301,6 +305,7 @@ class _Planner:
                     fetch_bytes_per_s=option.rates[rank],
                     fetch_deadline_s=math.inf if cand.cached else deadline,
                     consolidation_bytes=consolidation,
+                    gpu_type=cand.node.gpu_type,
                 )
             )
         return Plan(

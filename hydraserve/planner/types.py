@@ -104,6 +104,7 @@ class StagePlacement:
     fetch_deadline_s: float = float("inf")
     # Bytes an all-card worker still fetches in the background to consolidate (low priority).
     consolidation_bytes: int = 0
+    gpu_type: str = "generic"  # its node's GPU type (calibration is per type)
 
 
 @dataclass(frozen=True)

@@ -95,3 +95,30 @@ def test_a_fetch_bound_cold_start_fits_the_fetch_efficiency() -> None:
     # The links delivered 4 s of planned bytes in 5 s: 80 % of the line rate.
     assert calibrator.config(CONFIG).fetch_efficiency == 0.8
     assert calibrator.config(CONFIG).engine_ready_floor_s == CONFIG.engine_ready_floor_s
+
+
+def test_floors_are_fitted_per_gpu_type_and_planned_per_node() -> None:
+    calibrator = Calibrator(CalibrationSettings(calibration_min_interval_seconds=0))
+    true_floors = {"a10": 5.0, "v100": 12.0}
+    for i in range(4):
+        for gpu_type, floor in true_floors.items():
+            record = ColdStartRecord(
+                model="m", instance=f"m-{gpu_type}-{i}", pp=1,
+                predicted_ready_s=16.0, measured_ready_s=floor + CONFIG.post_fetch_s,
+                measured_fetch_s=0.8, gpu_type=gpu_type,
+                terms={"startup_s": 15.0, "post_fetch_s": CONFIG.post_fetch_s, "fetch_s": 0.8},
+            )  # fmt: skip
+            calibrator.observe(record, WRONG, float(i))
+    config = calibrator.config(WRONG)
+    for gpu_type, floor in true_floors.items():
+        assert abs(config.floor_for(gpu_type) - floor) <= 0.2 * floor, (gpu_type, config)
+    assert config.engine_ready_floor_s == WRONG.engine_ready_floor_s  # other types keep it
+    # Each plan takes its nodes' floor: on fast-starting nodes a pipeline meets the SLO,
+    # on slow-starting ones nothing does (the pp = 1 fallback).
+    for gpu_type, pp in (("a10", 2), ("v100", 1)):
+        nodes = cluster(
+            node("a", nic=1 * GB, gpu_type=gpu_type), node("b", nic=1 * GB, gpu_type=gpu_type)
+        )
+        result = plan(REQUEST, nodes, config)
+        assert isinstance(result, Plan) and result.pp == pp, (gpu_type, result)
+        assert {s.gpu_type for s in result.stages} == {gpu_type}

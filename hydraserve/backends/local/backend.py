@@ -302,8 +302,8 @@ class LocalBackend(ClusterBackend):
         now = time.time()
         changed = self.calibrator.observe(record, self.settings.planner, now)
         if changed:
-            config = self.calibrator.config(self.settings.planner)
-            log.info("planner.calibrated", **{name: getattr(config, name) for name in changed})
+            fitted = self.calibrator.state.fitted
+            log.info("planner.calibrated", fitted={name: fitted[name] for name in changed})
         self.calibrator.remember(record, self._plan_inputs.pop(record.instance, None), now)
         save_calibration(self.calibration_path, self.calibrator.state)
 
