@@ -28,6 +28,11 @@ def _needs_namespaces() -> None:
         pytest.skip(str(exc))
 
 
+def owned(cluster: EmulatedCluster) -> set[str]:
+    """This cluster's namespaces (other runs on the machine may have their own)."""
+    return {n for n in namespaces() if n.startswith(f"hs{cluster.run_id}")}
+
+
 def namespaces() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
@@ -54,9 +59,8 @@ def fetch_seconds(cluster: EmulatedCluster, uri: str, pp: int) -> float:
 
 def test_links_are_shaped_and_stages_fetch_in_parallel(tmp_path: Path) -> None:
     checkpoint = make_demo_model(tmp_path / "hf", "small")
-    before = namespaces()
     with EmulatedCluster(nodes=2, rate_mbit=RATE_MBIT, log_dir=tmp_path / "logs") as cluster:
-        assert len(namespaces() - before) == 3  # store + 2 nodes
+        assert len(owned(cluster)) == 3  # store + 2 nodes
         store = ModelStore(
             ModelRef("s3://models/small"), S3Settings(endpoint_url=cluster.s3_endpoint)
         )
@@ -74,16 +78,13 @@ def test_links_are_shaped_and_stages_fetch_in_parallel(tmp_path: Path) -> None:
         # Each node's bytes stay in its own shared-memory directory.
         assert all(node.shm_dir.exists() for node in cluster.node_list)
         shm_root = cluster.shm_root / cluster.run_id
-    assert namespaces() == before
+    assert owned(cluster) == set()
     assert not shm_root.exists()
 
 
 def test_cleanup_happens_on_failure_too() -> None:
-    before = namespaces()
-    with (
-        pytest.raises(RuntimeError, match="boom"),
-        EmulatedCluster(nodes=1, rate_mbit=RATE_MBIT, start_prefetchers=False),
-    ):
-        assert len(namespaces() - before) == 2
+    cluster = EmulatedCluster(nodes=1, rate_mbit=RATE_MBIT, start_prefetchers=False)
+    with pytest.raises(RuntimeError, match="boom"), cluster:
+        assert len(owned(cluster)) == 2
         raise RuntimeError("boom")
-    assert namespaces() == before
+    assert owned(cluster) == set()
