@@ -40,3 +40,17 @@ def local_store(tmp_path: Path, demo_checkpoint: Path) -> ModelStore:
     store = ModelStore(ModelRef(str(tmp_path / "store" / "demo")))
     store.push(demo_checkpoint)
     return store
+
+
+@pytest.fixture(autouse=True)
+def _network_namespaces(request: pytest.FixtureRequest) -> None:
+    """Tests marked ``netns`` need root and iproute2: skip them, with the reason, where
+    network namespaces cannot be made."""
+    if request.node.get_closest_marker("netns") is None:
+        return
+    from hydraserve.emulation.netns import EmulationUnavailable, check_available
+
+    try:
+        check_available()
+    except EmulationUnavailable as exc:
+        pytest.skip(str(exc))

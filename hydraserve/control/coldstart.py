@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from hydraserve.api.models import InstanceOrigin, InstanceStatus, ServerlessModelStatus
-from hydraserve.planner.calibration import ColdStartRecord
+from hydraserve.planner.calibration import Calibrator, ColdStartRecord
+from hydraserve.planner.config import PlannerConfig
+from hydraserve.planner.types import ClusterState, PlanRequest
 
 
 def cold_start_record(model: str, inst: InstanceStatus) -> ColdStartRecord | None:
@@ -69,3 +71,22 @@ def log_cold_start(log: Any, record: ColdStartRecord) -> None:
         predicted_fetch_s=round(record.terms.get("fetch_s", 0.0), 3),
         floor_s=record.terms.get("engine_ready_floor_s"),
     )
+
+
+def take_measurement(
+    calibrator: Calibrator,
+    record: ColdStartRecord,
+    base: PlannerConfig,
+    inputs: tuple[PlanRequest, ClusterState] | None,
+    now: float,
+    log: Any,
+) -> None:
+    """A cold start became ready: log it beside its prediction, calibrate the planner and
+    keep it with the inputs it was planned from (for replay). Both backends call this,
+    then persist ``calibrator.state`` where they keep it."""
+    log_cold_start(log, record)
+    changed = calibrator.observe(record, base, now)
+    if changed:
+        fitted = calibrator.state.fitted
+        log.info("planner.calibrated", fitted={name: fitted[name] for name in changed})
+    calibrator.remember(record, inputs, now)

@@ -32,7 +32,7 @@ from hydraserve.api.models import (
 )
 from hydraserve.api.validation import desired_replicas, spec_errors
 from hydraserve.control import reasons
-from hydraserve.control.coldstart import log_cold_start, newly_measured
+from hydraserve.control.coldstart import newly_measured, take_measurement
 from hydraserve.control.consolidation import (
     Abandon,
     ConsolidationAction,
@@ -265,16 +265,8 @@ class Reconciler:
     async def _measured(self, record: ColdStartRecord) -> None:
         """A cold start became ready: log it beside its prediction; calibrate and keep
         the fitted constants in the ConfigMap."""
-        log_cold_start(log, record)
-        now = self.clock()
-        changed = self.calibrator.observe(record, self.settings.planner, now)
-        if changed:
-            fitted = self.calibrator.state.fitted
-            log.info("planner.calibrated", fitted={name: fitted[name] for name in changed})
         inputs = self._plan_inputs.pop(record.instance, None)
-        self.calibrator.remember(record, inputs, now)
-        if not changed and inputs is None:
-            return
+        take_measurement(self.calibrator, record, self.settings.planner, inputs, self.clock(), log)
         data = {CALIBRATION_KEY: self.calibrator.state.model_dump_json()}
         try:
             await self.client.merge_patch(self._calibration_path(), {"data": data})

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hydraserve.emulation.netns import EmulatedCluster, EmulationUnavailable, check_available
+from hydraserve.emulation.netns import EmulatedCluster
 from hydraserve.settings import S3Settings
 from hydraserve.store import ModelRef, ModelStore
 from hydraserve.store.demo import make_demo_model
@@ -18,14 +18,6 @@ pytestmark = pytest.mark.netns
 
 # Slow enough that fixed costs (HTTP, polling, manifest) are small next to the transfer.
 RATE_MBIT = 12.0
-
-
-@pytest.fixture(autouse=True)
-def _needs_namespaces() -> None:
-    try:
-        check_available()
-    except EmulationUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 def owned(cluster: EmulatedCluster) -> set[str]:

@@ -14,18 +14,9 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from hydraserve.emulation.netns import EmulationUnavailable, check_available
 from tests.e2e.conftest import start_platform, stop_platform
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
-
-
-@pytest.fixture(autouse=True)
-def _needs_namespaces() -> None:
-    try:
-        check_available()
-    except EmulationUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 def placements(state_dir: Path) -> list[dict[str, object]]:

@@ -47,7 +47,7 @@ from hydraserve.backends.local.processes import (
 )
 from hydraserve.backends.local.settings import LocalSettings
 from hydraserve.control import reasons
-from hydraserve.control.coldstart import log_cold_start, newly_measured
+from hydraserve.control.coldstart import newly_measured, take_measurement
 from hydraserve.control.consolidation import (
     Abandon,
     ConsolidationAction,
@@ -297,14 +297,9 @@ class LocalBackend(ClusterBackend):
             self._publish(state, state.status.model_copy(update={"slo_attainment": attainment}))
 
     def _measured(self, record: ColdStartRecord) -> None:
-        """A cold start became ready: log it beside its prediction; calibrate."""
-        log_cold_start(log, record)
-        now = time.time()
-        changed = self.calibrator.observe(record, self.settings.planner, now)
-        if changed:
-            fitted = self.calibrator.state.fitted
-            log.info("planner.calibrated", fitted={name: fitted[name] for name in changed})
-        self.calibrator.remember(record, self._plan_inputs.pop(record.instance, None), now)
+        """A cold start became ready: measure, calibrate, keep the state in a file."""
+        inputs = self._plan_inputs.pop(record.instance, None)
+        take_measurement(self.calibrator, record, self.settings.planner, inputs, time.time(), log)
         save_calibration(self.calibration_path, self.calibrator.state)
 
     def _make_view(self, state: _ModelState) -> ModelView:
