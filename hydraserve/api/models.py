@@ -19,8 +19,20 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "ServerlessModel"
 PLURAL = "serverlessmodels"
 
-# s3://bucket/prefix, file:///abs/path, or an absolute local path (embedded platform).
-SOURCE_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\s]*)?|file:///[^\s]*|/[^\s]*)$"
+# One path segment that is neither "." nor "..": no URI can climb out of its prefix. Written
+# without look-ahead because the API server checks CRD patterns with RE2.
+_SEGMENT = r"(?:[^/\s.][^/\s]*|\.[^/\s.][^/\s]*|\.\.[^/\s]+)"
+# s3://bucket/prefix, file:///abs/path, or an absolute local path (embedded platform);
+# whether a namespace may use a scheme or prefix is admin policy (control/policy.py).
+SOURCE_URI_PATTERN = (
+    rf"^(s3://[a-z0-9][a-z0-9.\-]{{1,61}}[a-z0-9](/{_SEGMENT})*/?"
+    rf"|file://(/{_SEGMENT})+/?|(/{_SEGMENT})+/?)$"
+)
+# A container image reference: [registry[:port]/]path[:tag][@sha256:digest].
+IMAGE_PATTERN = (
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$"
+)
 # DNS-1123 label: what a model name must be to become pod and service names.
 MODEL_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
@@ -38,7 +50,9 @@ class SourceSpec(_Wire):
         str,
         Field(
             pattern=SOURCE_URI_PATTERN,
-            description="Model location in the store: s3://bucket/prefix or file:///path.",
+            max_length=1024,
+            description="Model location in the store: s3://bucket/prefix or file:///path "
+            "(no '.' or '..' segments).",
         ),
     ]
     revision: Annotated[
@@ -47,8 +61,9 @@ class SourceSpec(_Wire):
             default="main",
             min_length=1,
             max_length=128,
-            pattern=r"^[A-Za-z0-9._\-]+$",
-            description="Revision (a directory under the model's location).",
+            pattern=r"^[A-Za-z0-9_\-][A-Za-z0-9._\-]*$",
+            description="Revision (a directory under the model's location; it may not "
+            "start with '.').",
         ),
     ]
 
@@ -57,10 +72,11 @@ class SLOSpec(_Wire):
     """Latency objectives the planner plans against."""
 
     ttft_seconds: Annotated[
-        float, Field(default=10.0, gt=0, description="Target cold time-to-first-token, seconds.")
+        float,
+        Field(default=10.0, gt=0, le=3600, description="Target cold time-to-first-token, seconds."),
     ]
     tpot_milliseconds: Annotated[
-        float, Field(default=200.0, gt=0, description="Target time per output token, ms.")
+        float, Field(default=200.0, gt=0, le=60000, description="Target time per output token, ms.")
     ]
 
 
@@ -72,6 +88,7 @@ class ResourcesSpec(_Wire):
         Field(
             default=16.0,
             gt=0,
+            le=4096,
             alias="gpuMemoryGiB",
             description="GPU memory one full replica needs (weights plus KV cache), GiB.",
         ),
@@ -99,7 +116,8 @@ class ScalingSpec(_Wire):
         int, Field(default=4, ge=1, le=64, description="Most replicas the autoscaler may ask for.")
     ]
     keep_alive_seconds: Annotated[
-        float, Field(default=30.0, ge=0, description="Idle time before scale to zero.")
+        float,
+        Field(default=30.0, ge=0, le=86400, description="Idle time before scale to zero."),
     ]
     target_concurrency: Annotated[
         int, Field(default=8, ge=1, le=1024, description="In-flight requests per replica.")
@@ -132,9 +150,22 @@ class PipelineSpec(_Wire):
 class EngineSpec(_Wire):
     """The inference engine (vLLM) of the worker pods."""
 
-    image: Annotated[str | None, Field(default=None, description="Worker image override.")]
+    image: Annotated[
+        str | None,
+        Field(
+            default=None,
+            max_length=512,
+            pattern=IMAGE_PATTERN,
+            description="Worker image override (only images the admin allows).",
+        ),
+    ]
     args: Annotated[
-        list[str], Field(default_factory=list, description="Extra vLLM engine arguments.")
+        list[Annotated[str, Field(max_length=1024)]],
+        Field(
+            default_factory=list,
+            max_length=64,
+            description="Extra vLLM engine arguments (only flags the admin allows).",
+        ),
     ]
 
 

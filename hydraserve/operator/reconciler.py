@@ -50,6 +50,7 @@ from hydraserve.control.instances import (
     timed_out,
 )
 from hydraserve.control.placement import InstancePlan, all_card_stage, standalone_plan
+from hydraserve.control.policy import Violation, check_spec, describe, models_ahead
 from hydraserve.control.status import build_status
 from hydraserve.kube.client import KubeClient, KubeError, path_of
 from hydraserve.logs import get_logger
@@ -236,6 +237,26 @@ class Reconciler:
                 changed = True
         return changed
 
+    async def _policy_violations(
+        self, model: Mapping[str, Any], spec: ServerlessModelSpec
+    ) -> list[Violation]:
+        meta = model["metadata"]
+        policy = self.settings.policy_for(meta["namespace"])
+        ahead = 0
+        if policy.max_models is not None:
+            # Listed only when a quota applies: the namespace's models, oldest first.
+            others = await self.client.list(model_path(meta["namespace"]))
+            ahead = models_ahead(
+                meta["name"],
+                meta.get("creationTimestamp"),
+                [
+                    (o["metadata"]["name"], o["metadata"].get("creationTimestamp"))
+                    for o in others
+                    if not o["metadata"].get("deletionTimestamp")
+                ],
+            )
+        return check_spec(spec, policy, self.settings.worker_image, ahead)
+
     async def _manifest(self, spec: ServerlessModelSpec) -> Manifest:
         key = (spec.source.uri, spec.source.revision)
         if key not in self._manifests:
@@ -316,6 +337,35 @@ class Reconciler:
             return Outcome(message=errors)  # nothing to retry: the user must change the spec
 
         spec = ServerlessModelSpec.model_validate(model["spec"])
+        violations = await self._policy_violations(model, spec)
+        if violations:
+            # Nothing runs against the admin's policy: existing instances go too (the
+            # policy may have changed under a serving model).
+            message = describe(violations)
+            old = next((c for c in previous.conditions if c.type == reasons.VALID), None)
+            if old is None or old.message != message:
+                log.warning(
+                    "model.policy_violation",
+                    model=name,
+                    namespace=namespace,
+                    rules=[v.rule for v in violations],
+                    problems=message,
+                )
+                self.events(model, reasons.WARNING, reasons.POLICY_VIOLATION, message)
+            for inst in objects:
+                await self._delete_instance(model, inst, "policy violation")
+            status = build_status(
+                desired=0,
+                instances=[],
+                previous=previous,
+                now=now,
+                invalid=message,
+                invalid_reason=reasons.POLICY_VIOLATION,
+                selector=head_selector(name),
+            )
+            await self._write_status(model, previous, status)
+            return Outcome(message=message)  # the spec or the policy must change
+
         desired = desired_replicas(spec)
         template = template_hash(spec, self.settings.worker_image)
         nodes = await self._node_statuses(urls)

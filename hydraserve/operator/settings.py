@@ -13,13 +13,19 @@ from pydantic_settings import BaseSettings
 
 from hydraserve.control.consolidation import ConsolidationSettings
 from hydraserve.control.instances import LifecycleSettings
+from hydraserve.control.policy import TenancySettings
 from hydraserve.planner.calibration import CalibrationSettings
 from hydraserve.planner.config import PlanningSettings
 from hydraserve.settings import component_config
 
 
 class OperatorSettings(
-    BaseSettings, ConsolidationSettings, LifecycleSettings, PlanningSettings, CalibrationSettings
+    BaseSettings,
+    ConsolidationSettings,
+    LifecycleSettings,
+    PlanningSettings,
+    CalibrationSettings,
+    TenancySettings,
 ):
     model_config = component_config("operator")
 

@@ -18,6 +18,7 @@ import yaml
 
 from hydraserve.api.models import ServerlessModelSpec
 from hydraserve.control.placement import InstancePlan, StagePlan, standalone_plan
+from hydraserve.control.policy import NamespacePolicy
 from hydraserve.operator.manifests import instance_service, standalone_objects, worker_pod
 from hydraserve.operator.settings import OperatorSettings
 from hydraserve.planner import PlannerConfig
@@ -43,6 +44,8 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set", "operator.consolidation.drainTimeoutSeconds=60",
         "--set", "operator.planner.config.engine_ready_floor_s=15",
         "--set", "operator.planner.storeBytesPerSecond=5000000000",
+        "--set-json", 'operator.tenancy.team-a={"allowedSources":["s3://models/team-a/*"],'
+        '"maxModels":3,"maxGpuMemoryGiBPerModel":80}',
     ],
     "no-gateway-standalone": [
         "--set", "gateway.enabled=false", "--set", "operator.leaderElection=false",
@@ -176,6 +179,10 @@ def test_operator_env_is_read_by_its_settings(rendered: dict[str, list[dict[str,
             assert settings.drain_timeout_seconds == 60
             assert settings.planner.engine_ready_floor_s == 15
             assert settings.store_bytes_per_s == 5e9
+            team_a = settings.policy_for("team-a")
+            assert team_a.allowed_sources == ["s3://models/team-a/*"]
+            assert team_a.max_models == 3 and team_a.max_gpu_memory_gib_per_model == 80
+            assert settings.policy_for("team-b") == NamespacePolicy()
         if name == "defaults":
             assert settings.worker_image == "ghcr.io/hydraserve/worker:0.1.0"
             assert settings.worker_tolerations[0]["key"] == "nvidia.com/gpu"
@@ -183,6 +190,7 @@ def test_operator_env_is_read_by_its_settings(rendered: dict[str, list[dict[str,
             assert settings.consolidation_poll_seconds == 2
             assert settings.planner == PlannerConfig()
             assert settings.store_bytes_per_s is None
+            assert settings.tenancy == {"*": NamespacePolicy()}
 
 
 def test_prefetcher_daemonset_shm_capacity_and_nodes(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ import kmock
 import pytest
 
 from hydraserve.api.models import GROUP, KIND, PLURAL, VERSION
+from hydraserve.control.policy import NamespacePolicy
 from hydraserve.kube.client import KubeClient, KubeConfig, path_of
 from hydraserve.operator.handlers import OperatorApp
 from hydraserve.operator.planning import Planner
@@ -36,6 +38,8 @@ from hydraserve.store import ModelRef, ModelStore
 
 NAMESPACE = "team-a"
 SYSTEM_NAMESPACE = "hydraserve-system"
+# Where the tests keep local stores: the policy allows sources under it.
+TMP = tempfile.gettempdir()
 MODELS = f"{GROUP}/{VERSION}"
 GIB = 1 << 30
 
@@ -406,6 +410,11 @@ class OperatorRunner:
             # Off unless a test is about it (tests/operator/test_consolidation.py): the
             # other tests check pipelines as they start and serve.
             consolidation=False,
+            # The tests' store is a local directory under the temp dir: allowed as an admin
+            # allows a path prefix (the default policy takes s3:// sources only).
+            tenancy={
+                "*": NamespacePolicy(allowed_sources=["s3://*", f"{tempfile.gettempdir()}/*"])
+            },
         )
         self.apps: list[tuple[OperatorApp, asyncio.Event, asyncio.Task[None]]] = []
 

@@ -12,6 +12,7 @@ from typing import Any
 from hydraserve.operator.naming import FINALIZER
 from tests.operator.conftest import (
     NAMESPACE,
+    TMP,
     Cluster,
     OperatorRunner,
     eventually,
@@ -251,7 +252,7 @@ async def test_missing_model_in_store_says_so_and_retries(
 ) -> None:
     await cluster.add_gpu_node("gpu-a")
     await operators.start()
-    await cluster.apply_model("ghost", replicas=1, source={"uri": "/nonexistent/ghost"})
+    await cluster.apply_model("ghost", replicas=1, source={"uri": f"{TMP}/nonexistent/ghost"})
     model = await eventually(lambda: phase_is(cluster, "ghost", "Failed"), what="Failed")
     valid = next(c for c in model["status"]["conditions"] if c["type"] == "Valid")
     assert valid["reason"] == "ModelNotFound"
