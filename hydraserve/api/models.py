@@ -28,6 +28,8 @@ SOURCE_URI_PATTERN = (
     rf"^(s3://[a-z0-9][a-z0-9.\-]{{1,61}}[a-z0-9](/{_SEGMENT})*/?"
     rf"|file://(/{_SEGMENT})+/?|(/{_SEGMENT})+/?)$"
 )
+# A revision names a directory: it may not be '.' or '..' or start with a dot.
+REVISION_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9._\-]*$"
 # A container image reference: [registry[:port]/]path[:tag][@sha256:digest].
 IMAGE_PATTERN = (
     r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]{1,5})?(/[a-z0-9]+([._-][a-z0-9]+)*)*"
@@ -61,7 +63,7 @@ class SourceSpec(_Wire):
             default="main",
             min_length=1,
             max_length=128,
-            pattern=r"^[A-Za-z0-9_\-][A-Za-z0-9._\-]*$",
+            pattern=REVISION_PATTERN,
             description="Revision (a directory under the model's location; it may not "
             "start with '.').",
         ),

@@ -31,6 +31,9 @@ def worker(
     block_size: int | None = typer.Option(
         None, min=16, help="KV block size; engines that exchange KV must agree on it."
     ),
+    kv_area: str | None = typer.Option(
+        None, help="KV hand-over area under <shm>/kv (default: the instance's own)."
+    ),
 ) -> None:
     """Run one stage of a model instance: fetch (or wait for) its bytes, start vLLM, serve."""
     from hydraserve.worker.config import StageAddress, WorkerConfig
@@ -58,5 +61,6 @@ def worker(
             engine_args=engine_arg,
             kv_transfer=kv_transfer,
             block_size=block_size,
+            kv_area=kv_area,
         )
     run_worker(worker_config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import PurePosixPath
 from typing import Any
 
 from hydraserve.api.models import API_VERSION, KIND, ServerlessModelSpec
@@ -18,22 +19,36 @@ from hydraserve.operator.naming import (
     CONSOLIDATES_LABEL,
     GPU_ANNOTATION,
     INSTANCE_LABEL,
+    KV_AREA_LABEL,
     KV_TRANSFER_ANNOTATION,
+    MANAGED_BY,
+    MANAGED_BY_VALUE,
     MEMORY_ANNOTATION,
+    MODEL_LABEL,
     NODE_ANNOTATION,
+    NODE_LABEL,
     PLAN_ANNOTATION,
     PLANNED_AT_ANNOTATION,
     PRELOADED_AT_ANNOTATION,
     REQUESTED_AT_ANNOTATION,
     STAGE_LABEL,
     TEMPLATE_HASH_ANNOTATION,
+    VOLUME_LABEL,
+    VOLUME_NAMESPACE_LABEL,
+    VOLUME_STORAGE_CLASS,
+    kv_claim_name,
+    model_claim_name,
     pod_name,
     standalone_name,
+    volume_name,
     worker_labels,
 )
 from hydraserve.operator.settings import OperatorSettings
+from hydraserve.prefetcher.shm import kv_area_dir, model_key
 
 HEALTH_PATH = "/health"
+# Where a worker finds the node's models (each mounted at its own directory below).
+WORKER_SHM_DIR = PurePosixPath("/dev/shm/hydraserve")
 PROBE_PERIOD_S = 2
 
 
@@ -106,6 +121,7 @@ def worker_args(
     rank: int,
     prefetcher_url: str | None,
     settings: OperatorSettings,
+    kv_area: str | None = None,
 ) -> list[str]:
     args = [
         "worker",
@@ -127,8 +143,8 @@ def worker_args(
         args.append(f"--prefetcher={prefetcher_url}")
     if settings.worker_compiled:
         args.append("--compiled")
-    if kv_hand_over(plan, settings.kv_transfer):
-        args += ["--kv-transfer", f"--block-size={settings.kv_block_size}"]
+    if kv_area is not None:
+        args += ["--kv-transfer", f"--block-size={settings.kv_block_size}", f"--kv-area={kv_area}"]
     # `--engine-arg=VALUE` keeps values that start with `--` from reading as options.
     args += [f"--engine-arg={arg}" for arg in spec.engine.args]
     return args
@@ -159,7 +175,12 @@ def worker_pod(
     prefetcher_url: str | None,
     preloaded_at: float | None,
     settings: OperatorSettings,
+    kv_area: str | None = None,
 ) -> dict[str, Any]:
+    """One stage's pod. It sees the node's copy of its model read-only through the
+    (model, node) claim, and ``kv_area`` (an instance's KV hand-over area, see
+    :func:`kv_area_name`) read-write through the instance's claim: never the node's
+    whole shared memory, and nothing another tenant could read or change."""
     meta = model["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     stage = plan.stage(rank)
@@ -169,7 +190,7 @@ def worker_pod(
         {"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "GLOO_SOCKET_IFNAME", "value": settings.gloo_socket_ifname},
         {"name": "HYDRASERVE_LOG_JSON", "value": "true"},
-        {"name": "HYDRASERVE_SHM_DIR", "value": "/dev/shm/hydraserve"},
+        {"name": "HYDRASERVE_SHM_DIR", "value": str(WORKER_SHM_DIR)},
         {"name": "HYDRASERVE_INSTANCE", "value": instance},
         {"name": "HYDRASERVE_STAGE", "value": str(rank)},
     ]
@@ -179,19 +200,40 @@ def worker_pod(
     ports = [{"name": "rendezvous", "containerPort": settings.master_port}]
     if rank == 0:
         ports.insert(0, {"name": "http", "containerPort": settings.worker_port})
+    model_dir = WORKER_SHM_DIR / model_key(spec.source.uri, spec.source.revision)
+    mounts: list[dict[str, Any]] = [
+        # The engine's own shared memory (vLLM's message queues), private to the pod.
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "model", "mountPath": str(model_dir), "readOnly": True},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.worker_dshm_size}},
+        {
+            "name": "model",
+            "persistentVolumeClaim": {
+                "claimName": model_claim_name(spec.source.uri, spec.source.revision, stage.node),
+                "readOnly": True,
+            },
+        },
+    ]
+    if kv_area is not None:
+        mounts.append({"name": "kv", "mountPath": str(kv_area_dir(WORKER_SHM_DIR, kv_area))})
+        volumes.append({"name": "kv", "persistentVolumeClaim": {"claimName": kv_claim_of(kv_area)}})
     container: dict[str, Any] = {
         "name": "worker",
         "image": spec.engine.image or settings.worker_image,
         "imagePullPolicy": settings.worker_image_pull_policy,
         "command": ["hydraserve"],
-        "args": worker_args(name, spec, instance, namespace, plan, rank, prefetcher_url, settings),
+        "args": worker_args(
+            name, spec, instance, namespace, plan, rank, prefetcher_url, settings, kv_area
+        ),
         "env": env,
         "ports": ports,
         "resources": {
             "requests": {"cpu": settings.worker_cpu, "memory": settings.worker_memory, **gpu},
             "limits": {"memory": settings.worker_memory, **gpu},
         },
-        "volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
+        "volumeMounts": mounts,
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
@@ -243,9 +285,7 @@ def worker_pod(
         "automountServiceAccountToken": False,
         "securityContext": pod_security,
         "containers": [container],
-        "volumes": [
-            {"name": "shm", "hostPath": {"path": settings.shm_host_path, "type": "Directory"}}
-        ],
+        "volumes": volumes,
     }
     if settings.worker_service_account:
         pod_spec["serviceAccountName"] = settings.worker_service_account
@@ -259,7 +299,8 @@ def worker_pod(
         "metadata": {
             "name": pod_name(instance, rank),
             "namespace": namespace,
-            "labels": worker_labels(name, instance, rank),
+            "labels": worker_labels(name, instance, rank)
+            | ({KV_AREA_LABEL: kv_area} if kv_area is not None else {}),
             "annotations": annotations,
             "ownerReferences": [owner_reference(model)],
         },
@@ -276,6 +317,7 @@ def standalone_objects(
     prefetcher_url: str | None,
     now: float,
     settings: OperatorSettings,
+    kv_area: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The standalone engine that consolidates ``pipeline``: its record (Service) and its
     pp = 1 worker pod, pinned to the all-card node with the same shared-memory volume
@@ -284,10 +326,108 @@ def standalone_objects(
     ``hydraserve.io/consolidates``: the replica count ignores them until promotion."""
     instance = standalone_name(pipeline)
     service = instance_service(model, instance, plan, template, now, now, settings)
-    pod = worker_pod(model, spec, instance, plan, 0, template, prefetcher_url, None, settings)
+    pod = worker_pod(
+        model, spec, instance, plan, 0, template, prefetcher_url, None, settings, kv_area
+    )
     if settings.consolidation_enforce_eager:
         container = pod["spec"]["containers"][0]
         container["args"] = [a for a in container["args"] if a != "--compiled"]
     for obj in (service, pod):
         obj["metadata"]["labels"][CONSOLIDATES_LABEL] = pipeline
     return service, pod
+
+
+def kv_claim_of(area: str) -> str:
+    """The claim of a KV area named by :func:`kv_area_name` (``<namespace>.<pipeline>``)."""
+    return kv_claim_name(area.split(".", 1)[1])
+
+
+def _volume_pair(
+    model: Mapping[str, Any],
+    claim: str,
+    node: str,
+    node_path: str,
+    size_bytes: int,
+    kind: str,
+    read_only: bool,
+    settings: OperatorSettings,
+    extra_labels: Mapping[str, str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A PersistentVolume of one node directory, pre-bound to one claim in the model's
+    namespace (``claimRef``: no other claim can take it), and that claim."""
+    meta = model["metadata"]
+    namespace = meta["namespace"]
+    labels = {MANAGED_BY: MANAGED_BY_VALUE, MODEL_LABEL: meta["name"], VOLUME_LABEL: kind}
+    labels |= dict(extra_labels)
+    access = "ReadOnlyMany" if read_only else "ReadWriteOnce"
+    storage = str(max(size_bytes, 1 << 20))
+    volume = volume_name(namespace, claim)
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {
+            "name": volume,
+            "labels": labels | {VOLUME_NAMESPACE_LABEL: namespace, NODE_LABEL: node},
+        },
+        "spec": {
+            "capacity": {"storage": storage},
+            "accessModes": [access],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": VOLUME_STORAGE_CLASS,
+            "volumeMode": "Filesystem",
+            "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                         "namespace": namespace, "name": claim},
+            "local": {"path": node_path},
+            "nodeAffinity": {
+                "required": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [
+                            {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}
+                        ]}
+                    ]
+                }
+            },
+        },
+    }  # fmt: skip
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": claim,
+            "namespace": namespace,
+            "labels": labels,
+            "ownerReferences": [owner_reference(model)],
+        },
+        "spec": {
+            "accessModes": [access],
+            "storageClassName": VOLUME_STORAGE_CLASS,
+            "volumeName": volume,
+            "resources": {"requests": {"storage": storage}},
+        },
+    }
+    return pv, pvc
+
+
+def model_volume(
+    model: Mapping[str, Any],
+    spec: ServerlessModelSpec,
+    node: str,
+    size_bytes: int,
+    settings: OperatorSettings,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The node's copy of one model revision, for the model's namespace, read-only."""
+    key = model_key(spec.source.uri, spec.source.revision)
+    claim = model_claim_name(spec.source.uri, spec.source.revision, node)
+    path = f"{settings.node_shm_dir}/{key}"
+    return _volume_pair(model, claim, node, path, size_bytes, "model", True, settings, {})
+
+
+def kv_volume(
+    model: Mapping[str, Any], area: str, node: str, settings: OperatorSettings
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One instance's KV hand-over area on its node, writable by its pods alone."""
+    path = str(kv_area_dir(PurePosixPath(settings.node_shm_dir), area))
+    labels = {KV_AREA_LABEL: area}
+    return _volume_pair(
+        model, kv_claim_of(area), node, path, 1 << 30, "kv", False, settings, labels
+    )

@@ -113,3 +113,37 @@ def template_hash(spec: ServerlessModelSpec, worker_image: str) -> str:
     }
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
     return digest[:16]
+
+
+# Volumes (decision 0506): a worker sees its node's copy of its model through a
+# PersistentVolumeClaim bound to a PersistentVolume of that one directory, read-only, and
+# its instance's KV area through another, never the node's whole shared memory.
+VOLUME_LABEL = f"{GROUP}/volume"  # "model" or "kv"
+VOLUME_NAMESPACE_LABEL = f"{GROUP}/namespace"  # on PersistentVolumes (cluster-scoped)
+KV_AREA_LABEL = f"{GROUP}/kv-area"  # on pods that mount an instance's KV area
+NODE_LABEL = f"{GROUP}/node"
+VOLUME_STORAGE_CLASS = "hydraserve-node-memory"  # no provisioner: bound by the operator
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def model_claim_name(uri: str, revision: str, node: str) -> str:
+    """One claim per (model revision, node) in the model's namespace."""
+    return f"hs-model-{_digest(uri, revision, node)}"
+
+
+def kv_area_name(namespace: str, pipeline: str) -> str:
+    """The node directory of an instance's KV area (namespaced: instance names are not
+    unique across namespaces)."""
+    return f"{namespace}.{pipeline}"
+
+
+def kv_claim_name(pipeline: str) -> str:
+    return f"hs-kv-{pipeline}"
+
+
+def volume_name(namespace: str, claim: str) -> str:
+    """The PersistentVolume bound to one claim (cluster-scoped: namespaced by a digest)."""
+    return f"hs-{_digest(namespace, claim)}"

@@ -78,3 +78,21 @@ class Prefetchers:
             return str(exc) or type(exc).__name__
         self._statuses.pop(url, None)
         return None
+
+    async def open_kv_area(self, url: str, area: str, uid: int | None) -> str | None:
+        """Have a node's prefetcher create an instance's KV area, writable by ``uid``
+        alone; None when done, else why not."""
+        try:
+            resp = await self._http.put(f"{url}/v1/kv-areas/{area}", json={"uid": uid, "gid": uid})
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            return str(exc) or type(exc).__name__
+        return None
+
+    async def close_kv_area(self, url: str, area: str) -> str | None:
+        try:
+            resp = await self._http.delete(f"{url}/v1/kv-areas/{area}")
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            return str(exc) or type(exc).__name__
+        return None

@@ -49,7 +49,12 @@ from hydraserve.control.instances import (
     decide_instances,
     timed_out,
 )
-from hydraserve.control.placement import InstancePlan, all_card_stage, standalone_plan
+from hydraserve.control.placement import (
+    InstancePlan,
+    all_card_stage,
+    kv_hand_over,
+    standalone_plan,
+)
 from hydraserve.control.policy import Violation, check_spec, describe, models_ahead
 from hydraserve.control.status import build_status
 from hydraserve.kube.client import KubeClient, KubeError, path_of
@@ -67,6 +72,8 @@ from hydraserve.operator.inventory import Inventory, ListedInventory
 from hydraserve.operator.manifests import (
     endpoint_url,
     instance_service,
+    kv_volume,
+    model_volume,
     standalone_objects,
     worker_pod,
 )
@@ -75,12 +82,15 @@ from hydraserve.operator.naming import (
     DRAINING_SINCE_ANNOTATION,
     FETCHED_AT_ANNOTATION,
     IDLE_SINCE_ANNOTATION,
+    KV_AREA_LABEL,
     MANAGED_BY,
     MANAGED_BY_VALUE,
     MODEL_LABEL,
     PROMOTED_AT_ANNOTATION,
     VERIFIED_AT_ANNOTATION,
+    VOLUME_NAMESPACE_LABEL,
     head_selector,
+    kv_area_name,
     new_instance_name,
     standalone_name,
     template_hash,
@@ -581,9 +591,17 @@ class Reconciler:
         elif isinstance(action, StartStandalone):
             assert pipeline.plan is not None  # pipelines() only yields planned instances
             plan = standalone_plan(pipeline.plan)
-            url = urls.get(plan.stages[0].node)
+            node = plan.stages[0].node
+            url = urls.get(node)
+            # It loads the KV its pipeline saved: the pipeline's area, when it had one.
+            kv_area = (
+                kv_area_name(namespace, pipeline.name)
+                if kv_hand_over(pipeline.plan, self.settings.kv_transfer)
+                else None
+            )
+            await self._ensure_volumes(model, spec, {node}, kv_area, node, urls)
             service, pod = standalone_objects(
-                model, spec, pipeline.name, plan, template, url, now, self.settings
+                model, spec, pipeline.name, plan, template, url, now, self.settings, kv_area
             )
             for plural, obj in (("services", service), ("pods", pod)):
                 try:  # same names on every try: a second standalone cannot exist
@@ -832,6 +850,19 @@ class Reconciler:
             )
         )
         preloaded_at = self.clock()
+        kv_area = (
+            kv_area_name(namespace, instance)
+            if kv_hand_over(plan, self.settings.kv_transfer)
+            else None
+        )
+        await self._ensure_volumes(
+            model,
+            spec,
+            {plan.stage(r).node for r in ranks},
+            kv_area,
+            plan.stage(0).node,
+            prefetchers,
+        )
         for rank, ok in zip(ranks, accepted, strict=True):
             url = urls[rank]
             pod = worker_pod(
@@ -844,6 +875,7 @@ class Reconciler:
                 url,
                 preloaded_at if ok else None,
                 self.settings,
+                kv_area,
             )
             try:
                 await self.client.create(path_of("v1", "pods", namespace), pod)
@@ -861,6 +893,66 @@ class Reconciler:
                 pod=pod["metadata"]["name"],
                 node=plan.stage(rank).node,
             )
+
+    async def _create_once(self, path: str, body: Mapping[str, Any]) -> None:
+        try:
+            await self.client.create(path, body)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+
+    async def _ensure_volumes(
+        self,
+        model: Mapping[str, Any],
+        spec: ServerlessModelSpec,
+        nodes: set[str],
+        kv_area: str | None,
+        kv_node: str,
+        prefetchers: Mapping[str, str],
+    ) -> None:
+        """The claims a worker mounts instead of the node's shared memory (decision
+        0506): the model's directory on each node, read-only, and the instance's KV area
+        (created by the node's prefetcher, writable by the workers' user only)."""
+        namespace = model["metadata"]["namespace"]
+        size = (await self._manifest(spec)).weights_size
+        pairs = [model_volume(model, spec, node, size, self.settings) for node in sorted(nodes)]
+        if kv_area is not None:
+            url = prefetchers.get(kv_node)
+            error = (
+                "no prefetcher on the node"
+                if url is None
+                else await self.prefetchers.open_kv_area(
+                    url, kv_area, self.settings.worker_run_as_user
+                )
+            )
+            if error is not None:
+                log.warning(
+                    "kv_area.unavailable",
+                    model=model["metadata"]["name"],
+                    area=kv_area,
+                    node=kv_node,
+                    error=error,
+                )
+            pairs.append(kv_volume(model, kv_area, kv_node, self.settings))
+        for pv, pvc in pairs:
+            await self._create_once(path_of("v1", "persistentvolumes"), pv)
+            await self._create_once(path_of("v1", "persistentvolumeclaims", namespace), pvc)
+
+    async def _release_kv_area(self, model: Mapping[str, Any], area: str) -> None:
+        """Delete an instance's KV area once no pod mounts it (a pipeline's outlives the
+        pipeline while its standalone still loads from it)."""
+        namespace = model["metadata"]["namespace"]
+        users = await self.client.list(path_of("v1", "pods", namespace), {KV_AREA_LABEL: area})
+        if any(not (p["metadata"].get("deletionTimestamp")) for p in users):
+            return
+        pv, pvc = kv_volume(model, area, "", self.settings)
+        await self.client.delete(
+            path_of("v1", "persistentvolumeclaims", namespace, pvc["metadata"]["name"])
+        )
+        await self.client.delete(path_of("v1", "persistentvolumes", None, pv["metadata"]["name"]))
+        urls = await self._prefetcher_urls()
+        for url in urls.values():
+            await self.prefetchers.close_kv_area(url, area)
 
     async def _preload(
         self,
@@ -914,9 +1006,14 @@ class Reconciler:
         # The record first: pods without one are orphans that the next pass removes.
         if inst.record is not None:
             await self.client.delete(path_of("v1", "services", namespace, inst.name))
+        areas = set()
         for pod in inst.pods.values():
             await self.client.delete(path_of("v1", "pods", namespace, pod["metadata"]["name"]))
             self.inventory.deleted(namespace, pod["metadata"]["name"])
+            if area := (pod["metadata"].get("labels") or {}).get(KV_AREA_LABEL):
+                areas.add(area)
+        for area in sorted(areas):
+            await self._release_kv_area(model, area)
         log.info("instance.deleted", model=name, instance=inst.name, why=why)
         self.events(model, reasons.NORMAL, reasons.INSTANCE_DELETED, f"{inst.name}: {why}")
 
@@ -956,6 +1053,19 @@ class Reconciler:
                     gone += await self.client.delete(path_of("v1", plural, namespace, obj_name))
                     if plural == "pods":
                         self.inventory.deleted(namespace, obj_name)
+            # Its volumes: the claims go with the model (owner references), the
+            # cluster-scoped volumes do not.
+            volumes = {**labels, VOLUME_NAMESPACE_LABEL: namespace}
+            for claim in await self.client.list(
+                path_of("v1", "persistentvolumeclaims", namespace), labels
+            ):
+                gone += await self.client.delete(
+                    path_of("v1", "persistentvolumeclaims", namespace, claim["metadata"]["name"])
+                )
+            for pv in await self.client.list(path_of("v1", "persistentvolumes"), volumes):
+                gone += await self.client.delete(
+                    path_of("v1", "persistentvolumes", None, pv["metadata"]["name"])
+                )
             log.info("model.cleaned_up", model=name, namespace=namespace, deleted=gone)
         self._locks.pop(key, None)
         self._queued.pop(key, None)

@@ -56,6 +56,9 @@ class OperatorSettings(
         default="eth0", description="Pod interface the stages' gloo pairs bind to."
     )
     shm_host_path: str = Field(default="/dev/shm", description="Host tmpfs the prefetcher fills.")
+    worker_dshm_size: str = Field(
+        default="1Gi", description="Size of the worker's own /dev/shm (vLLM's queues)."
+    )
     s3_endpoint_url: str | None = None
     s3_credentials_secret: str | None = Field(
         default=None,
@@ -63,6 +66,12 @@ class OperatorSettings(
         "AWS_SECRET_ACCESS_KEY, mounted into workers as optional env.",
     )
     cluster_domain: str = "cluster.local"
+
+    @property
+    def node_shm_dir(self) -> str:
+        """The prefetcher's directory on each node (it mounts ``shm_host_path`` at
+        /dev/shm and keeps models in /dev/shm/hydraserve)."""
+        return f"{self.shm_host_path.rstrip('/')}/hydraserve"
 
     # GPUs: whole devices (nvidia.com/gpu) or a GPU-sharing device plugin's memory resource.
     gpu_resource_name: str = "nvidia.com/gpu"

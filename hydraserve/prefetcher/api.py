@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from pathlib import Path
+from pathlib import Path as FsPath
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Path
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings
 from starlette.responses import Response
 
+from hydraserve.api.models import REVISION_PATTERN, SOURCE_URI_PATTERN
 from hydraserve.prefetcher.fetcher import FetchOptions
-from hydraserve.prefetcher.node import NodeStatus, Prefetcher, PreloadRequest
-from hydraserve.prefetcher.shm import FetchStatus
+from hydraserve.prefetcher.node import NodeStatus, OverCapacity, Prefetcher, PreloadRequest
+from hydraserve.prefetcher.shm import SAFE_NAME_PATTERN, FetchStatus
 from hydraserve.settings import CommonSettings, component_config
 from hydraserve.store import ModelNotFound, StoreError
 
@@ -31,14 +32,21 @@ class PrefetcherSettings(BaseSettings):
 
 
 class EvictRequest(BaseModel):
-    uri: str
-    revision: str = "main"
+    uri: str = Field(pattern=SOURCE_URI_PATTERN, max_length=1024)
+    revision: str = Field(default="main", pattern=REVISION_PATTERN, max_length=128)
+
+
+class KVAreaRequest(BaseModel):
+    """Who may write an instance's KV area: its workers' user and group."""
+
+    uid: int | None = Field(default=None, ge=1, description="Never root.")
+    gid: int | None = Field(default=None, ge=0)
 
 
 def build_prefetcher(settings: PrefetcherSettings) -> Prefetcher:
     return Prefetcher(
         node=settings.node_name,
-        shm_dir=Path(settings.common.shm_dir),
+        shm_dir=FsPath(settings.common.shm_dir),
         capacity_bytes=settings.cache_capacity_bytes,
         s3=settings.common.s3,
         options=FetchOptions(
@@ -69,10 +77,26 @@ def create_app(prefetcher: Prefetcher) -> FastAPI:
             return await asyncio.to_thread(prefetcher.preload, request)
         except ModelNotFound as exc:
             raise HTTPException(404, str(exc)) from exc
+        except OverCapacity as exc:
+            raise HTTPException(507, str(exc)) from exc
         except (KeyError, ValueError) as exc:
             raise HTTPException(422, str(exc)) from exc
         except StoreError as exc:
             raise HTTPException(502, str(exc)) from exc
+
+    @app.put("/v1/kv-areas/{area}")
+    async def open_kv_area(
+        request: KVAreaRequest,
+        area: str = Path(pattern=SAFE_NAME_PATTERN, max_length=128),
+    ) -> dict[str, str]:
+        path = await asyncio.to_thread(prefetcher.open_kv_area, area, request.uid, request.gid)
+        return {"area": area, "path": str(path)}
+
+    @app.delete("/v1/kv-areas/{area}")
+    async def close_kv_area(
+        area: str = Path(pattern=SAFE_NAME_PATTERN, max_length=128),
+    ) -> dict[str, bool]:
+        return {"deleted": await asyncio.to_thread(prefetcher.close_kv_area, area)}
 
     @app.get("/v1/status")
     async def status() -> NodeStatus:

@@ -9,6 +9,7 @@ models not fetched for the longest time go first.
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from hydraserve.api.models import REVISION_PATTERN, SOURCE_URI_PATTERN
 from hydraserve.logs import get_logger
 from hydraserve.prefetcher.fetcher import FetchOptions, RangeFetcher, subtract_ranges
 from hydraserve.prefetcher.shm import (
@@ -25,6 +27,7 @@ from hydraserve.prefetcher.shm import (
     FetchStatus,
     ModelShm,
     fetch_name,
+    kv_area_dir,
     write_json_atomic,
 )
 from hydraserve.settings import S3Settings
@@ -34,9 +37,17 @@ from hydraserve.store.manifest import merge_ranges
 log = get_logger("prefetcher")
 
 
+class OverCapacity(RuntimeError):
+    """A fetch would take the node's shared memory past the prefetcher's capacity."""
+
+
 class PreloadRequest(BaseModel):
-    uri: str = Field(description="Model location in the store.")
-    revision: str = "main"
+    # Validated as a ServerlessModel's source is: no request can name a path outside
+    # the store prefix it gives, or a shared-memory directory outside this node's.
+    uri: str = Field(
+        pattern=SOURCE_URI_PATTERN, max_length=1024, description="Model location in the store."
+    )
+    revision: str = Field(default="main", pattern=REVISION_PATTERN, max_length=128)
     pp: int | None = Field(default=None, ge=1, le=4, description="None: the whole model.")
     rank: int | None = Field(default=None, ge=0, le=3)
     low_priority: bool = Field(
@@ -174,6 +185,26 @@ class Prefetcher:
             )
             return fetcher.status
 
+    def open_kv_area(self, area: str, uid: int | None, gid: int | None) -> Path:
+        """Create an instance's KV hand-over area, writable by its workers' user only
+        (they run as ``uid``; the area is mounted into that instance's pods alone)."""
+        path = kv_area_dir(self.shm_dir, area)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        if uid is not None or gid is not None:
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+        log.info("kv_area.open", node=self.node, area=area, uid=uid)
+        return path
+
+    def close_kv_area(self, area: str) -> bool:
+        """Delete an instance's KV area (its pods are gone); whether it existed."""
+        path = kv_area_dir(self.shm_dir, area)
+        existed = path.exists()
+        shutil.rmtree(path, ignore_errors=True)
+        if existed:
+            log.info("kv_area.close", node=self.node, area=area)
+        return existed
+
     def status(self) -> NodeStatus:
         with self._lock:
             holdings = [self._holding(m) for m in self._models.values()]
@@ -301,6 +332,11 @@ class Prefetcher:
                 used=used,
                 needed=needed,
                 capacity=self.capacity_bytes,
+            )
+            raise OverCapacity(
+                f"node {self.node}: {needed} more bytes would exceed the cache capacity of "
+                f"{self.capacity_bytes} bytes ({used} held by fetches in use); retry when "
+                "a model is released, or raise prefetcher.cacheCapacityGiB"
             )
 
     def _evict(self, model: _Model) -> None:

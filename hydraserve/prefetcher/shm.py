@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -55,6 +56,25 @@ def model_key(uri: str, revision: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in tail)[:48]
     digest = hashlib.sha1(f"{uri}@{revision}".encode()).hexdigest()[:10]
     return f"{safe}-{digest}-{revision}"
+
+
+_P = TypeVar("_P", bound=PurePath)
+
+# A name that can be one path component: no separators, no '.'/'..', bounded.
+SAFE_NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$"
+
+
+def is_safe_name(name: str) -> bool:
+    return re.fullmatch(SAFE_NAME_PATTERN, name) is not None
+
+
+def kv_area_dir(shm_dir: _P, area: str) -> _P:
+    """Where one instance's moved KV caches live on a node: written by the pipeline's
+    head and read by the standalone that replaces it, and by no one else (the area is
+    mounted only into that instance's pods)."""
+    if not is_safe_name(area):
+        raise ValueError(f"unusable KV area name {area!r}")
+    return shm_dir / "kv" / area
 
 
 def fetch_name(pp: int | None, rank: int | None) -> str:

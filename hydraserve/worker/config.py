@@ -52,5 +52,10 @@ class WorkerConfig(BaseModel):
         description="Load HydraServe's KV connector: save the KV of requests that move away "
         "(aborted with a save key) and load it for requests that move here.",
     )
+    kv_area: str | None = Field(
+        default=None,
+        description="The instance's KV hand-over area (a directory under <shm>/kv, shared "
+        "only by a pipeline and the standalone that replaces it); None: this instance's.",
+    )
     engine_args: list[str] = Field(default_factory=list)
     fetch_timeout_seconds: float = 600.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,13 @@ import httpx
 
 from hydraserve.logs import get_logger
 from hydraserve.prefetcher.fetcher import RangeFetcher
-from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name, write_json_atomic
+from hydraserve.prefetcher.shm import (
+    FetchState,
+    ModelShm,
+    fetch_name,
+    kv_area_dir,
+    write_json_atomic,
+)
 from hydraserve.settings import CommonSettings
 from hydraserve.store import Manifest, ModelRef, ModelStore
 from hydraserve.worker.config import WorkerConfig
@@ -45,17 +52,18 @@ def ensure_fetch(config: WorkerConfig, store: ModelStore, manifest: Manifest) ->
     this process, unless a fetch of these bytes is already running or done on this node.
     """
     shm = ModelShm(config.shm_dir, config.uri, config.revision)
-    shm.dir.mkdir(parents=True, exist_ok=True)
-    if not shm.manifest_path.exists():
-        write_json_atomic(shm.manifest_path, manifest.model_dump(mode="json"))
     stage_pp = config.pp if config.pp > 1 else None
     stage_rank = config.rank if config.pp > 1 else None
     name = fetch_name(stage_pp, stage_rank)
     if config.prefetcher_url:
+        # The prefetcher writes the node's copy; this worker may see it read-only.
         body = {"uri": config.uri, "revision": config.revision, "pp": stage_pp, "rank": stage_rank}
         resp = httpx.post(f"{config.prefetcher_url}/v1/preload", json=body, timeout=30)
         resp.raise_for_status()
         return
+    shm.dir.mkdir(parents=True, exist_ok=True)
+    if not shm.manifest_path.exists():
+        write_json_atomic(shm.manifest_path, manifest.model_dump(mode="json"))
     for candidate in (name, fetch_name(None, None)):
         status = shm.read_status(candidate)
         if status is not None and status.state in (FetchState.FETCHING, FetchState.DONE):
@@ -76,7 +84,10 @@ def _run_quietly(fetcher: RangeFetcher) -> None:
 def prepare_model_dir(config: WorkerConfig, store: ModelStore) -> Path:
     """Config and tokenizer files in a local directory, which vLLM takes as ``--model``."""
     shm = ModelShm(config.shm_dir, config.uri, config.revision)
-    return store.download_side_files(shm.dir / "hf")
+    if os.access(shm.dir, os.W_OK):
+        return store.download_side_files(shm.dir / "hf")
+    # The node's copy is mounted read-only (a tenant's worker): keep them privately.
+    return store.download_side_files(Path(tempfile.gettempdir()) / "hydraserve-hf" / shm.dir.name)
 
 
 def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
@@ -145,7 +156,9 @@ def kv_transfer_config(config: WorkerConfig) -> dict[str, object]:
         "kv_connector": "HydraServeKVConnector",
         "kv_connector_module_path": "hydraserve.worker.kv_connector",
         "kv_role": "kv_both",
-        "kv_connector_extra_config": {"store_dir": str(config.shm_dir / "kv")},
+        "kv_connector_extra_config": {
+            "store_dir": str(kv_area_dir(config.shm_dir, config.kv_area or config.instance))
+        },
     }
 
 

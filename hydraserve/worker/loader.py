@@ -146,7 +146,7 @@ class HydraServeLoader(BaseModelLoader):
         background. The control plane marks the instance ready only once every stage's
         fetch is verified; if a fetch fails, this process exits rather than serve."""
         source.wait_started()
-        buffer = source.buffer(shared=True)
+        buffer = source.buffer()
         for info in source.tensors:
             params[info.name].data = tensor_view(buffer, info)
         timeline.record("weight_load", started, time.time(), adopted_early=len(params))

@@ -102,21 +102,23 @@ class StageSource:
                 )
             time.sleep(self.poll_seconds)
 
-    def buffer(self, shared: bool = False) -> mmap.mmap:
-        """The weights file, mapped.
+    def buffer(self) -> mmap.mmap:
+        """The weights file, mapped copy-on-write from a read-only descriptor.
 
-        By default copy-on-write: reads share the node's pages, and a write by the engine
-        stays private instead of corrupting the node's copy. Only verified bytes may be
-        touched through it. ``shared=True`` maps it shared, so pages touched before their
-        bytes land still see them once written (early adoption).
+        Reads share the node's pages; a write by the engine stays private and never
+        reaches the node's copy (the worker may not even open it for writing: on
+        Kubernetes the model's directory is mounted read-only). Pages read before their
+        bytes land still see them once the prefetcher writes them (Linux keeps an
+        unwritten private page backed by the file), so early adoption can map at once;
+        only verified bytes may be used through it.
         """
         if self._map is None:
-            fd = os.open(self.shm.weights_path, os.O_RDWR if shared else os.O_RDONLY)
+            fd = os.open(self.shm.weights_path, os.O_RDONLY)
             try:
                 self._map = mmap.mmap(
                     fd,
                     self.manifest.weights_size,
-                    mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE,
+                    mmap.MAP_PRIVATE,
                     mmap.PROT_READ | mmap.PROT_WRITE,
                 )
             finally:

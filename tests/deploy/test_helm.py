@@ -254,7 +254,8 @@ def test_rbac_is_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> N
     deletable = {
         r for rule in operator["rules"] for r in rule["resources"] if "delete" in rule["verbs"]
     }
-    assert deletable == {"pods", "services"}
+    # Instances, and the volume/claim pairs that show workers their model (decision 0506).
+    assert deletable == {"pods", "services", "persistentvolumes", "persistentvolumeclaims"}
     patchable = {
         r for rule in operator["rules"] for r in rule["resources"] if "patch" in rule["verbs"]
     }

@@ -32,6 +32,7 @@ from hydraserve.operator.handlers import OperatorApp
 from hydraserve.operator.planning import Planner
 from hydraserve.operator.settings import OperatorSettings
 from hydraserve.planner.types import ClusterState, Plan, PlanRequest, Unschedulable
+from hydraserve.prefetcher.api import KVAreaRequest
 from hydraserve.prefetcher.node import ModelHolding, NodeStatus, PreloadRequest
 from hydraserve.prefetcher.shm import FetchState, FetchStatus, fetch_name
 from hydraserve.store import ModelRef, ModelStore
@@ -112,6 +113,7 @@ class RecordingPrefetcher(LocalHttpServer):
     # (uri, revision) -> fetch name -> its status
     fetches: dict[tuple[str, str], dict[str, FetchStatus]] = field(default_factory=dict)
     cached: set[tuple[str, str]] = field(default_factory=set)  # whole models held
+    kv_areas: dict[str, int | None] = field(default_factory=dict)  # open area -> owner uid
     url: str = ""
     _runner: aiohttp.web.AppRunner | None = None
 
@@ -120,7 +122,17 @@ class RecordingPrefetcher(LocalHttpServer):
             aiohttp.web.post("/v1/preload", self._preload),
             aiohttp.web.get("/v1/status", self._status),
             aiohttp.web.get("/healthz", self._healthz),
+            aiohttp.web.put("/v1/kv-areas/{area}", self._kv_area),
+            aiohttp.web.delete("/v1/kv-areas/{area}", self._kv_area),
         ]
+
+    async def _kv_area(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+        area = request.match_info["area"]
+        if request.method == "PUT":
+            body = KVAreaRequest.model_validate(await request.json())
+            self.kv_areas[area] = body.uid
+            return aiohttp.web.json_response({"area": area, "path": f"/kv/{area}"})
+        return aiohttp.web.json_response({"deleted": self.kv_areas.pop(area, None) is not None})
 
     async def _preload(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
         preload = PreloadRequest.model_validate(await request.json())

@@ -16,6 +16,7 @@ from typing import Any
 
 from hydraserve.kube.client import path_of
 from hydraserve.operator.handlers import OperatorApp
+from hydraserve.operator.naming import model_claim_name
 from tests.operator.conftest import (
     NAMESPACE,
     Cluster,
@@ -142,9 +143,12 @@ async def test_pipeline_is_consolidated_promoted_drained_and_released(
     args = standalone["spec"]["containers"][0]["args"]
     assert "--pp=1" in args and "--rank=0" in args
     assert not [a for a in args if a.startswith("--master-addr")]
-    assert {"name": "shm", "hostPath": {"path": "/dev/shm", "type": "Directory"}} in standalone[
-        "spec"
-    ]["volumes"]
+    volumes = {v["name"]: v for v in standalone["spec"]["volumes"]}
+    claim = volumes["model"]["persistentVolumeClaim"]
+    assert claim == {
+        "claimName": model_claim_name(cluster.store_uri, "main", "gpu-a"),
+        "readOnly": True,
+    }
     model = await eventually(
         lambda: _status_if(cluster, lambda s: s.get("phase") == "Consolidating"),
         what="phase Consolidating",

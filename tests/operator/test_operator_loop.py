@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydraserve.operator.naming import FINALIZER
+from hydraserve.kube.client import path_of
+from hydraserve.operator.naming import FINALIZER, NODE_ANNOTATION
+from hydraserve.prefetcher.shm import model_key
 from tests.operator.conftest import (
     NAMESPACE,
     TMP,
@@ -88,8 +90,28 @@ async def test_apply_preload_pods_ready_serving(
     assert container["envFrom"] == [{"secretRef": {"name": "hydraserve-s3", "optional": True}}]
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     assert container["startupProbe"]["httpGet"]["path"] == "/health"
-    assert {"name": "shm", "hostPath": {"path": "/dev/shm", "type": "Directory"}} in pod["spec"][
-        "volumes"
+    # The node's copy of this model only, read-only, through a claim (no hostPath).
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert not [v for v in volumes.values() if "hostPath" in v]
+    claim = volumes["model"]["persistentVolumeClaim"]
+    assert claim["readOnly"] is True
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "model")
+    key = model_key(cluster.store_uri, "main")
+    assert mount == {"name": "model", "mountPath": f"/dev/shm/hydraserve/{key}", "readOnly": True}
+    pvc = await cluster.client.get(
+        path_of("v1", "persistentvolumeclaims", NAMESPACE, claim["claimName"])
+    )
+    assert pvc is not None and pvc["spec"]["accessModes"] == ["ReadOnlyMany"]
+    pv = await cluster.client.get(
+        path_of("v1", "persistentvolumes", None, pvc["spec"]["volumeName"])
+    )
+    assert pv is not None
+    assert pv["spec"]["local"] == {"path": f"/dev/shm/hydraserve/{key}"}
+    assert pv["spec"]["claimRef"]["namespace"] == NAMESPACE
+    assert pv["spec"]["claimRef"]["name"] == claim["claimName"]
+    node_terms = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
+    assert node_terms[0]["matchExpressions"][0]["values"] == [
+        pod["metadata"]["annotations"][NODE_ANNOTATION]
     ]
     owner = pod["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["controller"]) == ("ServerlessModel", "llama", True)

@@ -121,10 +121,10 @@ def test_kv_transfer_loads_hydraserves_connector_through_vllms_plugin_point(
     assert kv is not None and kv.kv_role == "kv_both"
     connector = getattr(importlib.import_module(kv.kv_connector_module_path), kv.kv_connector)
     assert issubclass(connector, KVConnectorBase_V1)
-    # Saved caches live in the node's shared memory, beside the model's bytes.
-    assert kv.kv_connector_extra_config == {"store_dir": "/dev/shm/hydraserve-test/kv"}
+    # Saved caches live in the node's shared memory, in the instance's own KV area.
+    assert kv.kv_connector_extra_config == {"store_dir": "/dev/shm/hydraserve-test/kv/tiny-7f3a"}
     assert kv_transfer_config(config)["kv_connector_extra_config"] == {
-        "store_dir": str(config.shm_dir / "kv")
+        "store_dir": str(config.shm_dir / "kv" / "tiny-7f3a")
     }
     assert engine.disable_hybrid_kv_cache_manager is True  # the connector API needs it
     assert engine.block_size == 32  # engines that exchange KV must agree on it

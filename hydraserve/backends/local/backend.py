@@ -45,6 +45,7 @@ from hydraserve.backends.local.processes import (
     terminate,
     worker_env,
 )
+from hydraserve.backends.local.sandbox import sandbox_available, sandbox_prefix
 from hydraserve.backends.local.settings import LocalSettings
 from hydraserve.control import reasons
 from hydraserve.control.coldstart import newly_measured, take_measurement
@@ -81,7 +82,7 @@ from hydraserve.planner.profile import (
 )
 from hydraserve.planner.types import ClusterState, Plan, PlanRequest, Unschedulable
 from hydraserve.prefetcher.node import NodeStatus, Prefetcher, PreloadRequest
-from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name
+from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name, kv_area_dir
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
 from hydraserve.store.uri import StoreURIError
 from hydraserve.worker.config import StageAddress, WorkerConfig
@@ -679,6 +680,7 @@ class LocalBackend(ClusterBackend):
         for stage in plan.stages:
             config = self._worker_config(state, inst, stage.rank, master_port, eager)
             node = self.nodes[stage.node]
+            prefix = [*node.exec_prefix, *self._sandbox(node, config)]
             env = worker_env(
                 os.environ,
                 host=node.host,
@@ -687,7 +689,7 @@ class LocalBackend(ClusterBackend):
                 cpu_bind=self._cpu_bind(plan, stage.rank, replaces),
                 extra=node.env,
             )
-            inst.stages.append(spawn_stage(inst_dir, config, env, node.exec_prefix))
+            inst.stages.append(spawn_stage(inst_dir, config, env, prefix))
         state.instances[name] = inst
         log.info(
             "instance.starting",
@@ -700,6 +702,19 @@ class LocalBackend(ClusterBackend):
             replaces=inst.replaces,
         )
         return inst
+
+    def _sandbox(self, node: LocalNode, config: WorkerConfig) -> list[str]:
+        """The prefix that shows a worker only its model (read-only) and its KV area of
+        the node's shared memory; [] when sandboxing is off or unavailable here."""
+        mode = self.settings.worker_sandbox
+        if mode == "off" or (mode == "auto" and not sandbox_available()):
+            return []
+        model_dir = ModelShm(node.shm_dir, config.uri, config.revision).dir
+        kv_dir = kv_area_dir(node.shm_dir, config.kv_area or config.instance)
+        # Created here, by the node's owner: the worker cannot create anything there.
+        model_dir.mkdir(parents=True, exist_ok=True)
+        kv_dir.mkdir(parents=True, exist_ok=True)
+        return sandbox_prefix(node.shm_dir, [model_dir], [kv_dir] if config.kv_transfer else [])
 
     def _worker_config(
         self,
@@ -730,6 +745,8 @@ class LocalBackend(ClusterBackend):
             max_model_len=self.settings.max_model_len,
             kv_cache_bytes=self.settings.kv_cache_bytes,
             kv_transfer=inst.kv_transfer,
+            # A standalone loads the KV its pipeline saved: they share the pipeline's area.
+            kv_area=inst.replaces or inst.name,
             block_size=self.settings.kv_block_size if inst.kv_transfer else None,
             engine_args=[*self.settings.extra_engine_args, *model.spec.engine.args],
         )

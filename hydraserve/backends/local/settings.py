@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings
@@ -68,6 +69,13 @@ class LocalSettings(
     )
     node_name: str = "local"
     extra_engine_args: list[str] = Field(default_factory=list)
+    worker_sandbox: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Run each worker in a mount namespace that shows it only its own "
+        "model (read-only) and its instance's KV area of the node's shared memory, as "
+        "its PersistentVolumeClaims do on Kubernetes; 'auto': where this machine allows "
+        "it (root).",
+    )
 
     # --- consolidation ----------------------------------------------------------------
     consolidation_cpu_bind: str | None = Field(
