@@ -431,3 +431,45 @@ def kv_volume(
     return _volume_pair(
         model, kv_claim_of(area), node, path, 1 << 30, "kv", False, settings, labels
     )
+
+
+def instance_network_policy(
+    model: Mapping[str, Any], instance: str, settings: OperatorSettings
+) -> dict[str, Any]:
+    """Ingress to an instance's pods: the gateway and the operator (which asks engines what
+    is in flight during consolidation) on the worker port, and the instance's
+    own stages on any port (vLLM's rendezvous, gloo pairs and ZMQ queues use random
+    ports between stages). Egress is left to the cluster's defaults: workers need DNS,
+    the model store and their node's prefetcher."""
+    meta = model["metadata"]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": instance,
+            "namespace": meta["namespace"],
+            "labels": worker_labels(meta["name"], instance),
+            "ownerReferences": [owner_reference(model)],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {INSTANCE_LABEL: instance}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {
+                                    "kubernetes.io/metadata.name": settings.system_namespace
+                                }
+                            },
+                            "podSelector": {"matchLabels": dict(labels)},
+                        }
+                        for labels in (settings.gateway_labels, settings.operator_labels)
+                    ],
+                    "ports": [{"protocol": "TCP", "port": settings.worker_port}],
+                },
+                {"from": [{"podSelector": {"matchLabels": {INSTANCE_LABEL: instance}}}]},
+            ],
+        },
+    }

@@ -71,6 +71,7 @@ from hydraserve.operator.consolidation import (
 from hydraserve.operator.inventory import Inventory, ListedInventory
 from hydraserve.operator.manifests import (
     endpoint_url,
+    instance_network_policy,
     instance_service,
     kv_volume,
     model_volume,
@@ -108,6 +109,7 @@ from hydraserve.store.uri import StoreURIError
 from hydraserve.worker.inflight import INFLIGHT_PATH
 
 CALIBRATION_CONFIGMAP = "hydraserve-planner-calibration"
+NETWORKING_API = "networking.k8s.io/v1"
 CALIBRATION_KEY = "state.json"
 log = get_logger("operator")
 
@@ -600,6 +602,7 @@ class Reconciler:
                 else None
             )
             await self._ensure_volumes(model, spec, {node}, kv_area, node, urls)
+            await self._ensure_network_policy(model, standalone)
             service, pod = standalone_objects(
                 model, spec, pipeline.name, plan, template, url, now, self.settings, kv_area
             )
@@ -850,6 +853,7 @@ class Reconciler:
             )
         )
         preloaded_at = self.clock()
+        await self._ensure_network_policy(model, instance)
         kv_area = (
             kv_area_name(namespace, instance)
             if kv_hand_over(plan, self.settings.kv_transfer)
@@ -938,6 +942,14 @@ class Reconciler:
             await self._create_once(path_of("v1", "persistentvolumes"), pv)
             await self._create_once(path_of("v1", "persistentvolumeclaims", namespace), pvc)
 
+    async def _ensure_network_policy(self, model: Mapping[str, Any], instance: str) -> None:
+        if self.settings.network_policy:
+            namespace = model["metadata"]["namespace"]
+            await self._create_once(
+                path_of(NETWORKING_API, "networkpolicies", namespace),
+                instance_network_policy(model, instance, self.settings),
+            )
+
     async def _release_kv_area(self, model: Mapping[str, Any], area: str) -> None:
         """Delete an instance's KV area once no pod mounts it (a pipeline's outlives the
         pipeline while its standalone still loads from it)."""
@@ -1006,6 +1018,10 @@ class Reconciler:
         # The record first: pods without one are orphans that the next pass removes.
         if inst.record is not None:
             await self.client.delete(path_of("v1", "services", namespace, inst.name))
+        if self.settings.network_policy:
+            await self.client.delete(
+                path_of(NETWORKING_API, "networkpolicies", namespace, inst.name)
+            )
         areas = set()
         for pod in inst.pods.values():
             await self.client.delete(path_of("v1", "pods", namespace, pod["metadata"]["name"]))

@@ -95,6 +95,30 @@ class OperatorSettings(
         }
     )
     prefetcher_port: int = Field(default=8300, description="Used when the pod names no port.")
+
+    # Network isolation of worker pods (docs/security.md): a NetworkPolicy per instance
+    # admits only the gateway (on the worker port) and the instance's own stages.
+    network_policy: bool = Field(
+        default=True, description="Create a NetworkPolicy for each instance's pods."
+    )
+    system_namespace: str = Field(
+        default="hydraserve-system", description="Namespace of the gateway and operator pods."
+    )
+    gateway_labels: dict[str, str] = Field(
+        default_factory=lambda: {
+            "app.kubernetes.io/name": "hydraserve",
+            "app.kubernetes.io/component": "gateway",
+        },
+        description="Labels that select the gateway's pods.",
+    )
+    operator_labels: dict[str, str] = Field(
+        default_factory=lambda: {
+            "app.kubernetes.io/name": "hydraserve",
+            "app.kubernetes.io/component": "operator",
+        },
+        description="Labels that select the operator's pods (it asks engines what is in "
+        "flight during consolidation).",
+    )
     prefetcher_use_host_port: bool = Field(
         default=False, description="Reach prefetchers at hostIP:hostPort instead of pod IP."
     )

@@ -255,7 +255,13 @@ def test_rbac_is_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> N
         r for rule in operator["rules"] for r in rule["resources"] if "delete" in rule["verbs"]
     }
     # Instances, and the volume/claim pairs that show workers their model (decision 0506).
-    assert deletable == {"pods", "services", "persistentvolumes", "persistentvolumeclaims"}
+    assert deletable == {
+        "pods",
+        "services",
+        "persistentvolumes",
+        "persistentvolumeclaims",
+        "networkpolicies",
+    }
     patchable = {
         r for rule in operator["rules"] for r in rule["resources"] if "patch" in rule["verbs"]
     }

@@ -113,6 +113,22 @@ async def test_apply_preload_pods_ready_serving(
     assert node_terms[0]["matchExpressions"][0]["values"] == [
         pod["metadata"]["annotations"][NODE_ANNOTATION]
     ]
+    # Ingress only from the gateway (worker port) and the instance's own stages.
+    instance = pod["metadata"]["labels"]["hydraserve.io/instance"]
+    policy = await cluster.client.get(
+        path_of("networking.k8s.io/v1", "networkpolicies", NAMESPACE, instance)
+    )
+    assert policy is not None
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"hydraserve.io/instance": instance}}
+    from_gateway, from_stages = policy["spec"]["ingress"]
+    assert from_gateway["ports"] == [{"protocol": "TCP", "port": 8000}]
+    assert (
+        from_gateway["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        == "gateway"
+    )
+    assert from_stages == {
+        "from": [{"podSelector": {"matchLabels": {"hydraserve.io/instance": instance}}}]
+    }
     owner = pod["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["controller"]) == ("ServerlessModel", "llama", True)
 
@@ -215,6 +231,10 @@ async def test_scale_to_zero_deletes_pods_then_scale_up(
     await cluster.scale("llama", 0)
     await eventually(lambda: _pods_if(cluster, 0), what="pods deleted")
     assert await cluster.services() == []
+    policies = await cluster.client.list(
+        path_of("networking.k8s.io/v1", "networkpolicies", NAMESPACE)
+    )
+    assert policies == []  # each went with its instance
     model = await eventually(lambda: phase_is(cluster, "llama", "Cold"), what="phase Cold")
     assert model["status"]["replicas"] == 0
     ready = next(c for c in model["status"]["conditions"] if c["type"] == "Ready")
@@ -233,10 +253,20 @@ async def test_delete_runs_finalizer_cleanup(cluster: Cluster, operators: Operat
     model = await cluster.model("llama")
     assert model is not None and FINALIZER in model["metadata"].get("finalizers", [])
 
+    volumes = await cluster.client.list(path_of("v1", "persistentvolumes"))
+    # The model's directory on its node, and the instance's KV area (pp 1: one node).
+    assert sorted(v["metadata"]["labels"]["hydraserve.io/volume"] for v in volumes) == [
+        "kv",
+        "model",
+    ]
+
     await cluster.delete_model("llama")
     await eventually(lambda: _gone(cluster, "llama"), what="model gone")
     assert await cluster.pods() == []
     assert await cluster.services() == []
+    # Its volume (cluster-scoped: no owner reference) went with it, as did its claim.
+    assert await cluster.client.list(path_of("v1", "persistentvolumes")) == []
+    assert await cluster.client.list(path_of("v1", "persistentvolumeclaims", NAMESPACE)) == []
 
 
 async def _gone(cluster: Cluster, name: str) -> bool:
