@@ -60,6 +60,9 @@ VALUE_SETS: dict[str, list[str]] = {
         "--set-json", 'networkPolicy.apiServer={"cidrs":["172.20.0.1/32"],"ports":[6443]}',
         "--set-json", 'networkPolicy.s3={"cidrs":["10.1.0.0/16"],"ports":[9000]}',
         "--set", "podSecurity.runAsUser=2000", "--set", "podSecurity.runAsGroup=3000",
+        "--set-json", 'networkPolicy.prefetcherMetricsFrom=[{"namespaceSelector":'
+        '{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}},'
+        '"podSelector":{"matchLabels":{"app":"prometheus"}}}]',
     ],
     "no-network-policy": ["--set", "networkPolicy.enabled=false"],
 }  # fmt: skip
@@ -602,9 +605,12 @@ def test_prefetcher_network_policy(rendered: dict[str, list[dict[str, Any]]]) ->
         assert allows(pf, "Egress", outside("198.51.100.1"), port)
     assert not allows(pf, "Egress", outside("10.96.0.1"), 6443)  # no API server
     assert not allows(pf, "Egress", pod("team-a", WORKER), 8000)
+    assert not allows(pf, "Ingress", pod("monitoring", {"app": "prometheus"}), 8300)
     narrow = policies(rendered["narrow-network"])["prefetcher"]
     assert allows(narrow, "Ingress", pod("team-a", WORKER), 8300)
     assert not allows(narrow, "Ingress", pod("team-b", WORKER), 8300)
+    assert allows(narrow, "Ingress", pod("monitoring", {"app": "prometheus"}), 8300)
+    assert not allows(narrow, "Ingress", pod("monitoring", {"app": "grafana"}), 8300)
 
 
 def test_network_policies_pass_kubernetes_validate_cli(
