@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from hydraserve.api.models import ServerlessModelSpec
 from hydraserve.control.placement import InstancePlan, StagePlan, standalone_plan
 from hydraserve.control.policy import NamespacePolicy
 from hydraserve.operator.manifests import instance_service, standalone_objects, worker_pod
+from hydraserve.operator.naming import APP_NAME, MANAGED_BY, worker_labels
 from hydraserve.operator.settings import OperatorSettings
 from hydraserve.planner import PlannerConfig
+from tests.support.pod_security import pod_of, violations
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "hydraserve"
@@ -50,6 +53,18 @@ VALUE_SETS: dict[str, list[str]] = {
     "no-gateway-standalone": [
         "--set", "gateway.enabled=false", "--set", "operator.leaderElection=false",
     ],
+    "narrow-network": [
+        "--set", "prefetcher.hostPort=true", "--set", "operator.watchNamespaces={team-a}",
+        "--set-json", 'networkPolicy.gatewayIngressFrom=[{"ipBlock":{"cidr":"10.0.0.0/8"}},'
+        '{"namespaceSelector":{"matchLabels":{"hydraserve.io/tenant":"true"}}}]',
+        "--set-json", 'networkPolicy.apiServer={"cidrs":["172.20.0.1/32"],"ports":[6443]}',
+        "--set-json", 'networkPolicy.s3={"cidrs":["10.1.0.0/16"],"ports":[9000]}',
+        "--set", "podSecurity.runAsUser=2000", "--set", "podSecurity.runAsGroup=3000",
+        "--set-json", 'networkPolicy.prefetcherMetricsFrom=[{"namespaceSelector":'
+        '{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}},'
+        '"podSelector":{"matchLabels":{"app":"prometheus"}}}]',
+    ],
+    "no-network-policy": ["--set", "networkPolicy.enabled=false"],
 }  # fmt: skip
 
 
@@ -363,3 +378,265 @@ def test_gateway_env_is_read_by_its_settings(
             assert name.removeprefix(prefix).lower() in GatewaySettings.model_fields, name
             monkeypatch.setenv(name, value)
     assert GatewaySettings().namespaces == ["team-a", "team-b"]
+
+
+# --- Pod Security levels (docs/security.md) --------------------------------------------
+
+POD_KINDS = {"Pod", "Deployment", "DaemonSet", "StatefulSet", "ReplicaSet", "Job", "CronJob"}
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_every_pod_runs_restricted_but_the_prefetcher(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    """Every pod template of the release passes the restricted Pod Security level, except
+    the prefetcher DaemonSet in the release namespace, whose hostPath to the node's
+    /dev/shm (and hostPort, when set) forces the privileged level."""
+    docs = [d for d in rendered[name] if d["kind"] in POD_KINDS]
+    failing = {
+        (d["kind"], d["metadata"]["name"]): violations(d, "restricted")
+        for d in docs
+        if violations(d, "restricted")
+    }
+    prefetcher = ("DaemonSet", "hs-hydraserve-prefetcher")
+    assert set(failing) == {prefetcher}, failing
+    (ds,) = [d for d in docs if (d["kind"], d["metadata"]["name"]) == prefetcher]
+    assert ds["metadata"]["namespace"] == NAMESPACE
+    # Everything but the host access is restricted, and the host access breaks baseline.
+    expected = ["HostPath volumes: volume shm sets hostPath.path=/dev/shm"]
+    if "prefetcher.hostPort=true" in VALUE_SETS[name]:
+        expected.append("Host ports: containers[prefetcher] sets ports[].hostPort=8300")
+    assert failing[prefetcher] == expected
+    assert violations(ds, "baseline") == expected
+    checked = {d["metadata"]["name"] for d in docs} - {prefetcher[1]}
+    assert "hs-hydraserve-operator" in checked
+    assert ("hs-hydraserve-gateway" in checked) == ("gateway.enabled=false" not in VALUE_SETS[name])
+    # The only hostPath in the release, and the template says why.
+    template = (CHART / "templates" / "prefetcher.yaml").read_text()
+    assert '"privileged"' in template and "hostPath" in template
+
+
+def test_pod_user_comes_from_values_and_is_never_root(
+    rendered: dict[str, list[dict[str, Any]]], helm: Path, helm_env: dict[str, str]
+) -> None:
+    for name, user, group in [("defaults", 10001, 10001), ("narrow-network", 2000, 3000)]:
+        for suffix in ("-operator", "-gateway"):
+            pod = find(rendered[name], "Deployment", suffix)["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsUser"] == user
+            assert pod["securityContext"]["runAsGroup"] == group
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+            assert "/tmp" in mounts  # the one writable path, an emptyDir
+    result = run_helm(
+        helm, helm_env, "template", "hs", str(CHART), "--set", "podSecurity.runAsUser=0"
+    )
+    assert result.returncode != 0
+    assert "podSecurity.runAsUser must be a non-zero user id" in result.stderr
+
+
+# --- Network policies (docs/security.md) -----------------------------------------------
+
+GATEWAY = {"app.kubernetes.io/name": "hydraserve", "app.kubernetes.io/instance": "hs",
+           "app.kubernetes.io/component": "gateway"}  # fmt: skip
+OPERATOR = {**GATEWAY, "app.kubernetes.io/component": "operator"}
+PREFETCHER = {**GATEWAY, "app.kubernetes.io/component": "prefetcher"}
+WORKER = worker_labels("llama", "llama-abcde", 0)
+DNS = {"k8s-app": "kube-dns"}
+
+
+def pod(namespace: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A pod as a NetworkPolicy peer sees it."""
+    return {"namespace": namespace, "labels": labels, "ip": "100.64.1.7"}
+
+
+def outside(ip: str) -> dict[str, Any]:
+    return {"namespace": None, "labels": {}, "ip": ip}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        assert expr["operator"] in ("In", "NotIn", "Exists", "DoesNotExist")
+        value = labels.get(expr["key"])
+        if expr["operator"] == "In" and value not in expr["values"]:
+            return False
+        if expr["operator"] == "NotIn" and value in expr["values"]:
+            return False
+        if expr["operator"] == "Exists" and expr["key"] not in labels:
+            return False
+        if expr["operator"] == "DoesNotExist" and expr["key"] in labels:
+            return False
+    return True
+
+
+def peer_matches(peer: dict[str, Any], policy_ns: str, other: dict[str, Any]) -> bool:
+    import ipaddress
+
+    if "ipBlock" in peer:
+        net = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+        excluded = [ipaddress.ip_network(c) for c in peer["ipBlock"].get("except", [])]
+        ip = ipaddress.ip_address(other["ip"])
+        return ip in net and not any(ip in e for e in excluded)
+    if other["namespace"] is None:  # not a pod: only ipBlocks match
+        return False
+    if "namespaceSelector" in peer:
+        ns_labels = {"kubernetes.io/metadata.name": other["namespace"]}
+        if not selects(peer["namespaceSelector"], ns_labels):
+            return False
+    elif other["namespace"] != policy_ns:
+        return False
+    return selects(peer.get("podSelector") or {}, other["labels"])
+
+
+def allows(
+    policy: dict[str, Any], direction: str, other: dict[str, Any], port: int, proto: str = "TCP"
+) -> bool:
+    """Whether `policy` lets traffic in from (Ingress) / out to (Egress) `other` on port."""
+    spec = policy["spec"]
+    assert direction in spec["policyTypes"]
+    key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    for rule in spec.get(key) or []:
+        ports = rule.get("ports")
+        if ports and not any(
+            p.get("protocol", "TCP") == proto and p.get("port") in (None, port) for p in ports
+        ):
+            continue
+        peers = rule.get(peers_key)
+        if not peers or any(peer_matches(p, policy["metadata"]["namespace"], other) for p in peers):
+            return True
+    return False
+
+
+def policies(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    found = {}
+    for doc in docs:
+        if doc["kind"] == "NetworkPolicy":
+            assert doc["metadata"]["namespace"] == NAMESPACE
+            found[doc["metadata"]["name"].removeprefix("hs-hydraserve-")] = doc
+    return found
+
+
+def test_network_policies_select_the_release_pods(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    for name, values in VALUE_SETS.items():
+        found = policies(rendered[name])
+        if name == "no-network-policy":
+            assert found == {}
+            continue
+        gateway = "gateway.enabled=false" not in values
+        assert set(found) == {"operator", "prefetcher"} | ({"gateway"} if gateway else set())
+        for component, policy in found.items():
+            assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+            kind = "DaemonSet" if component == "prefetcher" else "Deployment"
+            template_metadata, _ = pod_of(find(rendered[name], kind, f"-{component}"))
+            assert selects(policy["spec"]["podSelector"], dict(template_metadata["labels"]))
+            # No policy selects another component's pods.
+            for other in ({"gateway", "operator", "prefetcher"} & set(found)) - {component}:
+                labels = {**GATEWAY, "app.kubernetes.io/component": other}
+                assert not selects(policy["spec"]["podSelector"], labels)
+
+
+def test_network_policies_use_the_operators_worker_labels() -> None:
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    for key in (MANAGED_BY, APP_NAME):
+        assert f"{key}: {WORKER[key]}" in helpers
+
+
+def test_gateway_network_policy(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    gw = policies(rendered["defaults"])["gateway"]
+    # In: its HTTP port, from any pod in any namespace (the default), nothing else.
+    assert allows(gw, "Ingress", pod("team-a", {"app": "client"}), 8000)
+    assert allows(gw, "Ingress", pod(NAMESPACE, {}), 8000)
+    assert not allows(gw, "Ingress", pod("team-a", {"app": "client"}), 9090)
+    assert not allows(gw, "Ingress", outside("203.0.113.9"), 8000)
+    # Out: DNS, the API server, worker pods' HTTP port in any namespace.
+    assert allows(gw, "Egress", pod("kube-system", DNS), 53, "UDP")
+    assert allows(gw, "Egress", pod("kube-system", DNS), 53, "TCP")
+    assert not allows(gw, "Egress", pod("team-a", DNS), 53, "UDP")
+    assert allows(gw, "Egress", outside("10.96.0.1"), 443)
+    assert allows(gw, "Egress", outside("172.18.0.2"), 6443)
+    assert allows(gw, "Egress", pod("team-a", WORKER), 8000)
+    assert allows(gw, "Egress", pod("team-b", WORKER), 8000)
+    assert not allows(gw, "Egress", pod("team-a", WORKER), 29500)  # stages' rendezvous
+    assert not allows(gw, "Egress", pod(NAMESPACE, PREFETCHER), 8300)
+    assert not allows(gw, "Egress", pod("team-a", {"app": "other"}), 8000)
+    assert not allows(gw, "Egress", outside("198.51.100.1"), 9000)  # the store
+    # Narrowed by values.
+    narrow = policies(rendered["narrow-network"])["gateway"]
+    assert allows(narrow, "Ingress", outside("10.3.4.5"), 8000)
+    assert not allows(narrow, "Ingress", outside("203.0.113.9"), 8000)
+    assert not allows(narrow, "Ingress", pod("team-a", {}), 8000)  # not a tenant namespace
+    assert allows(narrow, "Egress", outside("172.20.0.1"), 6443)
+    assert not allows(narrow, "Egress", outside("172.20.0.2"), 6443)
+    assert not allows(narrow, "Egress", outside("172.20.0.1"), 443)
+    assert allows(narrow, "Egress", pod("team-a", WORKER), 8000)
+    assert not allows(narrow, "Egress", pod("team-b", WORKER), 8000)  # not watched
+
+
+def test_operator_network_policy(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    op = policies(rendered["defaults"])["operator"]
+    assert op["spec"]["ingress"] == []  # no metrics endpoint; probes come from the node
+    for port in (8080, 8000, 443):
+        assert not allows(op, "Ingress", pod(NAMESPACE, GATEWAY), port)
+    assert allows(op, "Egress", pod("kube-system", DNS), 53, "UDP")
+    assert allows(op, "Egress", outside("10.96.0.1"), 443)
+    assert allows(op, "Egress", outside("172.18.0.2"), 6443)
+    assert allows(op, "Egress", pod(NAMESPACE, PREFETCHER), 8300)
+    assert not allows(op, "Egress", pod("other", PREFETCHER), 8300)
+    for port in (443, 9000, 80):  # the store, anywhere by default
+        assert allows(op, "Egress", outside("198.51.100.1"), port)
+    assert allows(op, "Egress", pod("team-a", WORKER), 8000)  # consolidation's drain
+    assert not allows(op, "Egress", pod("team-a", WORKER), 29500)
+    assert not allows(op, "Egress", outside("198.51.100.1"), 22)
+    narrow = policies(rendered["narrow-network"])["operator"]
+    assert allows(narrow, "Egress", outside("10.1.2.3"), 9000)
+    assert not allows(narrow, "Egress", outside("10.2.2.3"), 9000)
+    assert not allows(narrow, "Egress", outside("10.1.2.3"), 443)
+    # prefetcher.hostPort: prefetchers are reached at node addresses.
+    assert allows(narrow, "Egress", outside("192.168.1.20"), 8300)
+    assert not allows(op, "Egress", outside("192.168.1.20"), 8300)
+
+
+def test_prefetcher_network_policy(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    pf = policies(rendered["defaults"])["prefetcher"]
+    assert allows(pf, "Ingress", pod(NAMESPACE, OPERATOR), 8300)
+    assert allows(pf, "Ingress", pod("team-a", WORKER), 8300)
+    assert not allows(pf, "Ingress", pod("other", OPERATOR), 8300)
+    assert not allows(pf, "Ingress", pod(NAMESPACE, GATEWAY), 8300)
+    assert not allows(pf, "Ingress", pod("team-a", {"app": "x"}), 8300)
+    assert not allows(pf, "Ingress", pod("team-a", WORKER), 22)
+    assert allows(pf, "Egress", pod("kube-system", DNS), 53, "UDP")
+    for port in (443, 9000, 80):
+        assert allows(pf, "Egress", outside("198.51.100.1"), port)
+    assert not allows(pf, "Egress", outside("10.96.0.1"), 6443)  # no API server
+    assert not allows(pf, "Egress", pod("team-a", WORKER), 8000)
+    assert not allows(pf, "Ingress", pod("monitoring", {"app": "prometheus"}), 8300)
+    narrow = policies(rendered["narrow-network"])["prefetcher"]
+    assert allows(narrow, "Ingress", pod("team-a", WORKER), 8300)
+    assert not allows(narrow, "Ingress", pod("team-b", WORKER), 8300)
+    assert allows(narrow, "Ingress", pod("monitoring", {"app": "prometheus"}), 8300)
+    assert not allows(narrow, "Ingress", pod("monitoring", {"app": "grafana"}), 8300)
+
+
+def test_network_policies_pass_kubernetes_validate_cli(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The rendered NetworkPolicies, through the kubernetes-validate command (strict, 1.31),
+    which also rejects a misspelt field."""
+    cli = Path(sys.executable).parent / "kubernetes-validate"
+    docs = [d for n in ("defaults", "narrow-network") for d in policies(rendered[n]).values()]
+    assert len(docs) == 6
+    good = tmp_path / "policies.yaml"
+    good.write_text(yaml.safe_dump_all(docs))
+    args = [str(cli), "--strict", "-k", K8S_VERSION]
+    result = subprocess.run([*args, str(good)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed for resource networkpolicy/") == 6, result.stdout
+    bad_doc = {**docs[0], "spec": {**docs[0]["spec"], "podSelectors": {}}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(bad_doc))
+    result = subprocess.run([*args, str(bad)], capture_output=True, text=True, check=False)
+    assert result.returncode != 0
+    assert "'podSelectors' was unexpected" in result.stdout + result.stderr

@@ -51,20 +51,91 @@ envFrom:
 {{- end }}
 {{- end -}}
 
-{{/* A restricted container security context (non-root, no privileges, read-only root). */}}
+{{/* A restricted pod security context (Pod Security Standards "restricted", with the
+container context below): non-root user from podSecurity, RuntimeDefault seccomp. */}}
+{{- define "hydraserve.podSecurity" -}}
+{{- if not (gt (int .Values.podSecurity.runAsUser) 0) -}}
+{{- fail "podSecurity.runAsUser must be a non-zero user id (the restricted Pod Security level forbids root)" -}}
+{{- end -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: {{ .Values.podSecurity.runAsUser }}
+  runAsGroup: {{ .Values.podSecurity.runAsGroup }}
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{/* A restricted container security context: no privilege escalation, no capabilities,
+read-only root filesystem (writable paths are emptyDir volumes). */}}
 {{- define "hydraserve.containerSecurity" -}}
 securityContext:
   allowPrivilegeEscalation: false
   readOnlyRootFilesystem: true
   runAsNonRoot: true
-  runAsUser: 10001
-  runAsGroup: 10001
   capabilities:
     drop: ["ALL"]
   seccompProfile:
     type: RuntimeDefault
 {{- end -}}
 
+{{/* The labels every HydraServe worker pod carries (hydraserve/operator/naming.py:
+worker_labels, MANAGED_BY and APP_NAME), as a NetworkPolicy podSelector. */}}
+{{- define "hydraserve.workerPodSelector" -}}
+podSelector:
+  matchLabels:
+    app.kubernetes.io/managed-by: hydraserve-operator
+    app.kubernetes.io/name: hydraserve-worker
+{{- end -}}
+
+{{/* The namespaces worker pods live in: the watched ones, or all. */}}
+{{- define "hydraserve.workerNamespaceSelector" -}}
+{{- if .Values.operator.watchNamespaces }}
+namespaceSelector:
+  matchExpressions:
+    - key: kubernetes.io/metadata.name
+      operator: In
+      values:
+        {{- toYaml .Values.operator.watchNamespaces | nindent 8 }}
+{{- else }}
+namespaceSelector: {}
+{{- end }}
+{{- end -}}
+
 {{- define "hydraserve.prefetcherLabels" -}}
 {{- include "hydraserve.selectorLabels" (dict "ctx" . "component" "prefetcher") -}}
+{{- end -}}
+
+{{/* A NetworkPolicy peer: worker pods in the namespaces they live in. */}}
+{{- define "hydraserve.workerPeer" -}}
+- {{ include "hydraserve.workerNamespaceSelector" . | trim | nindent 2 | trim }}
+  {{- include "hydraserve.workerPodSelector" . | nindent 2 }}
+{{- end -}}
+
+{{/* An egress rule to TCP ports, at some CIDRs or anywhere: (dict "cidrs" [...] "ports" [...]). */}}
+{{- define "hydraserve.egressTo" -}}
+- ports:
+    {{- range .ports }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
+  {{- with .cidrs }}
+  to:
+    {{- range . }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  {{- end }}
+{{- end -}}
+
+{{/* The egress rule to the cluster DNS (UDP and TCP). */}}
+{{- define "hydraserve.dnsEgress" -}}
+- to:
+    {{- toYaml .Values.networkPolicy.dns.to | nindent 4 }}
+  ports:
+    {{- range .Values.networkPolicy.dns.ports }}
+    - protocol: UDP
+      port: {{ . }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
 {{- end -}}
