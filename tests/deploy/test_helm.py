@@ -20,8 +20,15 @@ import yaml
 from hydraserve.api.models import ServerlessModelSpec
 from hydraserve.control.placement import InstancePlan, StagePlan, standalone_plan
 from hydraserve.control.policy import NamespacePolicy
-from hydraserve.operator.manifests import instance_service, standalone_objects, worker_pod
-from hydraserve.operator.naming import APP_NAME, MANAGED_BY, worker_labels
+from hydraserve.operator.manifests import (
+    instance_network_policy,
+    instance_service,
+    kv_volume,
+    model_volume,
+    standalone_objects,
+    worker_pod,
+)
+from hydraserve.operator.naming import APP_NAME, MANAGED_BY, kv_area_name, worker_labels
 from hydraserve.operator.settings import OperatorSettings
 from hydraserve.planner import PlannerConfig
 from tests.support.pod_security import pod_of, violations
@@ -206,6 +213,15 @@ def test_operator_env_is_read_by_its_settings(rendered: dict[str, list[dict[str,
             assert settings.planner == PlannerConfig()
             assert settings.store_bytes_per_s is None
             assert settings.tenancy == {"*": NamespacePolicy()}
+            # The per-instance NetworkPolicies admit exactly the chart's gateway and
+            # operator pods.
+            assert settings.network_policy is True
+            assert settings.system_namespace == NAMESPACE
+            gateway = find(rendered[name], "Deployment", "-gateway")
+            labels = gateway["spec"]["template"]["metadata"]["labels"]
+            assert settings.gateway_labels.items() <= labels.items()
+            op_labels = deployment["spec"]["template"]["metadata"]["labels"]
+            assert settings.operator_labels.items() <= op_labels.items()
 
 
 def test_prefetcher_daemonset_shm_capacity_and_nodes(
@@ -346,12 +362,22 @@ def test_operator_made_objects_pass_kubernetes_validate_strict() -> None:
         worker_pod(model, spec, "llama-abcde", plan, r, "t", "http://10.0.0.1:8300", 3.0, settings)
         for r in range(2)
     ]
-    # The standalone engine that consolidates it (pp = 1 on the all-card node).
+    # The standalone engine that consolidates it (pp = 1 on the all-card node), loading the
+    # KV its pipeline saved (that instance's KV area).
+    area = kv_area_name("team-a", "llama-abcde")
     objects += standalone_objects(
-        model, spec, "llama-abcde", standalone_plan(plan), "t", None, 4.0, settings
+        model, spec, "llama-abcde", standalone_plan(plan), "t", None, 4.0, settings, area
     )
+    objects += [*model_volume(model, spec, "gpu-0", 1 << 30, settings)]
+    objects += [*kv_volume(model, area, "gpu-0", settings)]
+    objects.append(instance_network_policy(model, "llama-abcde", settings))
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    pods = [o for o in objects if o["kind"] == "Pod"]
+    assert len(pods) == 3
+    for pod in pods:
+        # Tenant namespaces can enforce "restricted": no hostPath, root or privilege.
+        assert violations(pod, "restricted") == [], pod["metadata"]["name"]
 
 
 def test_container_build_dirs_are_not_python_packages() -> None:
