@@ -45,7 +45,7 @@ from hydraserve.backends.local.processes import (
     terminate,
     worker_env,
 )
-from hydraserve.backends.local.sandbox import sandbox_available, sandbox_prefix
+from hydraserve.backends.local.sandbox import sandbox_available, sandbox_prefix, worker_view
 from hydraserve.backends.local.settings import LocalSettings
 from hydraserve.control import reasons
 from hydraserve.control.coldstart import newly_measured, take_measurement
@@ -82,7 +82,7 @@ from hydraserve.planner.profile import (
 )
 from hydraserve.planner.types import ClusterState, Plan, PlanRequest, Unschedulable
 from hydraserve.prefetcher.node import NodeStatus, Prefetcher, PreloadRequest
-from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name, kv_area_dir
+from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
 from hydraserve.store.uri import StoreURIError
 from hydraserve.worker.config import StageAddress, WorkerConfig
@@ -709,12 +709,12 @@ class LocalBackend(ClusterBackend):
         mode = self.settings.worker_sandbox
         if mode == "off" or (mode == "auto" and not sandbox_available()):
             return []
-        model_dir = ModelShm(node.shm_dir, config.uri, config.revision).dir
-        kv_dir = kv_area_dir(node.shm_dir, config.kv_area or config.instance)
+        kv_area = (config.kv_area or config.instance) if config.kv_transfer else None
+        read_only, read_write = worker_view(node.shm_dir, config.uri, config.revision, kv_area)
         # Created here, by the node's owner: the worker cannot create anything there.
-        model_dir.mkdir(parents=True, exist_ok=True)
-        kv_dir.mkdir(parents=True, exist_ok=True)
-        return sandbox_prefix(node.shm_dir, [model_dir], [kv_dir] if config.kv_transfer else [])
+        for path in (*read_only, *read_write):
+            path.mkdir(parents=True, exist_ok=True)
+        return sandbox_prefix(node.shm_dir, read_only, read_write)
 
     def _worker_config(
         self,

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
+from hydraserve.prefetcher.shm import ModelShm, kv_area_dir
+
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -59,6 +61,16 @@ def sandbox_available() -> bool:
         check=False,
     )
     return probe.returncode == 0
+
+
+def worker_view(
+    shm_dir: Path, uri: str, revision: str, kv_area: str | None
+) -> tuple[list[Path], list[Path]]:
+    """What a worker of this model keeps of its node's shared memory: its model's
+    directory (read-only) and, when it hands KV over, its instance's KV area."""
+    read_only = [ModelShm(shm_dir, uri, revision).dir]
+    read_write = [kv_area_dir(shm_dir, kv_area)] if kv_area is not None else []
+    return read_only, read_write
 
 
 def sandbox_prefix(hide: Path, read_only: Sequence[Path], read_write: Sequence[Path]) -> list[str]:
