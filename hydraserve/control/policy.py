@@ -4,7 +4,7 @@ The CRD schema rejects what a schema can say (path traversal, image reference sy
 bounds); this is the rest, which depends on who asks: which images may run, which engine
 arguments a tenant may pass, where its weights may come from, and how much it may use.
 A spec that breaks a rule gets the ``PolicyViolation`` condition naming the rule, and the
-backend creates nothing for it (decision 0506).
+backend creates nothing for it (decision 0501).
 
 Rules are per namespace: ``namespaces`` maps a namespace (or ``"*"``, the default for all
 others) to a :class:`NamespacePolicy`. The defaults are safe for a shared cluster: only

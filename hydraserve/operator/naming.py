@@ -115,7 +115,7 @@ def template_hash(spec: ServerlessModelSpec, worker_image: str) -> str:
     return digest[:16]
 
 
-# Volumes (decision 0506): a worker sees its node's copy of its model through a
+# Volumes (decision 0500): a worker sees its node's copy of its model through a
 # PersistentVolumeClaim bound to a PersistentVolume of that one directory, read-only, and
 # its instance's KV area through another, never the node's whole shared memory.
 VOLUME_LABEL = f"{GROUP}/volume"  # "model" or "kv"

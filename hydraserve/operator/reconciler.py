@@ -915,7 +915,7 @@ class Reconciler:
         prefetchers: Mapping[str, str],
     ) -> None:
         """The claims a worker mounts instead of the node's shared memory (decision
-        0506): the model's directory on each node, read-only, and the instance's KV area
+        0500): the model's directory on each node, read-only, and the instance's KV area
         (created by the node's prefetcher, writable by the workers' user only)."""
         namespace = model["metadata"]["namespace"]
         size = (await self._manifest(spec)).weights_size

@@ -285,7 +285,7 @@ def test_rbac_is_least_privilege(rendered: dict[str, list[dict[str, Any]]]) -> N
     deletable = {
         r for rule in operator["rules"] for r in rule["resources"] if "delete" in rule["verbs"]
     }
-    # Instances, and the volume/claim pairs that show workers their model (decision 0506).
+    # Instances, and the volume/claim pairs that show workers their model (decision 0500).
     assert deletable == {
         "pods",
         "services",

@@ -1,6 +1,6 @@
 """A worker's view of its node's shared memory on this machine: only its own model,
 read-only, and its instance's KV area, as the operator's per-model PersistentVolumeClaims
-give it on Kubernetes (decision 0506).
+give it on Kubernetes (decision 0500).
 
 ``python -m hydraserve.backends.local.sandbox --hide DIR --ro DIR --rw DIR -- CMD...``
 runs in a fresh mount namespace (``unshare --mount``): it opens the directories to keep,
