@@ -43,7 +43,7 @@ async def test_sync_client_completion_chat_and_models(gw: Harness) -> None:
             model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2, n=2
         )
         assert [c.message.content for c in chat.choices] == ["tok0 tok1 "] * 2
-        assert [m.id for m in client.models.list()] == ["m"]
+        assert [m.id for m in client.models.list()] == ["default/m"]  # namespace/name
 
     await asyncio.to_thread(run)
 
@@ -98,7 +98,7 @@ async def test_queue_full_is_a_rate_limit_error_in_the_client(
     )
     client = async_client(gw)
     waiting = asyncio.create_task(client.completions.create(model="m", prompt="x"))
-    while gw.gateway.dispatcher.queue_length("m") == 0:
+    while gw.gateway.dispatcher.queue_length("default/m") == 0:
         await asyncio.sleep(0.01)
     with pytest.raises(openai.RateLimitError) as limited:
         await client.completions.create(model="m", prompt="x")
