@@ -451,7 +451,17 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        # Series are labelled with every tenant's model ids: only an operator's key (or,
+        # by default, whoever reaches this port, which must not be a tenant) reads them.
+        gated = settings.metrics_require_key and authenticator is not None
+        if gated and not gateway.principal(request).sees_everything:
+            raise errors.GatewayError(
+                403,
+                "GET /metrics needs a key whose scope is every namespace and model.",
+                type=errors.PERMISSION,
+                code="metrics_not_allowed",
+            )
         return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE)
 
     def openapi() -> dict[str, Any]:

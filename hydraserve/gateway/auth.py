@@ -101,6 +101,11 @@ class Principal:
     models: tuple[str, ...] = ("*",)
     namespaces: tuple[str, ...] = ("*",)
 
+    @property
+    def sees_everything(self) -> bool:
+        """Whether this caller's scope is every namespace and every model (an operator)."""
+        return "*" in self.namespaces and "*" in self.models
+
     def sees(self, namespace: str, name: str) -> bool:
         """Whether the model ``name`` of ``namespace`` is in this caller's scope."""
         if not any(fnmatch.fnmatchcase(namespace, pattern) for pattern in self.namespaces):

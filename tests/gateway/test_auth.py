@@ -283,3 +283,17 @@ async def test_keys_never_appear_in_logs(gw: Harness, capsys: pytest.CaptureFixt
     for key in (ALICE, BOB, "hs-wrong-key-value"):
         assert key not in logs
     assert "key=alice" in logs or '"key": "alice"' in logs
+
+
+async def test_metrics_can_require_a_key_that_sees_everything(
+    keys_file: Path, start_gateway: StartGateway
+) -> None:
+    # /metrics names every tenant's models: with the setting, only a key over all of them.
+    backend = FakeClusterBackend([make_model("m", namespace="team-a")])
+    settings = fast_settings(auth_enabled=True, api_keys_file=keys_file, metrics_require_key=True)
+    gw = await start_gateway(backend, settings)
+    assert (await gw.client.get("/metrics")).status_code == 401
+    alice = await gw.client.get("/metrics", headers={"Authorization": f"Bearer {ALICE}"})
+    assert alice.status_code == 403 and alice.json()["error"]["code"] == "metrics_not_allowed"
+    bob = await gw.client.get("/metrics", headers={"Authorization": f"Bearer {BOB}"})
+    assert bob.status_code == 200 and "hydraserve_gateway_requests" in bob.text
