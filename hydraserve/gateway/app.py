@@ -127,20 +127,19 @@ class Gateway:
         authenticator: Authenticator | None,
     ) -> None:
         # Every part keys models by canonical id; the catalog translates for the backend.
-        self.backend = Catalog(backend)
-        backend = self.backend
+        catalog = self.backend = Catalog(backend)
         self.settings = settings
         self.authenticator = authenticator
         self.metrics = GatewayMetrics()
         self.observer = ClusterObserver(self.metrics)
         self.autoscaler = Autoscaler(
-            backend,
+            catalog,
             self._in_flight,
             interval=settings.autoscale_interval_seconds,
             on_decision=lambda model, n: self.metrics.desired_replicas.labels(model).set(n),
         )
         self.dispatcher = Dispatcher(
-            backend,
+            catalog,
             settings,
             self.metrics,
             on_in_flight=self.autoscaler.record,
