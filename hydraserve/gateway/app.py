@@ -2,11 +2,19 @@
 
 ``create_app(backend, settings)`` builds everything; the backend is the only way the
 gateway reaches the control plane (``hydraserve.backends.base.ClusterBackend``).
+
+Model ids (decision 0502): a model is ``<namespace>/<name>`` in ``/v1/models`` and in
+the gateway's metrics and logs. A request's ``model`` (and ``/v1/models/{id}``) may be
+that id, or the bare name when exactly one model the caller's key sees has it; a bare
+name several visible models share is a 400 listing their ids, and a model outside the
+key's scope is the same 404 as a missing one. The engine is always sent the name it
+serves (``metadata.name``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
@@ -25,8 +33,9 @@ from hydraserve import __version__
 from hydraserve.api.models import SloAttainmentStatus
 from hydraserve.backends.base import ClusterBackend, InstancePhase, ModelView
 from hydraserve.gateway import errors
-from hydraserve.gateway.auth import ANONYMOUS, Authenticator, Principal, forbidden_model
+from hydraserve.gateway.auth import ANONYMOUS, Authenticator, Principal
 from hydraserve.gateway.autoscaler import Autoscaler
+from hydraserve.gateway.catalog import Catalog, model_id
 from hydraserve.gateway.dispatcher import Dispatcher, Ticket
 from hydraserve.gateway.errors import GatewayError, install_error_handlers
 from hydraserve.gateway.metrics import CONTENT_TYPE, UNKNOWN_MODEL, GatewayMetrics
@@ -117,19 +126,20 @@ class Gateway:
         settings: GatewaySettings,
         authenticator: Authenticator | None,
     ) -> None:
-        self.backend = backend
+        # Every part keys models by canonical id; the catalog translates for the backend.
+        catalog = self.backend = Catalog(backend)
         self.settings = settings
         self.authenticator = authenticator
         self.metrics = GatewayMetrics()
         self.observer = ClusterObserver(self.metrics)
         self.autoscaler = Autoscaler(
-            backend,
+            catalog,
             self._in_flight,
             interval=settings.autoscale_interval_seconds,
             on_decision=lambda model, n: self.metrics.desired_replicas.labels(model).set(n),
         )
         self.dispatcher = Dispatcher(
-            backend,
+            catalog,
             settings,
             self.metrics,
             on_in_flight=self.autoscaler.record,
@@ -153,16 +163,14 @@ class Gateway:
         return self.authenticator.authenticate(request.headers.get("authorization"))
 
     def resolve(self, request: Request, model: str, principal: Principal) -> ModelView:
-        """The model a request may use, or 403/404/503."""
-        if not principal.allows(model):
-            raise forbidden_model(model, principal.name)
-        view = self.backend.get_model(model)
-        if view is None:
-            raise errors.model_not_found(model)
-        request.state.model = model
+        """The model a request names, for this caller (see the module docstring), or
+        400 (ambiguous bare name), 404 (missing or not in the key's scope) or 503."""
+        view = self.backend.resolve(model, principal)
+        canonical = model_id(view)
+        request.state.model = canonical
         if view.error is not None:
-            self.metrics.rejections.labels(model, "model_unavailable").inc()
-            raise errors.model_unavailable(model, view.error)
+            self.metrics.rejections.labels(canonical, "model_unavailable").inc()
+            raise errors.model_unavailable(canonical, view.error)
         return view
 
     def forward(
@@ -175,13 +183,15 @@ class Gateway:
         principal: Principal,
         arrived_at: float,
     ) -> Response:
-        model = parsed.model
-        view = self.resolve(request, model, principal)
+        view = self.resolve(request, parsed.model, principal)
+        if parsed.model != view.name:
+            # A qualified id: the engine serves the bare name (--served-model-name).
+            body = _with_model(body, view.name)
         cold = not view.ready_instances
         ticket: Ticket = self.dispatcher.admit(view)  # raises 429 when the queue is full
         slo = view.model.spec.slo
         proxied = ProxiedRequest(
-            model=model,
+            model=model_id(view),
             endpoint=endpoint,
             body=body,
             stream=parsed.stream,
@@ -196,8 +206,9 @@ class Gateway:
 
     def model_card(self, view: ModelView) -> ModelCard:
         starting = sum(1 for i in view.instances if i.phase == InstancePhase.STARTING)
+        canonical = model_id(view)
         return ModelCard(
-            id=view.name,
+            id=canonical,
             created=_created(view, self.started_at),
             owned_by=view.model.metadata.namespace,
             hydraserve=ModelStatus(
@@ -206,7 +217,7 @@ class Gateway:
                 starting_instances=starting,
                 phase=view.effective_phase.value,
                 error=view.error,
-                slo_attainment=self.slo_attainment(view.name),
+                slo_attainment=self.slo_attainment(canonical),
             ),
         )
 
@@ -255,7 +266,7 @@ class Gateway:
         loops.append(self.report_slo_attainment())
         tasks = [asyncio.create_task(loop) for loop in loops]
         log.info("gateway.started", auth=self.authenticator is not None,
-                 models=[v.name for v in self.backend.list_models()])  # fmt: skip
+                 models=[model_id(v) for v in self.backend.list_models()])  # fmt: skip
         try:
             yield
         finally:
@@ -279,6 +290,13 @@ class Gateway:
                     await self.backend.report_slo_attainment(model, attainment)
                 except Exception as exc:  # the next round writes it again
                     log.warning("slo.report_failed", model=model, error=str(exc))
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    """The request body with ``model`` replaced (the body was validated as an object)."""
+    data = json.loads(body)
+    data["model"] = model
+    return json.dumps(data).encode()
 
 
 def _created(view: ModelView, default: float) -> int:
@@ -308,8 +326,10 @@ def build_authenticator(settings: GatewaySettings) -> Authenticator | None:
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Malformed request; `param` names the field."},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key."},
-    403: {"model": ErrorResponse, "description": "The key may not use this model."},
-    404: {"model": ErrorResponse, "description": "Unknown model."},
+    404: {
+        "model": ErrorResponse,
+        "description": "Unknown model, or one outside the key's scope (alike).",
+    },
     413: {"model": ErrorResponse, "description": "Request body too large."},
     429: {"model": ErrorResponse, "description": "Rate limit or full queue; see Retry-After."},
     503: {"model": ErrorResponse, "description": "No instance in time; see Retry-After."},
@@ -410,31 +430,37 @@ def create_app(
         summary="List models",
     )
     async def list_models(who: Principal = Depends(principal)) -> ModelList:
-        views = [v for v in backend.list_models() if who.allows(v.name)]
+        views = gateway.backend.visible_models(who)
         return ModelList(data=[gateway.model_card(v) for v in views])
 
+    # ``:path``: a canonical id has a slash (namespace/name).
     @app.get(
-        "/v1/models/{model}",
+        "/v1/models/{model:path}",
         response_model=ModelCard,
-        responses={k: ERROR_RESPONSES[k] for k in (401, 403, 404, 429)},
-        summary="Retrieve a model",
+        responses={k: ERROR_RESPONSES[k] for k in (400, 401, 404, 429)},
+        summary="Retrieve a model (by namespace/name, or by name when unambiguous)",
     )
     async def get_model(
         model: str, request: Request, who: Principal = Depends(principal)
     ) -> ModelCard:
-        if not who.allows(model):
-            raise forbidden_model(model, who.name)
-        view = backend.get_model(model)
-        if view is None:
-            raise errors.model_not_found(model)
-        return gateway.model_card(view)
+        return gateway.model_card(gateway.backend.resolve(model, who))
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        # Series are labelled with every tenant's model ids: only an operator's key (or,
+        # by default, whoever reaches this port, which must not be a tenant) reads them.
+        gated = settings.metrics_require_key and authenticator is not None
+        if gated and not gateway.principal(request).sees_everything:
+            raise errors.GatewayError(
+                403,
+                "GET /metrics needs a key whose scope is every namespace and model.",
+                type=errors.PERMISSION,
+                code="metrics_not_allowed",
+            )
         return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE)
 
     def openapi() -> dict[str, Any]:

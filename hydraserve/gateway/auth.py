@@ -1,4 +1,4 @@
-"""API keys: hashed storage, model allowlists, per-key rate limits.
+"""API keys: hashed storage, namespace and model scopes, per-key rate limits.
 
 Keys live in a YAML file (a mounted Kubernetes Secret is such a file) as SHA-256 digests,
 never in plain text; the gateway hashes the presented key and compares it with every
@@ -11,12 +11,20 @@ File format::
     keys:
       - name: team-a                  # shown in logs, never the key
         sha256: 5e88489...            # hash_key(key)
+        namespaces: ["team-a"]        # shell patterns over namespaces; default ["*"]
         models: ["llama2-7b", "demo-*"]   # shell patterns; default ["*"]
         requestsPerMinute: 600        # optional rate limit
         burst: 20                     # optional, default requestsPerMinute / 6
 
-``python -m hydraserve.gateway.auth --name team-a --models 'demo*'`` makes a new key and
-prints it once, with the entry to add to the file.
+A model's id is ``<namespace>/<name>`` (decision 0502). A key *sees* a model when one of
+its ``namespaces`` patterns matches the model's namespace **and** one of its ``models``
+patterns matches either the id (``team-a/llama2-7b``) or, as before ids had namespaces,
+the bare name (``llama2-7b``). Note that ``*`` also matches ``/``: ``models: ["*"]``
+is every model of the key's namespaces. A model a key does not see answers exactly as a
+missing one (404), so keys cannot probe other tenants' models.
+
+``python -m hydraserve.gateway.auth --name team-a --namespaces team-a --models 'demo*'``
+makes a new key and prints it once, with the entry to add to the file.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ class KeyEntry(BaseModel):
 
     name: Annotated[str, Field(min_length=1, max_length=128)]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="hash_key(key)")]
+    namespaces: list[str] = Field(default_factory=lambda: ["*"])
     models: list[str] = Field(default_factory=lambda: ["*"])
     requests_per_minute: Annotated[float, Field(gt=0)] | None = None
     burst: Annotated[int, Field(ge=1)] | None = None
@@ -83,13 +92,29 @@ class KeysFile(BaseModel):
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a key's name and what it may use (``None``: auth is off)."""
+    """Who is calling: a key's name and the models it sees (``None``: auth is off).
+
+    Its scope is the namespaces it may use and, within them, the models: see the module
+    docstring for the matching rule."""
 
     name: str | None
     models: tuple[str, ...] = ("*",)
+    namespaces: tuple[str, ...] = ("*",)
 
-    def allows(self, model: str) -> bool:
-        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+    @property
+    def sees_everything(self) -> bool:
+        """Whether this caller's scope is every namespace and every model (an operator)."""
+        return "*" in self.namespaces and "*" in self.models
+
+    def sees(self, namespace: str, name: str) -> bool:
+        """Whether the model ``name`` of ``namespace`` is in this caller's scope."""
+        if not any(fnmatch.fnmatchcase(namespace, pattern) for pattern in self.namespaces):
+            return False
+        qualified = f"{namespace}/{name}"
+        return any(
+            fnmatch.fnmatchcase(qualified, pattern) or fnmatch.fnmatchcase(name, pattern)
+            for pattern in self.models
+        )
 
 
 ANONYMOUS = Principal(None)
@@ -166,7 +191,11 @@ class Authenticator:
         buckets: dict[str, TokenBucket] = {}
         for entry in entries:
             installed.append(
-                (bytes.fromhex(entry.sha256), entry, Principal(entry.name, tuple(entry.models)))
+                (
+                    bytes.fromhex(entry.sha256),
+                    entry,
+                    Principal(entry.name, tuple(entry.models), tuple(entry.namespaces)),
+                )
             )
             if entry.requests_per_minute is not None:
                 rate = entry.requests_per_minute / 60.0
@@ -261,23 +290,20 @@ def _unauthorized(code: str, message: str) -> GatewayError:
     )
 
 
-def forbidden_model(model: str, key_name: str | None) -> GatewayError:
-    return GatewayError(
-        403,
-        f"The API key '{key_name}' is not allowed to use model '{model}'.",
-        type=errors.PERMISSION,
-        code="model_not_allowed",
-        param="model",
-    )
-
-
 def new_key_entry(
-    name: str, models: list[str], requests_per_minute: float | None = None
+    name: str,
+    models: list[str],
+    requests_per_minute: float | None = None,
+    namespaces: list[str] | None = None,
 ) -> tuple[str, KeyEntry]:
     """A fresh key and the entry (hash only) to store for it."""
     key = new_api_key()
     entry = KeyEntry(
-        name=name, sha256=hash_key(key), models=models, requests_per_minute=requests_per_minute
+        name=name,
+        sha256=hash_key(key),
+        namespaces=namespaces if namespaces is not None else ["*"],
+        models=models,
+        requests_per_minute=requests_per_minute,
     )
     return key, entry
 
@@ -285,10 +311,17 @@ def new_key_entry(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Make a HydraServe gateway API key.")
     parser.add_argument("--name", required=True)
-    parser.add_argument("--models", nargs="*", default=["*"], help="allowed model patterns")
+    parser.add_argument(
+        "--namespaces", nargs="*", default=["*"], help="namespace patterns the key may use"
+    )
+    parser.add_argument(
+        "--models", nargs="*", default=["*"], help="model patterns (namespace/name or name)"
+    )
     parser.add_argument("--requests-per-minute", type=float, default=None)
     args = parser.parse_args(argv)
-    key, entry = new_key_entry(args.name, args.models, args.requests_per_minute)
+    key, entry = new_key_entry(
+        args.name, args.models, args.requests_per_minute, namespaces=args.namespaces
+    )
     document = yaml.safe_dump(
         {"keys": [entry.model_dump(by_alias=True, exclude_none=True)]}, sort_keys=False
     )

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from hydraserve.api.models import ScalingSpec
 from hydraserve.backends.base import ClusterBackend, ModelView
+from hydraserve.gateway.catalog import model_id
 from hydraserve.logs import get_logger
 
 log = get_logger("gateway.autoscaler")
@@ -94,7 +95,7 @@ class Autoscaler:
         now = self._clock()
         self._window(view, now).record(now, old)
         if new > old and desired_replicas(view.model.spec.scaling, new) > self._believed(view):
-            task = asyncio.get_running_loop().create_task(self.apply(view.name))
+            task = asyncio.get_running_loop().create_task(self.apply(model_id(view)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -103,7 +104,7 @@ class Autoscaler:
     def decide(self, view: ModelView, now: float) -> int:
         window = self._window(view, now)
         scaling = view.model.spec.scaling
-        peak = window.peak(now, scaling.keep_alive_seconds, self._in_flight(view.name))
+        peak = window.peak(now, scaling.keep_alive_seconds, self._in_flight(model_id(view)))
         return desired_replicas(scaling, peak)
 
     async def apply(self, model: str) -> None:
@@ -137,8 +138,8 @@ class Autoscaler:
     async def tick(self) -> None:
         models = self._backend.list_models()
         for view in models:
-            await self.apply(view.name)
-        present = {view.name for view in models}
+            await self.apply(model_id(view))
+        present = {model_id(view) for view in models}
         for gone in set(self._windows) - present:
             self._windows.pop(gone, None)
             self._requested.pop(gone, None)
@@ -155,9 +156,9 @@ class Autoscaler:
     # --- helpers ----------------------------------------------------------------------
 
     def _window(self, view: ModelView, now: float) -> DemandWindow:
-        window = self._windows.get(view.name)
+        window = self._windows.get(model_id(view))
         if window is None:
-            window = self._windows[view.name] = DemandWindow()
+            window = self._windows[model_id(view)] = DemandWindow()
             # Replicas that exist when the gateway (re)starts are kept for one keep-alive,
             # as if the demand that asked for them had just ended.
             scaling = view.model.spec.scaling
@@ -166,7 +167,7 @@ class Autoscaler:
 
     def _believed(self, view: ModelView) -> int:
         """Replicas currently asked for: our own recent request, else the backend's view."""
-        requested = self._requested.get(view.name)
+        requested = self._requested.get(model_id(view))
         if requested is not None and self._clock() - requested[1] < REQUEST_TRUST_SECONDS:
             return requested[0]
         return view.desired_replicas

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from hydraserve.backends.base import ClusterBackend, InstancePhase, InstanceView, ModelView
 from hydraserve.gateway import errors
 from hydraserve.gateway.admission import Admission, admit, describe_progress
+from hydraserve.gateway.catalog import model_id
 from hydraserve.gateway.metrics import GatewayMetrics
 from hydraserve.gateway.router import choose_instance
 from hydraserve.gateway.settings import GatewaySettings
@@ -41,7 +42,7 @@ class ModelRuntime:
     """The gateway's live state for one model."""
 
     def __init__(self, view: ModelView, metrics: GatewayMetrics) -> None:
-        self.name = view.name
+        self.name = model_id(view)
         self.view = view
         self.queue: deque[Ticket] = deque()
         self.in_flight = 0
@@ -132,9 +133,9 @@ class Dispatcher:
             len(runtime.queue), self._settings.queue_size_per_model, instance is not None
         )
         if decision == Admission.REJECT:
-            self._metrics.rejections.labels(view.name, "queue_full").inc()
+            self._metrics.rejections.labels(runtime.name, "queue_full").inc()
             raise errors.queue_full(
-                view.name,
+                runtime.name,
                 self._settings.queue_size_per_model,
                 self._settings.queue_full_retry_after_seconds,
             )
@@ -360,9 +361,10 @@ class Dispatcher:
     # --- helpers ------------------------------------------------------------------------
 
     def _runtime(self, view: ModelView) -> ModelRuntime:
-        runtime = self._runtimes.get(view.name)
+        key = model_id(view)  # per namespace: same-named models of two tenants stay apart
+        runtime = self._runtimes.get(key)
         if runtime is None:
-            runtime = self._runtimes[view.name] = ModelRuntime(view, self._metrics)
+            runtime = self._runtimes[key] = ModelRuntime(view, self._metrics)
         else:
             runtime.view = view
         return runtime

@@ -85,6 +85,19 @@ def model_not_found(model: str) -> GatewayError:
     )
 
 
+def ambiguous_model(model: str, ids: Sequence[str]) -> GatewayError:
+    # 400, not 404: the name exists for this caller, it just does not say which one.
+    listed = ", ".join(f"'{i}'" for i in ids)
+    return GatewayError(
+        400,
+        f"The model name '{model}' is ambiguous: {len(ids)} models you can use have it. "
+        f"Name one as namespace/name: {listed}.",
+        type=INVALID_REQUEST,
+        code="ambiguous_model",
+        param="model",
+    )
+
+
 def model_unavailable(model: str, reason: str) -> GatewayError:
     # Not retryable soon (no Retry-After): an operator has to fix the model first.
     return GatewayError(

@@ -20,6 +20,7 @@ from hydraserve.backends.base import (
     InstanceView,
     ModelView,
 )
+from hydraserve.gateway.catalog import model_id
 from hydraserve.gateway.metrics import GatewayMetrics
 from hydraserve.logs import get_logger
 
@@ -42,19 +43,19 @@ class ClusterObserver:
         self._phase_labels: set[tuple[str, str]] = set()
 
     def observe_model(self, view: ModelView) -> None:
-        seen = self._ready_seen.setdefault(view.name, set())
+        seen = self._ready_seen.setdefault(model_id(view), set())
         for instance in newly_ready(seen, view.instances):
             if instance.origin == InstanceOrigin.CONSOLIDATION:
                 continue
             if instance.ready_at is None or instance.ready_at >= self._started_at:
-                self._record_cold_start(view.name, instance)
-        recorded = self._consolidations_seen.setdefault(view.name, set())
+                self._record_cold_start(model_id(view), instance)
+        recorded = self._consolidations_seen.setdefault(model_id(view), set())
         for record in view.consolidations:
             if record.pipeline in recorded:
                 continue
             recorded.add(record.pipeline)
             if record.started_at >= self._started_at:
-                self._record_consolidation(view.name, record)
+                self._record_consolidation(model_id(view), record)
         if len(recorded) > 4 * max(1, len(view.consolidations)):
             recorded.intersection_update(r.pipeline for r in view.consolidations)
         # Forget instances that are gone, so the set stays as small as the model.
@@ -69,12 +70,12 @@ class ClusterObserver:
             for instance in view.instances:
                 counts[instance.phase] += 1
             for phase, count in counts.items():
-                self._metrics.instances.labels(view.name, phase.value).set(count)
-                labels.add((view.name, phase.value))
+                self._metrics.instances.labels(model_id(view), phase.value).set(count)
+                labels.add((model_id(view), phase.value))
         for model, phase_name in self._phase_labels - labels:
             self._metrics.instances.remove(model, phase_name)
         self._phase_labels = labels
-        for gone in set(self._ready_seen) - {v.name for v in views}:
+        for gone in set(self._ready_seen) - {model_id(v) for v in views}:
             del self._ready_seen[gone]
             self._consolidations_seen.pop(gone, None)
 

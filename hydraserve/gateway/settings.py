@@ -39,6 +39,12 @@ class GatewaySettings(BaseSettings):
     api_keys_reload_seconds: float = Field(
         default=10.0, gt=0, description="How often the keys file is checked for changes."
     )
+    metrics_require_key: bool = Field(
+        default=False,
+        description="GET /metrics needs an API key whose scope is every namespace and "
+        "model: its series name every tenant's models (off: keep /metrics unreachable "
+        "for tenants, e.g. with a NetworkPolicy).",
+    )
 
     # --- requests ---------------------------------------------------------------------
     max_request_bytes: int = Field(

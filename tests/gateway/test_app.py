@@ -25,14 +25,20 @@ async def test_models_are_listed_from_the_backend(start_gateway: StartGateway) -
     listing = (await gw.client.get("/v1/models")).json()
     assert listing["object"] == "list"
     cards = {card["id"]: card for card in listing["data"]}
-    assert set(cards) == {"alpha", "beta"}
+    # Canonical ids (decision 0502): namespace/name; owned_by is the namespace.
+    assert set(cards) == {"default/alpha", "default/beta"}
+    cards = {card["id"].removeprefix("default/"): card for card in listing["data"]}
+    assert cards["alpha"]["owned_by"] == "default"
     assert cards["alpha"]["object"] == "model"
     assert isinstance(cards["alpha"]["created"], int)
     assert cards["alpha"]["hydraserve"]["ready_instances"] == 1
     assert cards["alpha"]["hydraserve"]["starting_instances"] == 1
     assert cards["beta"]["hydraserve"]["error"] == "not in the store"
+    # Retrieved by bare name (unique here) or by canonical id: the same card.
     one = (await gw.client.get("/v1/models/alpha")).json()
-    assert one["id"] == "alpha"
+    assert one["id"] == "default/alpha"
+    qualified = await gw.client.get("/v1/models/default/alpha")
+    assert qualified.status_code == 200 and qualified.json()["id"] == "default/alpha"
     backend.add_model(make_model("gamma"))
     assert len((await gw.client.get("/v1/models")).json()["data"]) == 3
 
@@ -74,7 +80,7 @@ async def test_metrics_use_prometheus_naming_and_bounded_labels(
         for s in families["hydraserve_gateway_requests"].samples
         if s.name.endswith("_total")
     }
-    assert requests[("m", "200")] == 1
+    assert requests[("default/m", "200")] == 1
     assert requests[("_unknown", "404")] == 5  # made-up names do not become labels
 
 

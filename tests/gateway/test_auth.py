@@ -88,9 +88,37 @@ def test_authenticate_accepts_the_right_key_only(keys_file: Path) -> None:
 
 def test_allowlist_patterns() -> None:
     principal = Principal("alice", ("m", "team-*"))
-    assert principal.allows("m") and principal.allows("team-x")
-    assert not principal.allows("mm") and not principal.allows("other")
-    assert Principal("root", ("*",)).allows("anything")
+    assert principal.sees("default", "m") and principal.sees("ns", "team-x")
+    assert not principal.sees("default", "mm") and not principal.sees("default", "other")
+    assert Principal("root", ("*",)).sees("any-namespace", "anything")
+
+
+def test_model_patterns_match_the_canonical_id_or_the_bare_name() -> None:
+    principal = Principal("a", ("team-a/*", "shared"))
+    assert principal.sees("team-a", "llama") and principal.sees("team-b", "shared")
+    assert not principal.sees("team-b", "llama")
+
+
+def test_namespace_scope_applies_on_top_of_the_models() -> None:
+    principal = Principal("a", ("*",), ("team-a", "lab-*"))
+    assert principal.sees("team-a", "m") and principal.sees("lab-1", "m")
+    assert not principal.sees("team-b", "m") and not principal.sees("team-ab", "m")
+    # Both must match: a model pattern cannot widen the namespace scope.
+    assert not Principal("a", ("team-b/*",), ("team-a",)).sees("team-b", "m")
+
+
+def test_namespaces_default_to_all_and_load_from_the_keys_file(tmp_path: Path) -> None:
+    path = write_keys(
+        tmp_path / "keys.yaml",
+        [
+            {"name": "a", "sha256": hash_key(ALICE), "namespaces": ["team-a"]},
+            {"name": "b", "sha256": hash_key(BOB)},
+        ],
+    )
+    auth = Authenticator.from_file(path)
+    alice = auth.authenticate(f"Bearer {ALICE}")
+    assert alice.namespaces == ("team-a",) and alice.models == ("*",)
+    assert auth.authenticate(f"Bearer {BOB}").namespaces == ("*",)
 
 
 def test_token_bucket_allows_a_burst_then_the_rate() -> None:
@@ -163,12 +191,16 @@ def test_settings_default_to_auth_on() -> None:
 def test_key_generator_prints_the_key_once_and_a_valid_entry(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    main(["--name", "svc", "--models", "demo", "team-*", "--requests-per-minute", "120"])
+    main(["--name", "svc", "--namespaces", "team-a", "--models", "demo", "team-*",
+          "--requests-per-minute", "120"])  # fmt: skip
     out = capsys.readouterr().out
     key = out.splitlines()[1].removeprefix("# ").strip()
     entry = KeyEntry.model_validate(yaml.safe_load(out)["keys"][0])
     assert entry.sha256 == hash_key(key)
     assert entry.models == ["demo", "team-*"] and entry.requests_per_minute == 120
+    assert entry.namespaces == ["team-a"]
+    main(["--name", "all"])
+    assert yaml.safe_load(capsys.readouterr().out)["keys"][0]["namespaces"] == ["*"]
 
 
 # --- over HTTP ----------------------------------------------------------------------------
@@ -198,28 +230,34 @@ async def test_missing_and_wrong_keys_are_401(gw: Harness) -> None:
                            reason="invalid_api_key") == 1  # fmt: skip
 
 
-async def test_a_key_outside_its_allowlist_is_403(gw: Harness) -> None:
+async def test_a_model_outside_the_keys_scope_is_the_same_404_as_a_missing_one(
+    gw: Harness,
+) -> None:
     headers = {"Authorization": f"Bearer {ALICE}"}
     ok = await gw.client.post("/v1/completions", json=BODY, headers=headers)
     assert ok.status_code == 200
-    denied = await gw.client.post(
-        "/v1/completions", json={**BODY, "model": "secret-model"}, headers=headers
-    )
-    assert denied.status_code == 403
-    assert denied.json()["error"]["code"] == "model_not_allowed"
-    # A model outside the allowlist is 403 whether or not it exists: no probing.
-    unknown = await gw.client.post(
-        "/v1/completions", json={**BODY, "model": "zzz"}, headers=headers
-    )
-    assert unknown.status_code == 403
-    assert (await gw.client.get("/v1/models/secret-model", headers=headers)).status_code == 403
+    # No probing (decision 0502): a hidden model answers exactly as a missing one.
+    for hidden, missing in (("secret-model", "zzzzzz-model"),
+                            ("default/secret-model", "default/zzzzzz-model")):  # fmt: skip
+        answers = []
+        for name in (hidden, missing):
+            completion = await gw.client.post(
+                "/v1/completions", json={**BODY, "model": name}, headers=headers
+            )
+            card = await gw.client.get(f"/v1/models/{name}", headers=headers)
+            answers.append(
+                [(r.status_code, r.json()["error"]["code"],
+                  r.json()["error"]["message"].replace(name, "NAME")) for r in (completion, card)]
+            )  # fmt: skip
+        assert answers[0] == answers[1]
+        assert answers[0][0][:2] == (404, "model_not_found")
 
 
 async def test_model_list_shows_only_allowed_models(gw: Harness) -> None:
     alice = await gw.client.get("/v1/models", headers={"Authorization": f"Bearer {ALICE}"})
-    assert [m["id"] for m in alice.json()["data"]] == ["m"]
+    assert [m["id"] for m in alice.json()["data"]] == ["default/m"]
     bob = await gw.client.get("/v1/models", headers={"Authorization": f"Bearer {BOB}"})
-    assert [m["id"] for m in bob.json()["data"]] == ["m", "secret-model"]
+    assert [m["id"] for m in bob.json()["data"]] == ["default/m", "default/secret-model"]
 
 
 async def test_rate_limited_key_gets_429_with_retry_after(gw: Harness) -> None:
@@ -245,3 +283,17 @@ async def test_keys_never_appear_in_logs(gw: Harness, capsys: pytest.CaptureFixt
     for key in (ALICE, BOB, "hs-wrong-key-value"):
         assert key not in logs
     assert "key=alice" in logs or '"key": "alice"' in logs
+
+
+async def test_metrics_can_require_a_key_that_sees_everything(
+    keys_file: Path, start_gateway: StartGateway
+) -> None:
+    # /metrics names every tenant's models: with the setting, only a key over all of them.
+    backend = FakeClusterBackend([make_model("m", namespace="team-a")])
+    settings = fast_settings(auth_enabled=True, api_keys_file=keys_file, metrics_require_key=True)
+    gw = await start_gateway(backend, settings)
+    assert (await gw.client.get("/metrics")).status_code == 401
+    alice = await gw.client.get("/metrics", headers={"Authorization": f"Bearer {ALICE}"})
+    assert alice.status_code == 403 and alice.json()["error"]["code"] == "metrics_not_allowed"
+    bob = await gw.client.get("/metrics", headers={"Authorization": f"Bearer {BOB}"})
+    assert bob.status_code == 200 and "hydraserve_gateway_requests" in bob.text

@@ -6,6 +6,7 @@ import pytest
 
 from hydraserve.api.models import ScalingSpec
 from hydraserve.gateway.autoscaler import Autoscaler, DemandWindow, desired_replicas
+from hydraserve.gateway.catalog import Catalog
 from tests.support.fakes import FakeClusterBackend, make_model
 
 
@@ -60,7 +61,9 @@ class Clock:
 def make_autoscaler(
     backend: FakeClusterBackend, demand: dict[str, int], clock: Clock
 ) -> Autoscaler:
-    return Autoscaler(backend, lambda m: demand.get(m, 0), interval=0.01, clock=clock)
+    # Through the catalog, as in the gateway: decisions by canonical id ("default/m"),
+    # scale calls by the fake backend's own key ("m").
+    return Autoscaler(Catalog(backend), lambda m: demand.get(m, 0), interval=0.01, clock=clock)
 
 
 async def settle() -> None:
@@ -74,12 +77,12 @@ async def test_first_request_scales_from_zero_at_once() -> None:
     autoscaler = make_autoscaler(backend, demand, Clock())
     view = backend.get_model("m")
     assert view is not None
-    demand["m"] = 1
+    demand["default/m"] = 1
     autoscaler.record(view, 0, 1)
     await settle()
     assert backend.scale_calls == [("m", 1)]
     # More requests that one replica absorbs ask for nothing more.
-    demand["m"] = 2
+    demand["default/m"] = 2
     autoscaler.record(view, 1, 2)
     await settle()
     assert backend.scale_calls == [("m", 1)]
@@ -87,10 +90,10 @@ async def test_first_request_scales_from_zero_at_once() -> None:
 
 async def test_scale_up_follows_demand_and_stops_at_max() -> None:
     backend = FakeClusterBackend([make_model("m", target_concurrency=2, max_replicas=3)])
-    demand = {"m": 0}
+    demand = {"default/m": 0}
     autoscaler = make_autoscaler(backend, demand, Clock())
     for n in range(1, 11):
-        demand["m"] = n
+        demand["default/m"] = n
         view = backend.get_model("m")
         assert view is not None
         autoscaler.record(view, n - 1, n)
@@ -100,16 +103,16 @@ async def test_scale_up_follows_demand_and_stops_at_max() -> None:
 
 async def test_scale_to_zero_only_after_a_whole_keep_alive_without_requests() -> None:
     backend = FakeClusterBackend([make_model("m", keep_alive_seconds=30)])
-    demand = {"m": 0}
+    demand = {"default/m": 0}
     clock = Clock()
     autoscaler = make_autoscaler(backend, demand, clock)
     view = backend.get_model("m")
     assert view is not None
-    demand["m"] = 1
+    demand["default/m"] = 1
     autoscaler.record(view, 0, 1)
     await settle()
     clock.now += 5.0
-    demand["m"] = 0
+    demand["default/m"] = 0
     autoscaler.record(view, 1, 0)  # the request finished at t=1005
     clock.now += 29.0
     await autoscaler.tick()
@@ -170,11 +173,11 @@ async def test_decisions_are_reported() -> None:
     backend = FakeClusterBackend([make_model("m")])
     seen: list[tuple[str, int]] = []
     autoscaler = Autoscaler(
-        backend,
+        Catalog(backend),
         lambda m: 3,
         interval=0.01,
         clock=Clock(),
         on_decision=lambda m, n: seen.append((m, n)),
     )
     await autoscaler.tick()
-    assert seen == [("m", 1)]
+    assert seen == [("default/m", 1)]

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from hydraserve.backends.base import InstancePhase, InstanceView, ModelView
+from hydraserve.gateway.catalog import Catalog
 from hydraserve.gateway.dispatcher import Dispatcher, Ticket
 from hydraserve.gateway.errors import GatewayError
 from hydraserve.gateway.metrics import GatewayMetrics
@@ -29,7 +30,7 @@ def setup(**settings: Any) -> tuple[FakeClusterBackend, Dispatcher, list[tuple[i
     backend = FakeClusterBackend([make_model("m")])
     changes: list[tuple[int, int]] = []
     dispatcher = Dispatcher(
-        backend,
+        Catalog(backend),  # as the gateway does: queues by canonical id
         fast_settings(**settings),
         GatewayMetrics(),
         on_in_flight=lambda view, old, new: changes.append((old, new)),
@@ -49,19 +50,19 @@ async def test_a_ready_instance_is_leased_at_once() -> None:
     ticket = dispatcher.admit(view(backend))
     instance = await dispatcher.wait(ticket)
     assert instance is not None and instance.name == "m-0"
-    assert dispatcher.outstanding("m") == {"m-0": 1}
+    assert dispatcher.outstanding("default/m") == {"m-0": 1}
     assert changes == [(0, 1)]
     dispatcher.close(ticket)
     dispatcher.close(ticket)  # idempotent
-    assert dispatcher.outstanding("m") == {}
-    assert dispatcher.in_flight("m") == 0
+    assert dispatcher.outstanding("default/m") == {}
+    assert dispatcher.in_flight("default/m") == 0
     assert changes == [(0, 1), (1, 0)]
 
 
 async def test_waiters_are_released_in_order_when_an_instance_becomes_ready() -> None:
     backend, dispatcher, _ = setup()
     tickets = [dispatcher.admit(view(backend)) for _ in range(3)]
-    assert dispatcher.queue_length("m") == 3
+    assert dispatcher.queue_length("default/m") == 3
     order: list[int] = []
 
     async def waiter(i: int, ticket: Ticket) -> None:
@@ -74,8 +75,8 @@ async def test_waiters_are_released_in_order_when_an_instance_becomes_ready() ->
     backend.set_instances("m", [ready_instance("m", "m-0", "http://a")])
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2]
-    assert dispatcher.queue_length("m") == 0
-    assert dispatcher.outstanding("m") == {"m-0": 3}
+    assert dispatcher.queue_length("default/m") == 0
+    assert dispatcher.outstanding("default/m") == {"m-0": 3}
 
 
 async def test_a_full_queue_refuses_with_429_and_retry_after() -> None:
@@ -87,7 +88,7 @@ async def test_a_full_queue_refuses_with_429_and_retry_after() -> None:
     assert refused.value.status == 429
     assert refused.value.headers["Retry-After"] == "7"
     assert refused.value.code == "queue_full"
-    assert dispatcher.in_flight("m") == 2  # the refused request was never counted
+    assert dispatcher.in_flight("default/m") == 2  # the refused request was never counted
 
 
 async def test_the_deadline_answers_503_with_retry_after_and_frees_the_slot() -> None:
@@ -98,16 +99,16 @@ async def test_the_deadline_answers_503_with_retry_after_and_frees_the_slot() ->
     assert timed_out.value.status == 503
     assert timed_out.value.headers["Retry-After"] == "9"
     assert "starting" in timed_out.value.message
-    assert dispatcher.queue_length("m") == 0
+    assert dispatcher.queue_length("default/m") == 0
     dispatcher.close(ticket)
-    assert dispatcher.in_flight("m") == 0
+    assert dispatcher.in_flight("default/m") == 0
 
 
 async def test_wait_with_max_wait_returns_none_so_the_caller_can_keep_alive() -> None:
     backend, dispatcher, _ = setup()
     ticket = dispatcher.admit(view(backend))
     assert await dispatcher.wait(ticket, max_wait=0.01) is None
-    assert dispatcher.queue_length("m") == 1  # still waiting
+    assert dispatcher.queue_length("default/m") == 1  # still waiting
     backend.set_instances("m", [ready_instance("m", "m-0", "http://a")])
     instance = await dispatcher.wait(ticket, max_wait=5)
     assert instance is not None
@@ -117,7 +118,7 @@ async def test_closing_a_waiting_ticket_frees_its_place() -> None:
     backend, dispatcher, _ = setup(queue_size_per_model=1)
     ticket = dispatcher.admit(view(backend))
     dispatcher.close(ticket)
-    assert dispatcher.queue_length("m") == 0 and dispatcher.in_flight("m") == 0
+    assert dispatcher.queue_length("default/m") == 0 and dispatcher.in_flight("default/m") == 0
     dispatcher.admit(view(backend))  # the slot is usable again
 
 
@@ -149,11 +150,11 @@ async def test_requests_beyond_the_instance_cap_wait_for_a_free_slot() -> None:
     backend.set_instances("m", [ready_instance("m", "m-0", "http://a")])
     first, second = dispatcher.admit(view(backend)), dispatcher.admit(view(backend))
     third = dispatcher.admit(view(backend))
-    assert third.instance is None and dispatcher.queue_length("m") == 1
+    assert third.instance is None and dispatcher.queue_length("default/m") == 1
     dispatcher.close(first)
     instance = await dispatcher.wait(third, max_wait=1)
     assert instance is not None and instance.name == "m-0"
-    assert dispatcher.outstanding("m") == {"m-0": 2}
+    assert dispatcher.outstanding("default/m") == {"m-0": 2}
     dispatcher.close(second)
     dispatcher.close(third)
 
@@ -166,7 +167,7 @@ async def test_retry_skips_the_unreachable_instance_and_keeps_the_request_first(
     dispatcher.retry_elsewhere(ticket)
     # The only instance is skipped, so the request waits — even though that fills the
     # queue, it was accepted already and stays at the head.
-    assert ticket.instance is None and dispatcher.queue_length("m") == 1
+    assert ticket.instance is None and dispatcher.queue_length("default/m") == 1
     with pytest.raises(GatewayError):
         dispatcher.admit(view(backend))
     replacement = ready_instance("m", "m-1", "http://new")
@@ -185,7 +186,7 @@ async def test_retries_are_bounded() -> None:
         dispatcher.retry_elsewhere(ticket)
     assert exhausted.value.status == 503 and exhausted.value.code == "no_reachable_instance"
     dispatcher.close(ticket)
-    assert dispatcher.in_flight("m") == 0 and dispatcher.outstanding("m") == {}
+    assert dispatcher.in_flight("default/m") == 0 and dispatcher.outstanding("default/m") == {}
 
 
 async def test_a_lost_wakeup_is_recovered_by_the_poll() -> None:
@@ -197,7 +198,9 @@ async def test_a_lost_wakeup_is_recovered_by_the_poll() -> None:
             await asyncio.sleep(timeout)
 
     backend = Deaf([make_model("m")])
-    dispatcher = Dispatcher(backend, fast_settings(watch_poll_seconds=0.02), GatewayMetrics())
+    dispatcher = Dispatcher(
+        Catalog(backend), fast_settings(watch_poll_seconds=0.02), GatewayMetrics()
+    )
     ticket = dispatcher.admit(backend.get_model("m"))  # type: ignore[arg-type]
     backend.set_instances("m", [ready_instance("m", "m-0", "http://a")])
     assert await dispatcher.wait(ticket, max_wait=5) is not None

@@ -131,9 +131,11 @@ async def test_a_stream_moves_to_the_new_instance_without_a_gap_in_its_tokens(
     moved = len(cont["prompt"]) - len(prompt)
     assert 10 <= moved < 40 and cont["prompt"][len(prompt) :] == tokens[:moved]
     assert cont["max_tokens"] == 40 - moved
-    assert await gw.metric("hydraserve_gateway_migrations_total", model="m",
+    assert await gw.metric("hydraserve_gateway_migrations_total", model="default/m",
                            method="recompute") == 1  # fmt: skip
-    assert await gw.metric("hydraserve_gateway_migration_stall_seconds_count", model="m") == 1
+    assert (
+        await gw.metric("hydraserve_gateway_migration_stall_seconds_count", model="default/m") == 1
+    )
 
 
 async def test_concurrent_requests_of_every_kind_all_complete_through_the_switch(
@@ -182,7 +184,9 @@ async def test_concurrent_requests_of_every_kind_all_complete_through_the_switch
         assert answer["usage"]["completion_tokens"] == len(tokens)
         assert choice.get("token_ids") is None and choice.get("prompt_token_ids") is None
         assert answer.get("prompt_token_ids") is None
-    moved = await gw.metric("hydraserve_gateway_migrations_total", model="m", method="recompute")
+    moved = await gw.metric(
+        "hydraserve_gateway_migrations_total", model="default/m", method="recompute"
+    )
     assert moved == len(bodies) + 3
     # New requests go to the new instance only.
     before = c.a.stats.requests
@@ -201,7 +205,7 @@ async def test_requests_that_cannot_move_exactly_finish_on_the_draining_instance
     assert stream_text(events, chat=False) == expected("/v1/completions", body)[0]
     assert c.b.stats.requests == 0 and c.a.stats.completed == 1
     assert c.a.stats.bodies[0] == {**body, "stream": True}  # relayed as is
-    assert await gw.metric("hydraserve_gateway_migrations_skipped_total", model="m",
+    assert await gw.metric("hydraserve_gateway_migrations_skipped_total", model="default/m",
                            reason="stop") == 1  # fmt: skip
 
 
@@ -216,7 +220,9 @@ async def test_with_kv_capable_engines_the_cost_model_may_move_the_kv(
     save_key = first["kv_transfer_params"][SAVE_KEY]
     (cont,) = c.b.stats.bodies
     assert cont["kv_transfer_params"][LOAD_KEY] == save_key
-    assert await gw.metric("hydraserve_gateway_migrations_total", model="m", method="kv") == 1
+    assert (
+        await gw.metric("hydraserve_gateway_migrations_total", model="default/m", method="kv") == 1
+    )
 
 
 async def test_kv_transfer_needs_both_engines_on_one_node(
@@ -229,7 +235,7 @@ async def test_kv_transfer_needs_both_engines_on_one_node(
     assert stream_text(events, chat=False) == expected("/v1/completions", COMPLETION)[0]
     (cont,) = c.b.stats.bodies
     assert LOAD_KEY not in (cont.get("kv_transfer_params") or {})
-    assert await gw.metric("hydraserve_gateway_migrations_total", model="m",
+    assert await gw.metric("hydraserve_gateway_migrations_total", model="default/m",
                            method="recompute") == 1  # fmt: skip
 
 

@@ -44,20 +44,20 @@ def test_each_cold_start_is_recorded_once_with_its_stages() -> None:
     model = make_model("m")
     instance = starting("m-0")
     observer.observe([ModelView(model, 1, (instance,))])
-    assert sample(metrics, "hydraserve_cold_starts_total", model="m") == 0
-    assert sample(metrics, "hydraserve_instances", model="m", phase="Starting") == 1
+    assert sample(metrics, "hydraserve_cold_starts_total", model="default/m") == 0
+    assert sample(metrics, "hydraserve_instances", model="default/m", phase="Starting") == 1
     ready = became_ready(instance)
     for _ in range(3):  # seen again and again (periodic and on routing)
         observer.observe([ModelView(model, 1, (ready,))])
         observer.observe_model(ModelView(model, 1, (ready,)))
-    assert sample(metrics, "hydraserve_cold_starts_total", model="m") == 1
-    assert sample(metrics, "hydraserve_cold_start_seconds_sum", model="m") == 8.0
-    assert sample(metrics, "hydraserve_cold_start_stage_seconds_sum", model="m",
+    assert sample(metrics, "hydraserve_cold_starts_total", model="default/m") == 1
+    assert sample(metrics, "hydraserve_cold_start_seconds_sum", model="default/m") == 8.0
+    assert sample(metrics, "hydraserve_cold_start_stage_seconds_sum", model="default/m",
                   stage="fetch") == 5.0  # fmt: skip
-    assert sample(metrics, "hydraserve_cold_start_stage_seconds_sum", model="m",
+    assert sample(metrics, "hydraserve_cold_start_stage_seconds_sum", model="default/m",
                   stage="weight_load") == 2.5  # fmt: skip
-    assert sample(metrics, "hydraserve_instances", model="m", phase="Ready") == 1
-    assert sample(metrics, "hydraserve_instances", model="m", phase="Starting") == 0
+    assert sample(metrics, "hydraserve_instances", model="default/m", phase="Ready") == 1
+    assert sample(metrics, "hydraserve_instances", model="default/m", phase="Starting") == 0
 
 
 def test_instances_ready_before_the_gateway_started_are_not_counted() -> None:
@@ -65,7 +65,7 @@ def test_instances_ready_before_the_gateway_started_are_not_counted() -> None:
     old = became_ready(replace(starting("m-0"), started_at=time.time() - 100), seconds=10)
     observer = ClusterObserver(metrics)
     observer.observe([ModelView(make_model("m"), 1, (old,))])
-    assert sample(metrics, "hydraserve_cold_starts_total", model="m") == 0
+    assert sample(metrics, "hydraserve_cold_starts_total", model="default/m") == 0
 
 
 def test_gone_models_leave_no_stale_series() -> None:
@@ -98,19 +98,24 @@ def test_a_consolidation_is_recorded_once_and_its_standalone_is_no_cold_start() 
     view = ModelView(model, 1, (standalone,), consolidations=(record,))
     for _ in range(3):
         observer.observe([view])
-    assert sample(metrics, "hydraserve_cold_starts_total", model="m") == 0
-    assert sample(metrics, "hydraserve_consolidations_total", model="m", outcome="done") == 1
-    assert sample(metrics, "hydraserve_consolidation_seconds_sum", model="m") == 19.5
+    assert sample(metrics, "hydraserve_cold_starts_total", model="default/m") == 0
+    assert (
+        sample(metrics, "hydraserve_consolidations_total", model="default/m", outcome="done") == 1
+    )
+    assert sample(metrics, "hydraserve_consolidation_seconds_sum", model="default/m") == 19.5
     for stage, seconds in (("fetch", 2.0), ("promote", 18.0), ("drain", 1.5)):
-        assert sample(metrics, "hydraserve_consolidation_stage_seconds_sum", model="m",
+        assert sample(metrics, "hydraserve_consolidation_stage_seconds_sum", model="default/m",
                       stage=stage) == seconds  # fmt: skip
     abandoned = record.model_copy(
         update={"pipeline": "m-pipe2", "outcome": "abandoned", "promoted_at": None,
                 "released_at": None}
     )  # fmt: skip
     observer.observe([replace(view, consolidations=(record, abandoned))])
-    assert sample(metrics, "hydraserve_consolidations_total", model="m", outcome="abandoned") == 1
-    assert sample(metrics, "hydraserve_consolidation_seconds_count", model="m") == 1
+    assert (
+        sample(metrics, "hydraserve_consolidations_total", model="default/m", outcome="abandoned")
+        == 1
+    )
+    assert sample(metrics, "hydraserve_consolidation_seconds_count", model="default/m") == 1
 
 
 def test_the_planners_error_is_recorded_with_each_cold_start() -> None:
@@ -125,6 +130,9 @@ def test_the_planners_error_is_recorded_with_each_cold_start() -> None:
     observer.observe([ModelView(model, 1, (became_ready(instance, seconds=8.0),))])
     # Measured 8 s against a predicted 6 s: +2 s (no _sum: the buckets go negative).
     name = "hydraserve_cold_start_prediction_error_seconds_bucket"
-    assert sample(metrics, name, model="m", le="1.0") == 0
-    assert sample(metrics, name, model="m", le="2.0") == 1
-    assert sample(metrics, "hydraserve_cold_start_prediction_error_seconds_count", model="m") == 1
+    assert sample(metrics, name, model="default/m", le="1.0") == 0
+    assert sample(metrics, name, model="default/m", le="2.0") == 1
+    assert (
+        sample(metrics, "hydraserve_cold_start_prediction_error_seconds_count", model="default/m")
+        == 1
+    )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import openai
 import pytest
 
-from tests.support.fakes import FakeClusterBackend, make_model
+from hydraserve.gateway.auth import Authenticator, KeyEntry, hash_key
+from tests.support.fakes import FakeClusterBackend, make_model, ready_instance
 
 from .conftest import Harness, RunningEngine, fast_settings
 
@@ -43,7 +45,7 @@ async def test_sync_client_completion_chat_and_models(gw: Harness) -> None:
             model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2, n=2
         )
         assert [c.message.content for c in chat.choices] == ["tok0 tok1 "] * 2
-        assert [m.id for m in client.models.list()] == ["m"]
+        assert [m.id for m in client.models.list()] == ["default/m"]  # namespace/name
 
     await asyncio.to_thread(run)
 
@@ -98,10 +100,103 @@ async def test_queue_full_is_a_rate_limit_error_in_the_client(
     )
     client = async_client(gw)
     waiting = asyncio.create_task(client.completions.create(model="m", prompt="x"))
-    while gw.gateway.dispatcher.queue_length("m") == 0:
+    while gw.gateway.dispatcher.queue_length("default/m") == 0:
         await asyncio.sleep(0.01)
     with pytest.raises(openai.RateLimitError) as limited:
         await client.completions.create(model="m", prompt="x")
     assert limited.value.response.headers["retry-after"]
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)
+
+
+# --- two tenants, one model name (decision 0502) ---------------------------------------
+
+KEY_A = "hs-tenant-a-key-0123456789"
+KEY_B = "hs-tenant-b-key-0123456789"
+
+
+@dataclass
+class Tenants:
+    gw: Harness
+    engines: dict[str, RunningEngine]  # namespace -> the engine of its "llama"
+
+
+@pytest.fixture
+async def tenants(start_engine: StartEngine, start_gateway: StartGateway) -> Tenants:
+    """Namespaces team-a and team-b each have a model "llama", on its own engine; each key
+    is scoped to one namespace."""
+    engines = {ns: await start_engine(name=f"engine-{ns}") for ns in ("team-a", "team-b")}
+    backend = FakeClusterBackend(qualified_keys=True)
+    for ns, engine in engines.items():
+        instance = ready_instance(f"{ns}/llama", f"llama-{ns}-0", engine.url)
+        backend.add_model(make_model("llama", namespace=ns), instances=[instance])
+    authenticator = Authenticator(
+        [
+            KeyEntry(name="a", sha256=hash_key(KEY_A), namespaces=["team-a"]),
+            KeyEntry(name="b", sha256=hash_key(KEY_B), namespaces=["team-b"]),
+        ]
+    )
+    gw = await start_gateway(backend, fast_settings(auth_enabled=True), authenticator=authenticator)
+    return Tenants(gw, engines)
+
+
+def tenant_client(gw: Harness, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+
+
+async def test_each_tenant_sees_and_reaches_only_its_own_model(tenants: Tenants) -> None:
+    engines = tenants.engines
+    for key, mine, theirs in (
+        (KEY_A, "team-a", "team-b"),
+        (KEY_B, "team-b", "team-a"),
+    ):
+        client = tenant_client(tenants.gw, key)
+        listed = [m.id async for m in client.models.list()]
+        assert listed == [f"{mine}/llama"]
+        assert (await client.models.retrieve("llama")).id == f"{mine}/llama"
+
+        # The bare name is unique in the key's scope: it reaches the tenant's own engine.
+        before = engines[theirs].engine.stats.requests
+        completion = await client.completions.create(model="llama", prompt="x", max_tokens=2)
+        assert completion.system_fingerprint == f"engine-{mine}"
+        chat = await client.chat.completions.create(
+            model=f"{mine}/llama", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )
+        assert chat.system_fingerprint == f"engine-{mine}"
+        # The engine is sent the name it serves, whichever form the client used.
+        assert [b["model"] for b in engines[mine].engine.stats.bodies[-2:]] == ["llama"] * 2
+        assert engines[theirs].engine.stats.requests == before
+
+        # The other tenant's model does not exist for this key, by any name.
+        with pytest.raises(openai.NotFoundError) as hidden:
+            await client.completions.create(model=f"{theirs}/llama", prompt="x")
+        assert hidden.value.code == "model_not_found"
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(
+                model=f"{theirs}/llama", messages=[{"role": "user", "content": "hi"}]
+            )
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve(f"{theirs}/llama")
+        assert engines[theirs].engine.stats.requests == before
+
+
+async def test_a_key_over_both_namespaces_must_name_the_model_fully(
+    start_engine: StartEngine, start_gateway: StartGateway
+) -> None:
+    engine = await start_engine()
+    backend = FakeClusterBackend(qualified_keys=True)
+    for ns in ("team-a", "team-b"):
+        instance = ready_instance(f"{ns}/llama", f"llama-{ns}-0", engine.url)
+        backend.add_model(make_model("llama", namespace=ns), instances=[instance])
+    gw = await start_gateway(backend)
+    client = async_client(gw)
+    with pytest.raises(openai.BadRequestError) as ambiguous:
+        await client.completions.create(model="llama", prompt="x")
+    assert ambiguous.value.code == "ambiguous_model" and ambiguous.value.param == "model"
+    assert "team-a/llama" in ambiguous.value.message
+    assert "team-b/llama" in ambiguous.value.message
+    with pytest.raises(openai.BadRequestError):
+        await client.models.retrieve("llama")
+    done = await client.completions.create(model="team-b/llama", prompt="x", max_tokens=1)
+    assert done.choices[0].text == "tok0 "
+    assert sorted([m.id async for m in client.models.list()]) == ["team-a/llama", "team-b/llama"]

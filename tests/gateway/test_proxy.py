@@ -80,7 +80,7 @@ async def test_chat_stream_is_relayed_event_by_event(
     assert text == "tok0 tok1 tok2 "
     assert parsed[-2]["usage"]["completion_tokens"] == 3
     assert await gw.metric("hydraserve_gateway_time_to_first_token_seconds_count",
-                           model="m") == 1  # fmt: skip
+                           model="default/m") == 1  # fmt: skip
 
 
 async def test_cold_model_is_started_and_the_request_waits_for_it(
@@ -94,9 +94,9 @@ async def test_cold_model_is_started_and_the_request_waits_for_it(
     response = await gw.client.post("/v1/completions", json=COMPLETION)
     assert response.status_code == 200
     assert backend.scale_calls[0] == ("m", 1)
-    assert await gw.metric("hydraserve_cold_starts_total", model="m") == 1
+    assert await gw.metric("hydraserve_cold_starts_total", model="default/m") == 1
     for stage in ("fetch", "imports", "weight_load", "engine_init", "ready"):
-        count = await gw.metric("hydraserve_cold_start_stage_seconds_count", model="m",
+        count = await gw.metric("hydraserve_cold_start_stage_seconds_count", model="default/m",
                                 stage=stage)  # fmt: skip
         assert count == 1, stage
 
@@ -133,7 +133,7 @@ async def test_deadline_miss_is_503_with_retry_after(
     error = response.json()["error"]
     assert error["code"] == "cold_start_timeout" and error["type"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert gw.gateway.dispatcher.in_flight("m") == 0
+    assert gw.gateway.dispatcher.in_flight("default/m") == 0
 
 
 async def test_deadline_miss_after_keepalives_is_an_error_event_then_done(
@@ -183,14 +183,14 @@ async def test_client_disconnect_while_queued_frees_the_slot(
     backend = FakeClusterBackend([make_model("m")])
     gw = await start_gateway(backend, fast_settings(queue_size_per_model=1))
     request = asyncio.create_task(gw.client.post("/v1/completions", json=COMPLETION))
-    await eventually(lambda: gw.gateway.dispatcher.queue_length("m") == 1, what="queued")
+    await eventually(lambda: gw.gateway.dispatcher.queue_length("default/m") == 1, what="queued")
     request.cancel()
     await asyncio.gather(request, return_exceptions=True)
-    await eventually(lambda: gw.gateway.dispatcher.in_flight("m") == 0, what="slot freed")
-    assert gw.gateway.dispatcher.queue_length("m") == 0
+    await eventually(lambda: gw.gateway.dispatcher.in_flight("default/m") == 0, what="slot freed")
+    assert gw.gateway.dispatcher.queue_length("default/m") == 0
     await eventually(
         lambda: gw.metric(
-            "hydraserve_gateway_rejections_total", model="m", reason="client_disconnected"
+            "hydraserve_gateway_rejections_total", model="default/m", reason="client_disconnected"
         ),
         what="disconnect counted",
     )
@@ -206,8 +206,8 @@ async def test_client_disconnect_mid_stream_cancels_the_engine_request(
         async for _ in response.aiter_bytes():
             break  # read one chunk, then hang up
     await eventually(lambda: engine.engine.stats.disconnected == 1, what="engine saw it")
-    await eventually(lambda: gw.gateway.dispatcher.in_flight("m") == 0, what="lease freed")
-    assert gw.gateway.dispatcher.outstanding("m") == {}
+    await eventually(lambda: gw.gateway.dispatcher.in_flight("default/m") == 0, what="lease freed")
+    assert gw.gateway.dispatcher.outstanding("default/m") == {}
 
 
 async def test_engine_crash_mid_stream_is_a_well_formed_error_event(
@@ -225,7 +225,7 @@ async def test_engine_crash_mid_stream_is_a_well_formed_error_event(
     assert parsed[2]["error"]["type"] == "upstream_error"
     assert parsed[3] == "[DONE]"
     assert len(parsed) == 4
-    assert await gw.metric("hydraserve_gateway_rejections_total", model="m",
+    assert await gw.metric("hydraserve_gateway_rejections_total", model="default/m",
                            reason="upstream_stream_error") == 1  # fmt: skip
 
 
@@ -255,12 +255,12 @@ async def test_a_replaced_instance_is_skipped_and_the_request_reaches_the_new_on
     backend.set_instances("m", [ready_instance("m", "m-old", closed_port_url())])
     gw = await start_gateway(backend)
     request = asyncio.create_task(gw.client.post("/v1/completions", json=COMPLETION))
-    await eventually(lambda: gw.gateway.dispatcher.queue_length("m") == 1, what="re-queued")
+    await eventually(lambda: gw.gateway.dispatcher.queue_length("default/m") == 1, what="re-queued")
     backend.set_instances("m", [ready_instance("m", "m-new", engine.url)])
     response = await request
     assert response.status_code == 200
     assert response.headers["x-hydraserve-instance"] == "m-new"
-    assert await gw.metric("hydraserve_gateway_upstream_retries_total", model="m") == 1
+    assert await gw.metric("hydraserve_gateway_upstream_retries_total", model="default/m") == 1
 
 
 async def test_connect_errors_retry_on_another_ready_instance(
@@ -278,7 +278,7 @@ async def test_connect_errors_retry_on_another_ready_instance(
         response = await gw.client.post("/v1/completions", json=COMPLETION)
         assert response.status_code == 200
         assert response.headers["x-hydraserve-instance"] == "m-live"
-    assert await gw.metric("hydraserve_gateway_upstream_retries_total", model="m") == 1
+    assert await gw.metric("hydraserve_gateway_upstream_retries_total", model="default/m") == 1
 
 
 async def test_no_reachable_instance_is_503_after_bounded_attempts(

@@ -105,7 +105,7 @@ async def test_a_client_closing_right_after_done_is_200(
         assert seen.startswith(b"HTTP/1.1 200")
     assert await wait_counted(gw, 5) == {"200": 5}
     value = await gw.metric(
-        "hydraserve_gateway_rejections_total", model="m", reason="client_disconnected"
+        "hydraserve_gateway_rejections_total", model="default/m", reason="client_disconnected"
     )
     assert value == 0
 

@@ -46,7 +46,7 @@ async def test_tight_and_loose_slos_are_counted_shown_and_reported(
     async def count(model: str, slo: str, start: str, outcome: str) -> float:
         return await gw.metric(
             "hydraserve_gateway_slo_requests_total",
-            model=model, slo=slo, start=start, outcome=outcome,
+            model=f"default/{model}", slo=slo, start=start, outcome=outcome,
         )  # fmt: skip
 
     assert await count("tight", "ttft", "cold", "missed") == 1
@@ -63,12 +63,13 @@ async def test_tight_and_loose_slos_are_counted_shown_and_reported(
     loose = (await gw.client.get("/v1/models/loose")).json()["hydraserve"]["slo_attainment"]
     assert loose["ttftWarm"]["ratio"] == 1.0 and loose["tpotWarm"]["ratio"] == 1.0
 
-    # The backend is told, so it lands in each model's status (status.sloAttainment).
+    # The backend is told (under its own key, the bare name here), so it lands in each
+    # model's status (status.sloAttainment).
     await eventually(lambda: {"tight", "loose"} <= set(backend.slo_reports), what="reports")
     assert backend.slo_reports["tight"].ttft_warm.ratio == 0.0
     assert backend.slo_reports["loose"].ttft_cold.ratio == 1.0
     gauge = await gw.metric(
-        "hydraserve_gateway_slo_attainment_ratio", model="loose", slo="ttft", start="warm"
+        "hydraserve_gateway_slo_attainment_ratio", model="default/loose", slo="ttft", start="warm"
     )
     assert gauge == 1.0
 

@@ -38,6 +38,7 @@ def make_model(
     target_concurrency: int = 8,
     uri: str | None = None,
     slo: dict[str, float] | None = None,
+    namespace: str = "default",
 ) -> ServerlessModel:
     spec: dict[str, Any] = {
         "source": {"uri": uri or f"/models/{name}"},
@@ -50,7 +51,8 @@ def make_model(
     }
     if slo is not None:
         spec["slo"] = slo
-    return ServerlessModel.model_validate({"metadata": {"name": name}, "spec": spec})
+    metadata = {"name": name, "namespace": namespace}
+    return ServerlessModel.model_validate({"metadata": metadata, "spec": spec})
 
 
 def ready_instance(model: str, name: str, endpoint: str, **fields: Any) -> InstanceView:
@@ -81,7 +83,10 @@ class FakeClusterBackend(ClusterBackend):
     """``ClusterBackend`` in memory. With ``endpoint_for`` it acts like a control plane:
     ``scale`` starts instances (Starting, then Ready after ``cold_start_seconds``, with
     stage timings) or removes them; without it, tests set instances by hand. Call it
-    from the event loop that runs the gateway."""
+    from the event loop that runs the gateway.
+
+    Models are keyed by name, as the real backends key them; with ``qualified_keys`` by
+    ``namespace/name`` instead, so two namespaces may each have a model of one name."""
 
     def __init__(
         self,
@@ -89,8 +94,10 @@ class FakeClusterBackend(ClusterBackend):
         *,
         endpoint_for: Callable[[str, int], str] | None = None,
         cold_start_seconds: float = 0.0,
+        qualified_keys: bool = False,
     ) -> None:
         self.endpoint_for = endpoint_for
+        self.qualified_keys = qualified_keys
         self.cold_start_seconds = cold_start_seconds
         self.fail_starts_with: str | None = None  # the next started instances fail so
         self.scale_calls: list[tuple[str, int]] = []
@@ -113,8 +120,13 @@ class FakeClusterBackend(ClusterBackend):
         error: str | None = None,
     ) -> None:
         desired = len(instances) if desired_replicas is None else desired_replicas
-        self._views[model.name] = ModelView(model, desired, tuple(instances), error)
-        self._notify(model.name)
+        key = self.key_of(model)
+        self._views[key] = ModelView(model, desired, tuple(instances), error)
+        self._notify(key)
+
+    def key_of(self, model: ServerlessModel) -> str:
+        meta = model.metadata
+        return f"{meta.namespace}/{meta.name}" if self.qualified_keys else meta.name
 
     def remove_model(self, name: str) -> None:
         self._views.pop(name, None)
