@@ -363,7 +363,9 @@ def summarize(
         else None,
         "moved_streams": len(moved),
         "migrations": {
-            method: count("hydraserve_gateway_migrations_total", method=method, model=MODEL)
+            method: count(
+                "hydraserve_gateway_migrations_total", method=method, model=f"default/{MODEL}"
+            )
             for method in ("recompute", "kv")
         },
         "failed_requests": failed,

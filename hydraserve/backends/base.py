@@ -57,6 +57,11 @@ class InstanceView:
     prediction: ColdStartPrediction | None = None  # the planner's, for this cold start
 
 
+def qualified_id(namespace: str, name: str) -> str:
+    """A model's canonical id across namespaces, ``<namespace>/<name>`` (decision 0502)."""
+    return f"{namespace}/{name}"
+
+
 @dataclass(frozen=True)
 class ModelView:
     model: ServerlessModel

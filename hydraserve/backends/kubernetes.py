@@ -24,7 +24,7 @@ from hydraserve.api.models import (
     SloAttainmentStatus,
 )
 from hydraserve.api.validation import spec_errors
-from hydraserve.backends.base import ClusterBackend, ModelView, view_of
+from hydraserve.backends.base import ClusterBackend, ModelView, qualified_id, view_of
 from hydraserve.kube.client import KubeClient, KubeError, path_of
 from hydraserve.logs import get_logger
 
@@ -69,8 +69,8 @@ def _known_status(raw: Mapping[str, Any]) -> dict[str, Any]:
 class KubernetesBackend(ClusterBackend):
     """Models from ServerlessModel objects in one namespace, or in all (``namespace=None``).
 
-    Model names are the OpenAI ``model`` names, so across namespaces they must be unique;
-    on a clash the first one seen wins and the clash is logged.
+    Models are keyed by their canonical id ``<namespace>/<name>`` (decision 0502): two
+    tenants may use the same name; the gateway resolves bare names per caller.
     """
 
     def __init__(
@@ -84,7 +84,7 @@ class KubernetesBackend(ClusterBackend):
         # Watching all namespaces but serving a few (several namespaces, one watch).
         self.only_namespaces = only_namespaces
         self._views: dict[str, ModelView] = {}
-        self._owners: dict[str, tuple[str, str]] = {}  # model name -> (namespace, name)
+        self._owners: dict[str, tuple[str, str]] = {}  # model id -> (namespace, name)
         self._changed: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._task: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
@@ -105,7 +105,7 @@ class KubernetesBackend(ClusterBackend):
         await self.client.close()
 
     def list_models(self) -> list[ModelView]:
-        return sorted(self._views.values(), key=lambda v: v.name)
+        return [self._views[k] for k in sorted(self._views)]
 
     def get_model(self, name: str) -> ModelView | None:
         return self._views.get(name)
@@ -148,31 +148,31 @@ class KubernetesBackend(ClusterBackend):
         name, namespace = meta.get("name"), meta.get("namespace", "default")
         if not name or (self.only_namespaces and namespace not in self.only_namespaces):
             return
-        owner = self._owners.get(name)
-        if owner is not None and owner != (namespace, name):
-            log.warning("model.name_clash", model=name, kept=owner[0], ignored=namespace)
-            return
+        key = qualified_id(namespace, name)
         if kind == "DELETED":
-            self._views.pop(name, None)
-            self._owners.pop(name, None)
+            self._views.pop(key, None)
+            self._owners.pop(key, None)
         else:
             view = model_view(obj)
             if view is None:
                 return
-            self._views[name] = view
-            self._owners[name] = (namespace, name)
+            self._views[key] = view
+            self._owners[key] = (namespace, name)
         # Wake every waiter, then start a fresh event for the next change.
-        self._changed.pop(name, asyncio.Event()).set()
+        self._changed.pop(key, asyncio.Event()).set()
 
     async def _resync(self) -> None:
         items = await self.client.list(self._path)
         seen = set()
         for obj in items:
             self._apply("ADDED", obj)
-            if (obj.get("metadata") or {}).get("name") in self._owners:
-                seen.add((obj.get("metadata") or {}).get("name"))
+            meta = obj.get("metadata") or {}
+            key = qualified_id(meta.get("namespace", "default"), meta.get("name") or "")
+            if key in self._owners:
+                seen.add(key)
         for gone in set(self._views) - seen:
-            self._apply("DELETED", {"metadata": {"name": gone, "namespace": self._owners[gone][0]}})
+            namespace, name = self._owners[gone]
+            self._apply("DELETED", {"metadata": {"name": name, "namespace": namespace}})
         self._synced.set()
 
     async def _watch_forever(self) -> None:

@@ -15,7 +15,7 @@ bare name: every lookup checks that the view it found really is the model asked 
 from __future__ import annotations
 
 from hydraserve.api.models import SloAttainmentStatus
-from hydraserve.backends.base import ClusterBackend, ModelView
+from hydraserve.backends.base import ClusterBackend, ModelView, qualified_id
 from hydraserve.gateway import errors
 from hydraserve.gateway.auth import Principal
 
@@ -25,7 +25,7 @@ SEPARATOR = "/"  # neither Kubernetes names nor namespaces can contain it
 def model_id(view: ModelView) -> str:
     """The canonical id of a model: ``<namespace>/<name>``."""
     meta = view.model.metadata
-    return f"{meta.namespace}{SEPARATOR}{meta.name}"
+    return qualified_id(meta.namespace, meta.name)
 
 
 def is_qualified(model: str) -> bool:

@@ -175,7 +175,7 @@ def test_requests_stream_through_consolidation_and_equal_a_pp1_run(
         phase = model_status(platform)["phase"]
         if not phases or phases[-1] != phase:
             phases.append(phase)
-        if metric(platform, 'hydraserve_consolidations_total{model="demo",outcome="done"}'):
+        if metric(platform, 'hydraserve_consolidations_total{model="default/demo",outcome="done"}'):
             switched_at = time.time()
             break
         time.sleep(0.5)
@@ -187,7 +187,9 @@ def test_requests_stream_through_consolidation_and_equal_a_pp1_run(
     assert phases.index("Consolidating") < len(phases) - 1
 
     moved = metric(platform, "hydraserve_gateway_migrations_total")
-    by_kv = metric(platform, 'hydraserve_gateway_migrations_total{method="kv",model="demo"}')
+    by_kv = metric(
+        platform, 'hydraserve_gateway_migrations_total{method="kv",model="default/demo"}'
+    )
     assert moved >= 1, "no request was in flight at the switch"
     assert by_kv >= 1, "no request moved its KV cache"
     failed = [o for o in outcomes if o.status != 200 or o.error]
@@ -211,15 +213,20 @@ def test_requests_stream_through_consolidation_and_equal_a_pp1_run(
         if outcome.body.get("return_token_ids"):
             assert outcome.token_ids == reference.token_ids
     assert metric(platform, "hydraserve_gateway_migrations_total") == moved  # none since
-    assert metric(platform, 'hydraserve_gateway_migration_stall_seconds_count{model="demo"}') >= 1
+    assert (
+        metric(platform, 'hydraserve_gateway_migration_stall_seconds_count{model="default/demo"}')
+        >= 1
+    )
 
 
 def test_status_and_metrics_report_the_consolidation(pipeline_platform: Platform) -> None:
     text = httpx.get(pipeline_platform.url.removesuffix("/v1") + "/metrics", timeout=10).text
     for stage in ("fetch", "promote", "drain"):
-        sample = f'hydraserve_consolidation_stage_seconds_count{{model="demo",stage="{stage}"}}'
+        sample = (
+            f'hydraserve_consolidation_stage_seconds_count{{model="default/demo",stage="{stage}"}}'
+        )
         assert f"{sample} 1.0" in text
-    assert 'hydraserve_consolidation_seconds_count{model="demo"} 1.0' in text
+    assert 'hydraserve_consolidation_seconds_count{model="default/demo"} 1.0' in text
     # The standalone engine is not counted as a cold start.
-    assert 'hydraserve_cold_starts_total{model="demo"} 1.0' in text
+    assert 'hydraserve_cold_starts_total{model="default/demo"} 1.0' in text
     assert model_status(pipeline_platform)["ready_instances"] == 1

@@ -23,8 +23,9 @@ def client(platform: Platform) -> OpenAI:
 
 
 def test_models_lists_the_demo_model(platform: Platform) -> None:
+    # Canonical ids: namespace/name (decision 0502); requests may still say "demo".
     names = {m.id for m in client(platform).models.list()}
-    assert {"demo", "missing", "corrupt"} <= names
+    assert {"default/demo", "default/missing", "default/corrupt"} <= names
 
 
 def test_cold_then_warm_completion_and_cold_start_metrics(platform: Platform) -> None:
@@ -42,7 +43,9 @@ def test_cold_then_warm_completion_and_cold_start_metrics(platform: Platform) ->
     for stage in ("imports", "engine_init", "weight_load"):
         assert f'stage="{stage}"' in metrics, stage
     # The planner's prediction beside the measured cold start: in the log and as metrics.
-    assert 'hydraserve_cold_start_prediction_error_seconds_count{model="demo"} 1.0' in metrics
+    assert (
+        'hydraserve_cold_start_prediction_error_seconds_count{model="default/demo"} 1.0' in metrics
+    )
     measured = [
         line for line in platform.log_tail(400).splitlines() if "coldstart.measured" in line
     ]

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+from hydraserve.api.models import PLURAL
 from hydraserve.backends.base import InstancePhase
 from hydraserve.backends.kubernetes import KubernetesBackend
-from hydraserve.kube.client import KubeClient
-from tests.operator.conftest import NAMESPACE, Cluster, OperatorRunner, eventually
+from hydraserve.kube.client import KubeClient, path_of
+from tests.operator.conftest import MODELS, NAMESPACE, Cluster, OperatorRunner, eventually
+
+LLAMA = f"{NAMESPACE}/llama"  # models are keyed by namespace and name (decision 0502)
 
 
 async def test_gateway_scales_from_zero_and_sees_the_endpoint(
@@ -21,12 +24,12 @@ async def test_gateway_scales_from_zero_and_sees_the_endpoint(
     backend = KubernetesBackend(KubeClient(cluster.client.config), namespace=NAMESPACE)
     await backend.start()
     try:
-        view = backend.get_model("llama")
+        view = backend.get_model(LLAMA)
         assert view is not None and view.desired_replicas == 0 and view.instances == ()
         assert [v.name for v in backend.list_models()] == ["llama"]
 
-        waiter = asyncio.create_task(backend.wait_for_change("llama", timeout=10))
-        await backend.scale("llama", 1)
+        waiter = asyncio.create_task(backend.wait_for_change(LLAMA, timeout=10))
+        await backend.scale(LLAMA, 1)
         await asyncio.wait_for(waiter, 10)  # the watch saw spec.replicas change
         model = await cluster.model("llama")
         assert model is not None and model["spec"]["replicas"] == 1
@@ -35,11 +38,11 @@ async def test_gateway_scales_from_zero_and_sees_the_endpoint(
         await cluster.run_pod(pods[0])
 
         async def ready() -> bool:
-            view = backend.get_model("llama")
+            view = backend.get_model(LLAMA)
             return bool(view and view.ready_instances)
 
         await eventually(ready, what="a ready instance in the gateway's view")
-        view = backend.get_model("llama")
+        view = backend.get_model(LLAMA)
         assert view is not None
         (instance,) = view.ready_instances
         assert instance.phase == InstancePhase.READY
@@ -48,7 +51,7 @@ async def test_gateway_scales_from_zero_and_sees_the_endpoint(
         )
         assert instance.cold_start and instance.cold_start[-1].stage == "load"
 
-        await backend.scale("llama", 99)  # bounded by scaling.maxReplicas (4)
+        await backend.scale(LLAMA, 99)  # bounded by scaling.maxReplicas (4)
         model = await eventually(lambda: cluster.model("llama"), what="model")
         await eventually(
             lambda: _replicas_is(cluster, 4), what="spec.replicas clamped to maxReplicas"
@@ -66,7 +69,7 @@ async def _replicas_is(cluster: Cluster, n: int) -> bool:
 
 
 async def _absent(backend: KubernetesBackend) -> bool:
-    return backend.get_model("llama") is None
+    return backend.get_model(LLAMA) is None
 
 
 async def test_invalid_model_is_listed_with_its_error(cluster: Cluster) -> None:
@@ -74,7 +77,7 @@ async def test_invalid_model_is_listed_with_its_error(cluster: Cluster) -> None:
     backend = KubernetesBackend(KubeClient(cluster.client.config))
     await backend.start()
     try:
-        view = backend.get_model("broken")
+        view = backend.get_model(f"{NAMESPACE}/broken")
         assert view is not None and view.error is not None
         assert "spec.pipeline.maxSize" in view.error
         assert view.desired_replicas == 0
@@ -95,3 +98,25 @@ def test_the_models_phase_comes_from_its_status() -> None:
     assert view is not None and view.phase == ModelPhase.CONSOLIDATING
     bare = model_view({**obj, "status": {}})
     assert bare is not None and bare.phase is None and bare.effective_phase == ModelPhase.COLD
+
+
+async def test_the_same_name_in_two_namespaces_is_two_models(cluster: Cluster) -> None:
+    await cluster.apply_model("llama")
+    other = cluster.model_body("llama")
+    other["metadata"]["namespace"] = "team-b"
+    other["spec"]["scaling"] = {"maxReplicas": 2}
+    await cluster.client.create(path_of(MODELS, PLURAL, "team-b"), other)
+    backend = KubernetesBackend(KubeClient(cluster.client.config))
+    await backend.start()
+    try:
+        ids = [f"{v.model.metadata.namespace}/{v.name}" for v in backend.list_models()]
+        assert ids == sorted([LLAMA, "team-b/llama"])
+        theirs = backend.get_model("team-b/llama")
+        assert theirs is not None and theirs.model.spec.scaling.max_replicas == 2
+        await backend.scale("team-b/llama", 1)
+        mine = await cluster.model("llama")
+        assert mine is not None and mine["spec"].get("replicas") is None  # untouched
+        scaled = await cluster.client.get(path_of(MODELS, PLURAL, "team-b", "llama"))
+        assert scaled is not None and scaled["spec"]["replicas"] == 1
+    finally:
+        await backend.close()
