@@ -540,7 +540,7 @@ def _room(gpus: tuple[GPUState, ...], tp: int, exclusive: bool) -> int:
         return max(map(_free_bytes, gpus), default=0)
     if len(gpus) < tp:
         return 0
-    return heapq.nlargest(tp, map(_free_bytes, gpus))[-1]
+    return heapq.nlargest(tp, [g.free_bytes for g in gpus])[-1]
 
 
 def _best_fit_gpus(

@@ -59,6 +59,7 @@ from hydraserve.control.consolidation import (
     StartStandalone,
     consolidating,
     consolidation_plan,
+    consolidation_target,
     next_idle_since,
 )
 from hydraserve.control.instances import InstanceObservation, decide_instances, timed_out
@@ -825,7 +826,7 @@ class LocalBackend(ClusterBackend):
             pipeline=pipeline.name,
             pp=pipeline.pp,
             phase=phase,
-            all_card_node=pipeline.node,
+            all_card_node=consolidation_target(pipeline.plan),
             standalone=_standalone_state(standalone, c.standalone),
             full_fetch=full.state if full is not None else None,
             draining_since=pipeline.draining_since,
