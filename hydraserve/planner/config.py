@@ -19,7 +19,7 @@ class PlannerConfig(BaseModel):
     Predicted cold TTFT of a plan (seconds)::
 
         waited + max(engine_ready_floor, fetch_start_delay + fetch)
-               + stage_bytes / serial_load_rate + post_fetch
+               + stage_bytes / tp / serial_load_rate + post_fetch
                + prefill * pipeline_slowdown
 
     where ``fetch`` is the slowest stage's bytes over its fetch rate (its fair share of the
@@ -137,11 +137,15 @@ class PlannerConfig(BaseModel):
         description="When no plan meets both SLOs: pp1 = a single worker (cheapest, as in "
         "the paper); fastest = the TPOT-feasible plan with the lowest predicted TTFT.",
     )
-    part_card_pipelines: bool = Field(
-        default=True,
-        description="When no node can hold a whole replica on its tp GPUs, plan a "
-        "pipeline of part-card stages across nodes (it serves, but never consolidates; "
-        "the plan says why) instead of answering Unschedulable.",
+    part_card_pipelines: Literal["never", "too_big_for_any_node", "whenever_no_room"] = Field(
+        default="too_big_for_any_node",
+        description="When to plan a pipeline of part-card stages across nodes (it serves "
+        "but never consolidates; the plan says why) instead of answering Unschedulable "
+        "because no node can hold a whole replica on its tp GPUs: never; only when no "
+        "node could even with its GPUs idle (a model larger than any node); or whenever "
+        "none has the room now (starts sooner on a busy cluster, but such pipelines keep "
+        "their TPOT cost: in the simulator's reference setting TTFT attainment rose and "
+        "TPOT attainment fell by a few points).",
     )
     min_fetch_bytes_per_s: float = Field(
         default=1e6,

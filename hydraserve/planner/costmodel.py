@@ -106,7 +106,8 @@ def predict_ttft(
     floor_s: float | None = None,
 ) -> TTFTEstimate:
     """Cold TTFT of a plan whose slowest stage fetch takes ``fetch_s`` seconds
-    (``floor_s``: the engine-ready floor of its nodes; default: the config's)."""
+    (``floor_s``: the engine-ready floor of its nodes; default: the config's).
+    ``max_stage_bytes`` is what one GPU loads of the biggest stage (its 1/tp share)."""
     floor = config.engine_ready_floor_s if floor_s is None else floor_s
     fetch_done = config.fetch_start_delay_s + fetch_s
     serial_load = (

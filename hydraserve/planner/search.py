@@ -111,6 +111,16 @@ class _Planner:
     def need_part(self, pp: int) -> int:
         return max(part_card_memory_bytes(self.model, pp, r) for r in range(pp))
 
+    def replica_fits_idle(self, need: int) -> bool:
+        """Whether some node could hold a whole replica (``need`` per GPU) on ``tp`` of
+        its GPUs were they idle (only asked when none can now)."""
+        tp = self.tp
+        for node in self.cluster.nodes:
+            totals = [g.total_bytes for g in node.gpus]
+            if len(totals) >= tp and heapq.nlargest(tp, totals)[-1] >= need:
+                return True
+        return False
+
     def per_gpu(self, need: int) -> int:
         """What each of a worker's ``tp`` GPUs must have free for ``need`` bytes in all."""
         return per_device_bytes(need, self.tp)
@@ -187,7 +197,9 @@ class _Planner:
             for rank in range(pp)
         ]
         fetch_s = max(stages[r][2] / rates[r] if rates[r] > 0 else math.inf for r in range(pp))
-        max_stage_bytes = max(s[2] for s in stages)
+        # A serial load to the devices runs on every GPU of the stage at once (each its
+        # own host link): what one GPU loads is its share of the biggest stage.
+        max_stage_bytes = per_device_bytes(max(s[2] for s in stages), self.tp)
         shapes = [
             StageShape(
                 stages[r][1] - stages[r][0], memory[r], nodes_by_rank[r].node.gpu_type, self.tp
@@ -362,11 +374,13 @@ class _Planner:
         self.busy = refused > 0
         replica_fits = any(c.max_free >= need_all for c in candidates)
         if not replica_fits:
+            mode = config.part_card_pipelines
             if (
-                not config.part_card_pipelines
+                mode == "never"
                 or not multi
                 or largest[0] >= need_all
                 or not candidates
+                or (mode == "too_big_for_any_node" and self.replica_fits_idle(need_all))
             ):
                 return self.no_fit(need_all, largest, refused)
             # No node can hold a whole replica on its GPUs: only a pipeline of part-card

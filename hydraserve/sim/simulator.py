@@ -631,7 +631,7 @@ class Simulator:
             assert stage.fetch_done_at is not None
             stage_ready = (
                 max(inst.started_at + config.engine_ready_floor_s, stage.fetch_done_at)
-                + (stage.stage_bytes / serial if serial else 0.0)
+                + (stage.stage_bytes / len(stage.gpus) / serial if serial else 0.0)
                 + config.post_fetch_s
             )
             ready = max(ready, stage_ready)

@@ -46,7 +46,7 @@ def test_a_node_with_tp_gpus_free_for_a_replica_is_the_target() -> None:
 
 
 def test_without_one_the_pipeline_stays_and_status_says_why() -> None:
-    pipeline = planned(*(server(f"half-{i}", (25,) * 4 + (2,) * 4) for i in range(3)))
+    pipeline = planned(*(server(f"a10-{i}", (24,) * 4, total_gb=24) for i in range(3)))
     assert pipeline.pp >= 2 and not any(s.all_card for s in pipeline.stages)
     assert consolidation_target(pipeline) is None
     condition = no_consolidation_condition(pipeline)

@@ -102,7 +102,7 @@ configs = st.builds(
     fallback=st.sampled_from(("pp1", "fastest")),
     compute_share_follows_memory=st.booleans(),
     tensor_parallel_efficiency=st.sampled_from((0.5, 0.8, 1.0)),
-    part_card_pipelines=st.booleans(),
+    part_card_pipelines=st.sampled_from(("never", "too_big_for_any_node", "whenever_no_room")),
 )
 requests = st.builds(
     PlanRequest,
@@ -135,7 +135,12 @@ def check_plan(
     # unless no node could hold a replica: then no stage is (and the plan says why).
     assert len({s.node for s in stages}) == result.pp
     if result.no_consolidation:
-        assert config.part_card_pipelines and result.pp > 1
+        assert config.part_card_pipelines != "never" and result.pp > 1
+        if config.part_card_pipelines == "too_big_for_any_node":
+            need = math.ceil(model.replica_bytes / request.tp)
+            assert not any(
+                sum(g.total_bytes >= need for g in n.gpus) >= request.tp for n in cluster.nodes
+            )
         assert not any(s.all_card for s in stages)
         assert "cannot consolidate" in result.reason
     else:
@@ -202,7 +207,7 @@ def test_plans_never_overcommit_and_cover_every_layer(
 def test_unschedulable_without_admission_means_no_gpu_fits(
     request: PlanRequest, cluster: ClusterState
 ) -> None:
-    config = PlannerConfig(network_admission=False, part_card_pipelines=False)
+    config = PlannerConfig(network_admission=False, part_card_pipelines="never")
     result = plan(request, cluster, config)
     need = math.ceil(request.model.replica_bytes / request.tp)
     fits = any(sum(g.free_bytes >= need for g in n.gpus) >= request.tp for n in cluster.nodes)

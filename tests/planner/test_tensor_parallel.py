@@ -34,8 +34,10 @@ MODEL = LLAMA2_70B.profile("llama-2-70b", mean_prompt_tokens=250)
 SLOS = SLO(ttft_s=10.0, tpot_s=0.060)
 
 
-def server(name: str, free_gb: tuple[float, ...] = (80,) * 8, gpu_type: str = "H100") -> NodeState:
-    gpus = tuple(GPUState(i, 80 * GB, int(f * GB)) for i, f in enumerate(free_gb))
+def server(
+    name: str, free_gb: tuple[float, ...] = (80,) * 8, gpu_type: str = "H100", total_gb: int = 80
+) -> NodeState:
+    gpus = tuple(GPUState(i, total_gb * GB, int(f * GB)) for i, f in enumerate(free_gb))
     return NodeState(name, gpus, NIC, gpu_type)
 
 
@@ -133,20 +135,34 @@ def test_refused_with_the_reason_when_no_node_has_tp_gpus_free() -> None:
     assert isinstance(result, Unschedulable) and "4 GPUs" in result.reason
 
 
-def test_without_room_for_a_replica_the_pipeline_stays_and_says_why() -> None:
-    # 4 GPUs x 25 GB free per node: no worker can hold a replica (39.5 GB per GPU), but a
-    # half (19.75 GB per GPU) fits: a pipeline of part-card stages that cannot consolidate.
-    nodes = [server(f"half-{i}", (25,) * 4 + (2,) * 4) for i in range(3)]
-    result = as_plan(plan(request(), ClusterState(tuple(nodes)), CONFIG))
+def test_a_model_larger_than_any_node_is_a_pipeline_that_stays_and_says_why() -> None:
+    # Nodes of 4 x 24 GB: no node could ever hold a replica (39.5 GB per GPU at tp 4), but
+    # a half (19.75 GB per GPU) fits: a pipeline of part-card stages that cannot consolidate.
+    nodes = [server(f"a10-{i}", (24,) * 4, gpu_type="A10", total_gb=24) for i in range(3)]
+    loose = SLO(ttft_s=60.0, tpot_s=1.0)
+    result = as_plan(plan(request(4, loose), ClusterState(tuple(nodes)), CONFIG))
     assert result.pp >= 2 and result.tp == 4
     assert not any(s.all_card for s in result.stages)
     assert all(s.consolidation_bytes == 0 for s in result.stages)
     assert "no node has 4 GPUs with" in result.no_consolidation
-    assert f"{25 * GB / GIB:.1f} GiB free on each of 4 GPUs" in result.no_consolidation
+    assert f"{24 * GB / GIB:.1f} GiB free on each of 4 GPUs" in result.no_consolidation
     assert result.no_consolidation in result.reason
     # Switched off, the same cluster is Unschedulable.
-    strict = CONFIG.model_copy(update={"part_card_pipelines": False})
-    assert isinstance(plan(request(), ClusterState(tuple(nodes)), strict), Unschedulable)
+    strict = CONFIG.model_copy(update={"part_card_pipelines": "never"})
+    assert isinstance(plan(request(4, loose), ClusterState(tuple(nodes)), strict), Unschedulable)
+
+
+def test_a_busy_cluster_waits_for_room_for_a_replica_unless_told_otherwise() -> None:
+    # 80 GB GPUs, but only 25 GB free on 4 of them per node: idle, a node could hold a
+    # replica, so by default the planner answers Unschedulable (retry when memory frees)
+    # rather than start a pipeline that could never consolidate.
+    nodes = [server(f"busy-{i}", (25,) * 4 + (2,) * 4) for i in range(3)]
+    result = plan(request(), ClusterState(tuple(nodes)), CONFIG)
+    assert isinstance(result, Unschedulable) and "no node has 4 GPUs with" in result.reason
+    eager = CONFIG.model_copy(update={"part_card_pipelines": "whenever_no_room"})
+    result = as_plan(plan(request(), ClusterState(tuple(nodes)), eager))
+    assert result.pp >= 2 and not any(s.all_card for s in result.stages)
+    assert f"{25 * GB / GIB:.1f} GiB free on each of 4 GPUs" in result.no_consolidation
 
 
 def test_exclusive_gpus_take_tp_idle_gpus_whole() -> None:
