@@ -56,6 +56,13 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "jsonPath": ".status.lastColdStartSeconds",
         "description": "Seconds from request to ready of the latest cold start.",
     },
+    {
+        "name": "TP",
+        "type": "integer",
+        "jsonPath": ".spec.parallelism.tensor",
+        "description": "GPUs of one node each worker uses (tensor parallelism).",
+        "priority": 1,
+    },
     {"name": "Source", "type": "string", "jsonPath": ".spec.source.uri", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -8,7 +8,7 @@ Field names are camelCase on the wire (Kubernetes convention) and snake_case in 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -149,6 +149,34 @@ class PipelineSpec(_Wire):
     ]
 
 
+TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
+# Engine arguments the platform sets itself from the spec (parallelism) and the plan (pp).
+PLATFORM_ENGINE_FLAGS = (
+    "--tensor-parallel-size",
+    "-tp",
+    "--pipeline-parallel-size",
+    "-pp",
+    "--data-parallel-size",
+    "-dp",
+    "--distributed-executor-backend",
+)
+
+
+class ParallelismSpec(_Wire):
+    """How many GPUs each worker (each pipeline stage) of an instance uses."""
+
+    tensor: Annotated[
+        Literal[1, 2, 4, 8],
+        Field(
+            default=1,
+            description="GPUs of one node each worker uses (the engine's tensor "
+            "parallelism): 1, 2, 4 or 8. A stage's memory is split evenly over them; "
+            "resources.gpuMemoryGiB stays what a whole replica needs, and pipeline stages "
+            "still go to distinct nodes (pipeline.maxSize keeps its meaning).",
+        ),
+    ]
+
+
 class EngineSpec(_Wire):
     """The inference engine (vLLM) of the worker pods."""
 
@@ -179,6 +207,7 @@ class ServerlessModelSpec(_Wire):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     replicas: Annotated[
         int | None,
@@ -189,6 +218,30 @@ class ServerlessModelSpec(_Wire):
             description="Desired replicas, set by the gateway's autoscaler (scale subresource).",
         ),
     ]
+
+    @model_validator(mode="after")
+    def _parallelism_is_the_platforms(self) -> ServerlessModelSpec:
+        flags = platform_engine_flags(self.engine.args)
+        if flags:
+            raise ValueError(
+                f"engine.args must not set {', '.join(flags)}: the platform sets the "
+                "engine's parallelism (use parallelism.tensor; the pipeline size is planned "
+                "per cold start, up to pipeline.maxSize)"
+            )
+        return self
+
+
+def platform_engine_flags(args: list[str]) -> list[str]:
+    """The flags among ``args`` that only the platform may set (``PLATFORM_ENGINE_FLAGS``,
+    in any of the spellings vLLM's parser accepts: ``--x=1``, ``--x 1``, underscores)."""
+    found = []
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("--"):
+            flag = "--" + flag[2:].replace("_", "-")
+        if flag in PLATFORM_ENGINE_FLAGS and flag not in found:
+            found.append(flag)
+    return found
 
 
 class ModelPhase(StrEnum):
@@ -257,6 +310,9 @@ class WorkerStatus(_Wire):
 class InstanceStatus(_Wire):
     name: str = Field(description="Instance id (also the name of its head Service).")
     pp: int = Field(ge=1, le=4, description="Pipeline stages of this instance.")
+    tp: int = Field(
+        default=1, ge=1, le=8, description="GPUs of one node each of its stages runs on."
+    )
     workers: list[WorkerStatus] = Field(default_factory=list)
     endpoint: str | None = Field(
         default=None, description="Base URL of the instance's OpenAI server (stage 0)."
@@ -293,6 +349,11 @@ class InstanceStatus(_Wire):
     )
     prediction: ColdStartPrediction | None = Field(
         default=None, description="The planner's prediction for its cold start."
+    )
+    consolidation: Condition | None = Field(
+        default=None,
+        description="Set (status False) when this pipeline will not be consolidated, with "
+        "the reason and why (e.g. no node has the GPUs free for a whole replica).",
     )
     error: str | None = Field(default=None, description="Why it failed (phase Failed).")
 

@@ -27,7 +27,9 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field
 
-from hydraserve.api.models import InstancePhase
+from hydraserve.api.models import Condition, InstancePhase
+from hydraserve.control import reasons
+from hydraserve.control.placement import InstancePlan, all_card_stage
 from hydraserve.prefetcher.shm import FetchState
 
 
@@ -184,6 +186,30 @@ def consolidation_plan(
             ):
                 actions.append(Release(p.pipeline, "drained"))
     return actions
+
+
+def consolidation_target(plan: InstancePlan | None) -> str | None:
+    """The node a pipeline consolidates on: its all-card stage's, whose ``tp`` GPUs hold a
+    whole replica's memory between them (reserved at the cold start, so the standalone
+    engine has them when it starts). None for pp = 1 and for a pipeline planned without an
+    all-card stage (no node had ``tp`` GPUs with a replica's share free): it stays a
+    pipeline, and :func:`no_consolidation_condition` says why."""
+    stage = all_card_stage(plan)
+    return stage.node if stage is not None else None
+
+
+def no_consolidation_condition(plan: InstancePlan | None) -> Condition | None:
+    """status.instances[].consolidation of a pipeline that has no consolidation target
+    (None for any other instance)."""
+    if plan is None or plan.pp <= 1 or consolidation_target(plan) is not None:
+        return None
+    why = plan.no_consolidation or "no stage of the pipeline holds a whole replica"
+    return Condition(
+        type=reasons.CONSOLIDATION,
+        status="False",
+        reason=reasons.NO_CONSOLIDATION_TARGET,
+        message=f"stays a {plan.pp}-stage pipeline: {why}",
+    )
 
 
 def next_idle_since(previous: float | None, in_flight: int | None, now: float) -> float | None:

@@ -42,6 +42,11 @@ CONSOLIDATION_PROMOTED: Final = "ConsolidationPromoted"
 CONSOLIDATION_DONE: Final = "ConsolidationDone"
 CONSOLIDATION_ABANDONED: Final = "ConsolidationAbandoned"
 
+# A pipeline that will not be consolidated (status.instances[].consolidation, type
+# CONSOLIDATION): no node had the GPUs free for a whole replica when it was planned.
+CONSOLIDATION: Final = "Consolidation"
+NO_CONSOLIDATION_TARGET: Final = "NoConsolidationTarget"
+
 # Event types.
 NORMAL: Final = "Normal"
 WARNING: Final = "Warning"

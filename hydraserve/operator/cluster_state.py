@@ -5,8 +5,10 @@ A node offers GPUs if its allocatable has the configured GPU resource. Its NIC b
 GPU type and per-GPU memory come from labels or annotations (annotations win):
 ``hydraserve.io/nic-gbps``, ``hydraserve.io/gpu-type`` (else ``nvidia.com/gpu.product``),
 ``hydraserve.io/gpu-memory-gib`` (else ``nvidia.com/gpu.memory`` in MiB, as NVIDIA's GPU
-feature discovery writes it). What running workers reserve comes from their annotations;
-what each node holds in host memory and fetches, from its prefetcher's status.
+feature discovery writes it). What running workers reserve comes from their annotations
+(``hydraserve.io/gpu``: the GPU indices of a worker, comma-separated, one per
+tensor-parallel rank; ``hydraserve.io/gpu-memory-bytes``: its memory in all, split evenly
+over them); what each node holds in host memory and fetches, from its prefetcher's status.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from hydraserve.operator.naming import (
     NODE_ANNOTATION,
 )
 from hydraserve.operator.settings import OperatorSettings
-from hydraserve.planner.types import ClusterState, GPUState, InflightFetch, NodeState, Plan
+from hydraserve.planner.types import (
+    ClusterState,
+    GPUState,
+    InflightFetch,
+    NodeState,
+    Plan,
+    per_device_bytes,
+)
 from hydraserve.prefetcher.node import NodeStatus
 
 GIB = 1 << 30
@@ -104,8 +113,23 @@ def node_unusable(node: Mapping[str, Any], settings: OperatorSettings) -> str | 
     return None
 
 
+def gpu_indices(annotation: str | None) -> list[int]:
+    """A worker's GPU indices from its ``hydraserve.io/gpu`` annotation ("0" or "0,1,2,3");
+    unreadable or absent: GPU 0."""
+    try:
+        indices = [int(part) for part in (annotation or "0").split(",") if part.strip()]
+    except ValueError:
+        return [0]
+    return list(dict.fromkeys(indices)) or [0]
+
+
+def gpu_annotation(gpus: Iterable[int]) -> str:
+    return ",".join(str(g) for g in gpus)
+
+
 def worker_reservations(pods: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int], int]:
-    """GPU memory held by live worker pods, per (node, gpu index)."""
+    """GPU memory held by live worker pods, per (node, gpu index): a worker on ``tp`` GPUs
+    holds an equal share of its memory on each."""
     held: dict[tuple[str, int], int] = defaultdict(int)
     for pod in pods:
         phase = (pod.get("status") or {}).get("phase")
@@ -115,7 +139,10 @@ def worker_reservations(pods: Iterable[Mapping[str, Any]]) -> dict[tuple[str, in
         node = ann.get(NODE_ANNOTATION) or (pod.get("spec") or {}).get("nodeName")
         if not node or MEMORY_ANNOTATION not in ann:
             continue
-        held[(node, int(ann.get(GPU_ANNOTATION, 0)))] += int(ann[MEMORY_ANNOTATION])
+        gpus = gpu_indices(ann.get(GPU_ANNOTATION))
+        share = per_device_bytes(int(ann[MEMORY_ANNOTATION]), len(gpus))
+        for index in gpus:
+            held[(node, index)] += share
     return dict(held)
 
 
@@ -194,7 +221,8 @@ def reserve(cluster: ClusterState, plan: Plan, settings: OperatorSettings) -> Cl
     taken: dict[tuple[str, int], int] = defaultdict(int)
     fetches: dict[str, list[InflightFetch]] = defaultdict(list)
     for stage in plan.stages:
-        taken[(stage.node, stage.gpu)] += stage.memory_bytes
+        for index in stage.devices:
+            taken[(stage.node, index)] += stage.memory_per_gpu_bytes
         if stage.fetch_bytes and not stage.from_cache:
             due = stage.fetch_deadline_s if math.isfinite(stage.fetch_deadline_s) else 0.0
             fetches[stage.node].append(InflightFetch(bytes_left=stage.fetch_bytes, deadline_s=due))
@@ -212,11 +240,13 @@ def reserve(cluster: ClusterState, plan: Plan, settings: OperatorSettings) -> Cl
     return replace(cluster, nodes=tuple(nodes))
 
 
-def gpu_resource_amount(memory_bytes: int, settings: OperatorSettings) -> int:
-    """How much of the GPU resource one worker requests."""
+def gpu_resource_amount(memory_bytes: int, settings: OperatorSettings, tp: int = 1) -> int:
+    """How much of the GPU resource one worker on ``tp`` GPUs requests: ``tp`` devices, or
+    in memory mode its memory (``memory_bytes`` in all) as whole units on each of them."""
     if settings.gpu_resource_mode == "count":
-        return 1
-    return max(1, math.ceil(memory_bytes / settings.gpu_memory_unit_bytes))
+        return max(1, tp)
+    per_gpu = per_device_bytes(memory_bytes, tp)
+    return max(1, tp) * max(1, math.ceil(per_gpu / settings.gpu_memory_unit_bytes))
 
 
 def prefetcher_urls(

@@ -14,7 +14,7 @@ from typing import Any
 
 from hydraserve.api.models import API_VERSION, KIND, ServerlessModelSpec
 from hydraserve.control.placement import InstancePlan, kv_hand_over
-from hydraserve.operator.cluster_state import gpu_resource_amount
+from hydraserve.operator.cluster_state import gpu_annotation, gpu_resource_amount
 from hydraserve.operator.naming import (
     CONSOLIDATES_LABEL,
     GPU_ANNOTATION,
@@ -134,6 +134,8 @@ def worker_args(
         "--host=0.0.0.0",
         f"--port={settings.worker_port}",
     ]
+    if (tp := plan.stage(rank).tp) > 1:
+        args.append(f"--tp={tp}")  # ranks of vLLM's tensor parallelism, in this one pod
     if plan.pp > 1:
         args += [
             f"--master-addr={head_host(instance, namespace, settings)}",
@@ -184,7 +186,9 @@ def worker_pod(
     meta = model["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     stage = plan.stage(rank)
-    gpu = {settings.gpu_resource_name: str(gpu_resource_amount(stage.memory_bytes, settings))}
+    # All tp ranks of a stage run in this one pod, so on one node: it requests tp devices.
+    amount = gpu_resource_amount(stage.memory_bytes, settings, stage.tp)
+    gpu = {settings.gpu_resource_name: str(amount)}
     env: list[dict[str, Any]] = [
         # vLLM binds and advertises this address to the other stages.
         {"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -255,7 +259,7 @@ def worker_pod(
     annotations = {
         TEMPLATE_HASH_ANNOTATION: template,
         NODE_ANNOTATION: stage.node,
-        GPU_ANNOTATION: str(stage.gpu),
+        GPU_ANNOTATION: gpu_annotation(stage.devices),
         MEMORY_ANNOTATION: str(stage.memory_bytes),
         PLAN_ANNOTATION: json.dumps(stage.model_dump()),
     }

@@ -807,12 +807,15 @@ class Reconciler:
         # The record first: after a crash from here on, the next reconcile finishes this
         # instance (missing stages) instead of planning another.
         await self.client.create(path_of("v1", "services", namespace), record)
-        placement = ", ".join(f"stage {s.rank} on {s.node}/gpu{s.gpu}" for s in plan.stages)
+        placement = ", ".join(
+            f"stage {s.rank} on {s.node}/gpu{','.join(map(str, s.devices))}" for s in plan.stages
+        )
         log.info(
             "instance.planned",
             model=name,
             instance=instance,
             pp=plan.pp,
+            tp=plan.tp,
             placement=placement,
             predicted_ttft_s=round(plan.predicted_ttft_s, 2),
             plan_s=round(plan_seconds, 4),
@@ -821,7 +824,7 @@ class Reconciler:
             model,
             reasons.NORMAL,
             reasons.INSTANCE_PLANNED,
-            f"{instance}: pp={plan.pp}, {placement}; predicted cold TTFT "
+            f"{instance}: pp={plan.pp}, tp={plan.tp}, {placement}; predicted cold TTFT "
             f"{plan.predicted_ttft_s:.1f} s ({plan.reason})",
         )
         await self._create_stages(

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from hydraserve.api.models import InstanceStatus, StageTiming, WorkerStatus
+from hydraserve.control.consolidation import no_consolidation_condition
 from hydraserve.control.instances import InstanceObservation
 from hydraserve.control.placement import InstancePlan, StagePlan
 from hydraserve.control.status import parse_time
@@ -227,11 +228,13 @@ class InstanceObjects:
         return InstanceStatus(
             name=self.name,
             pp=plan.pp if plan else max(len(self.pods), 1),
+            tp=plan.tp if plan else 1,
             workers=workers,
             endpoint=endpoint if self.record is not None else None,
             cold_start=self._cold_start(),
             kv_transfer=self.kv_transfer,
             prediction=plan.prediction() if plan is not None else None,
+            consolidation=no_consolidation_condition(plan),
         )
 
     def _cold_start(self) -> list[StageTiming]:

@@ -19,13 +19,15 @@ class PlannerConfig(BaseModel):
     Predicted cold TTFT of a plan (seconds)::
 
         waited + max(engine_ready_floor, fetch_start_delay + fetch)
-               + stage_bytes / serial_load_rate + post_fetch
+               + stage_bytes / tp / serial_load_rate + post_fetch
                + prefill * pipeline_slowdown
 
     where ``fetch`` is the slowest stage's bytes over its fetch rate (its fair share of the
     node's NIC, capped by its share of the store, or the host-memory rate when cached).
     Predicted TPOT is the sum over stages of the profiled single-GPU TPOT scaled by the
-    stage's share of layers and, when GPUs are shared, by the inverse of its compute share.
+    stage's share of layers and, when GPUs are shared, by the inverse of its compute share,
+    divided by the tensor-parallel speed-up ``1 + (tp - 1) * tensor_parallel_efficiency``
+    of a stage on ``tp`` GPUs (prefill likewise).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -92,6 +94,17 @@ class PlannerConfig(BaseModel):
         ge=0,
         description="Added per token per pipeline hop (activations between servers).",
     )
+    tensor_parallel_efficiency: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Speed-up each GPU beyond the first adds to a tensor-parallel stage: "
+        "a stage on tp GPUs runs its layers 1 + (tp - 1) * efficiency times faster than "
+        "on one (the rest is lost to the all-reduces between ranks inside the node). "
+        "Profiled speeds (ModelProfile.tpot_s / prefill_s) are per single GPU of a type; "
+        "for a model larger than one GPU they are what one GPU would take if it fitted "
+        "(decoding is memory-bandwidth bound: bytes / GPU memory bandwidth).",
+    )
     compute_share_follows_memory: bool = Field(
         default=True,
         description="GPU sharing gives a worker compute in proportion to the memory it "
@@ -123,6 +136,16 @@ class PlannerConfig(BaseModel):
         default="pp1",
         description="When no plan meets both SLOs: pp1 = a single worker (cheapest, as in "
         "the paper); fastest = the TPOT-feasible plan with the lowest predicted TTFT.",
+    )
+    part_card_pipelines: Literal["never", "too_big_for_any_node", "whenever_no_room"] = Field(
+        default="too_big_for_any_node",
+        description="When to plan a pipeline of part-card stages across nodes (it serves "
+        "but never consolidates; the plan says why) instead of answering Unschedulable "
+        "because no node can hold a whole replica on its tp GPUs: never; only when no "
+        "node could even with its GPUs idle (a model larger than any node); or whenever "
+        "none has the room now (starts sooner on a busy cluster, but such pipelines keep "
+        "their TPOT cost: in the simulator's reference setting TTFT attainment rose and "
+        "TPOT attainment fell by a few points).",
     )
     min_fetch_bytes_per_s: float = Field(
         default=1e6,

@@ -21,6 +21,7 @@ class StageShape:
     layers: int
     memory_bytes: int  # GPU memory the worker holds (its compute share when GPUs are shared)
     gpu_type: str
+    tp: int = 1  # GPUs of one node the stage runs on (tensor parallel)
 
 
 def lookup_speed(table: dict[str, float], gpu_type: str, default: float) -> float:
@@ -35,22 +36,34 @@ def part_card_memory_bytes(model: ModelProfile, pp: int, rank: int) -> int:
     return model.partitions[pp][rank][2] + math.ceil(model.kv_bytes / pp)
 
 
+def tensor_parallel_speedup(tp: int, efficiency: float) -> float:
+    """How much faster a stage runs on ``tp`` GPUs of one node than on one (``PlannerConfig.
+    tensor_parallel_efficiency``: what each further GPU adds, net of the all-reduces)."""
+    return 1.0 + (max(1, tp) - 1) * efficiency
+
+
 def pipeline_slowdown(
-    model: ModelProfile, stages: Sequence[StageShape], table: dict[str, float], default: float
+    model: ModelProfile,
+    stages: Sequence[StageShape],
+    table: dict[str, float],
+    default: float,
+    tp_efficiency: float = 1.0,
 ) -> float:
     """Seconds of one pass through the pipeline, from per-GPU-type single-GPU seconds.
 
     A stage runs its share of the layers; when GPU compute is shared in proportion to
     memory, a worker holding less than a whole replica's memory gets proportionally less
     compute (so a part-card stage with 1/pp of the layers and 1/pp of the memory takes as
-    long as the whole model on a whole replica's share).
+    long as the whole model on a whole replica's share). A stage on ``tp`` GPUs is
+    :func:`tensor_parallel_speedup` times faster (its memory is the total over its GPUs).
     """
     num_layers = max(1, model.num_layers)
     total = 0.0
     for stage in stages:
         base = lookup_speed(table, stage.gpu_type, default)
         compute_ratio = max(1.0, model.replica_bytes / max(1, stage.memory_bytes))
-        total += base * (stage.layers / num_layers) * compute_ratio
+        speedup = tensor_parallel_speedup(stage.tp, tp_efficiency)
+        total += base * (stage.layers / num_layers) * compute_ratio / speedup
     return total
 
 
@@ -58,7 +71,9 @@ def predict_tpot_s(
     model: ModelProfile, stages: Sequence[StageShape], config: PlannerConfig
 ) -> float:
     shapes = stages if config.compute_share_follows_memory else _unshared(model, stages)
-    pass_s = pipeline_slowdown(model, shapes, model.tpot_s, config.default_tpot_s)
+    pass_s = pipeline_slowdown(
+        model, shapes, model.tpot_s, config.default_tpot_s, config.tensor_parallel_efficiency
+    )
     return pass_s + config.stage_hop_s * (len(stages) - 1)
 
 
@@ -66,11 +81,13 @@ def predict_prefill_s(
     model: ModelProfile, stages: Sequence[StageShape], config: PlannerConfig
 ) -> float:
     shapes = stages if config.compute_share_follows_memory else _unshared(model, stages)
-    return pipeline_slowdown(model, shapes, model.prefill_s, config.default_prefill_s)
+    return pipeline_slowdown(
+        model, shapes, model.prefill_s, config.default_prefill_s, config.tensor_parallel_efficiency
+    )
 
 
 def _unshared(model: ModelProfile, stages: Sequence[StageShape]) -> list[StageShape]:
-    return [StageShape(s.layers, model.replica_bytes, s.gpu_type) for s in stages]
+    return [StageShape(s.layers, model.replica_bytes, s.gpu_type, s.tp) for s in stages]
 
 
 @dataclass(frozen=True)
@@ -89,7 +106,8 @@ def predict_ttft(
     floor_s: float | None = None,
 ) -> TTFTEstimate:
     """Cold TTFT of a plan whose slowest stage fetch takes ``fetch_s`` seconds
-    (``floor_s``: the engine-ready floor of its nodes; default: the config's)."""
+    (``floor_s``: the engine-ready floor of its nodes; default: the config's).
+    ``max_stage_bytes`` is what one GPU loads of the biggest stage (its 1/tp share)."""
     floor = config.engine_ready_floor_s if floor_s is None else floor_s
     fetch_done = config.fetch_start_delay_s + fetch_s
     serial_load = (

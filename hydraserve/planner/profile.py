@@ -77,6 +77,7 @@ def plan_request_for(
         max_pp=min(spec.pipeline.max_size, max(profile.partitions, default=1)),
         waited_s=waited_s,
         defer_when_busy=defer_when_busy,
+        tp=spec.parallelism.tensor,
     )
 
 

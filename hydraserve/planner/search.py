@@ -9,6 +9,13 @@ wins. Its placement is then re-chosen for packing: among the nodes fast enough f
 TTFT SLO, cached nodes first, then the tightest GPU-memory fit. With no plan meeting both
 SLOs, the fallback is pp = 1 on the fastest node (or the fastest TPOT-feasible plan), with
 the reason spelled out. One pass over the nodes plus a sort: O(n log n) in the nodes.
+
+Tensor parallelism (``PlanRequest.tp``): a stage is ``tp`` GPUs of one node, each holding
+1/tp of the stage's memory, so a node qualifies for a stage when ``tp`` of its GPUs each
+have that free; the node's NIC fetches the stage's bytes once for all its ranks (one fetch
+per stage, as for tp = 1). An all-card worker holds a whole replica on its ``tp`` GPUs.
+When no node can, the pipeline is planned without one (pp >= 2, every stage part-card):
+it serves but cannot consolidate, and ``Plan.no_consolidation`` says why.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from hydraserve.planner.types import (
     Prediction,
     StagePlacement,
     Unschedulable,
+    per_device_bytes,
 )
 
 _DEFAULT_CONFIG = PlannerConfig()
@@ -54,7 +62,7 @@ class _Candidate:
 
     position: int  # index in the inventory (first-fit order)
     node: NodeState
-    max_free: int  # most memory a worker can get on one GPU of this node
+    max_free: int  # most memory a worker can get on each of ``tp`` GPUs of this node
     nic_rate: float  # admitted fair share for a new fetch (bytes/s)
     cached: bool  # the model is in this node's host cache
     raw_rate: float  # cache rate if cached, else nic_rate (sort key)
@@ -89,6 +97,8 @@ class _Planner:
         )
         self.store_required = 0.0  # set by scan()
         self.busy = False  # admission (a NIC or the store) ruled out some placement
+        self.tp = max(1, request.tp)
+        self.no_consolidation = ""  # set by run() when no node can hold a replica
 
     # --- inputs ------------------------------------------------------------------------
     def pp_options(self) -> list[int]:
@@ -101,10 +111,25 @@ class _Planner:
     def need_part(self, pp: int) -> int:
         return max(part_card_memory_bytes(self.model, pp, r) for r in range(pp))
 
+    def replica_fits_idle(self, need: int) -> bool:
+        """Whether some node could hold a whole replica (``need`` per GPU) on ``tp`` of
+        its GPUs were they idle (only asked when none can now)."""
+        tp = self.tp
+        for node in self.cluster.nodes:
+            totals = [g.total_bytes for g in node.gpus]
+            if len(totals) >= tp and heapq.nlargest(tp, totals)[-1] >= need:
+                return True
+        return False
+
+    def per_gpu(self, need: int) -> int:
+        """What each of a worker's ``tp`` GPUs must have free for ``need`` bytes in all."""
+        return per_device_bytes(need, self.tp)
+
     def scan(self, min_need: int) -> tuple[list[_Candidate], int, tuple[int, str], int]:
         """One pass over the inventory: candidates, in-flight fetch count, largest free GPU
-        (for the reason when nothing fits) and how many nodes admission refused. Also sets
-        ``store_required``: the store rate the tightest protected in-flight fetch needs."""
+        (per GPU of ``tp`` on one node, for the reason when nothing fits) and how many nodes
+        admission refused. ``min_need`` is per GPU. Also sets ``store_required``: the store
+        rate the tightest protected in-flight fetch needs."""
         config = self.config
         exclusive = config.exclusive_gpus
         key = self.model.key
@@ -117,6 +142,7 @@ class _Planner:
         in_flight: list[tuple[float, float, float]] = []  # bytes left, deadline, NIC share
         largest: tuple[int, str] = (0, "")
         refused = 0
+        tp = self.tp
         for position, node in enumerate(self.cluster.nodes):
             if node.inflight:
                 active = [f for f in node.inflight if not f.low_priority]
@@ -124,7 +150,7 @@ class _Planner:
                 if track_store and active:
                     nic_share = node.nic_bytes_per_s * config.fetch_efficiency / len(active)
                     in_flight += [(f.bytes_left, f.deadline_s, nic_share) for f in active]
-            max_free = _max_free(node.gpus, exclusive)
+            max_free = _room(node.gpus, tp, exclusive)
             if max_free > largest[0]:
                 largest = (max_free, node.name)
             if max_free < min_need:
@@ -171,13 +197,17 @@ class _Planner:
             for rank in range(pp)
         ]
         fetch_s = max(stages[r][2] / rates[r] if rates[r] > 0 else math.inf for r in range(pp))
-        max_stage_bytes = max(s[2] for s in stages)
+        # A serial load to the devices runs on every GPU of the stage at once (each its
+        # own host link): what one GPU loads is its share of the biggest stage.
+        max_stage_bytes = per_device_bytes(max(s[2] for s in stages), self.tp)
         shapes = [
-            StageShape(stages[r][1] - stages[r][0], memory[r], nodes_by_rank[r].node.gpu_type)
+            StageShape(
+                stages[r][1] - stages[r][0], memory[r], nodes_by_rank[r].node.gpu_type, self.tp
+            )
             for r in range(pp)
         ]
         if config.exclusive_gpus:
-            shapes = [StageShape(s.layers, model.replica_bytes, s.gpu_type) for s in shapes]
+            shapes = [StageShape(s.layers, model.replica_bytes, s.gpu_type, s.tp) for s in shapes]
         prefill = predict_prefill_s(model, shapes, config)
         tpot = predict_tpot_s(model, shapes, config)
         floor = None
@@ -196,6 +226,9 @@ class _Planner:
         terms["bottleneck_bytes_per_s"] = min(rates)
         terms["store_share_bytes_per_s"] = store_share
         terms["fetch_efficiency"] = config.fetch_efficiency
+        if self.tp > 1:
+            terms["tp"] = float(self.tp)
+            terms["tensor_parallel_efficiency"] = config.tensor_parallel_efficiency
         budget = fetch_budget_s(
             request.slo.ttft_s, request.waited_s, max_stage_bytes, prefill, config
         )
@@ -225,7 +258,8 @@ class _Planner:
         """First ``all_card`` nodes with room for a replica and ``pp - all_card`` more with
         room for a part-card stage, in ``ordered``'s order (fastest first, or inventory
         order for first-fit). For fastest-first this maximises the slowest rate."""
-        need_all, need_part = self.need_all(), self.need_part(pp) if pp > 1 else 0
+        need_all = self.per_gpu(self.need_all())
+        need_part = self.per_gpu(self.need_part(pp)) if pp > 1 else 0
         all_nodes: list[_Candidate] = []
         part_nodes: list[_Candidate] = []
         want_part = pp - all_card
@@ -249,12 +283,13 @@ class _Planner:
             return None
         stages = self.model.partitions[pp]
         need_rate = max(s[2] for s in stages) / budget
-        need_all, need_part = self.need_all(), self.need_part(pp) if pp > 1 else 0
-        exclusive = self.config.exclusive_gpus
+        need_all = self.per_gpu(self.need_all())
+        need_part = self.per_gpu(self.need_part(pp)) if pp > 1 else 0
+        exclusive, tp = self.config.exclusive_gpus, self.tp
         fast = [c for c in candidates if self.effective_rate(c, store_share) >= need_rate]
 
         def key(c: _Candidate, need: int) -> tuple[bool, int, float, int]:
-            leftover = _best_fit_gpu(c.node.gpus, need, exclusive)[1]
+            leftover = _best_fit_gpus(c.node.gpus, need, tp, exclusive)[1]
             return (not c.cached, leftover, -c.raw_rate, c.position)
 
         all_nodes = heapq.nsmallest(
@@ -286,7 +321,9 @@ class _Planner:
             start, end, nbytes = stages[rank]
             all_card = rank < option.all_card
             need = option.memory[rank]
-            gpu_index, _, gpu_total = _best_fit_gpu(cand.node.gpus, need, config.exclusive_gpus)
+            gpus, _, gpu_total = _best_fit_gpus(
+                cand.node.gpus, self.per_gpu(need), self.tp, config.exclusive_gpus
+            )
             memory = gpu_total if config.exclusive_gpus else need
             consolidation = (
                 model.total_bytes - nbytes if all_card and option.pp > 1 and not cand.cached else 0
@@ -295,7 +332,7 @@ class _Planner:
                 StagePlacement(
                     rank=rank,
                     node=cand.node.name,
-                    gpu=gpu_index,
+                    gpu=gpus[0],
                     start_layer=start,
                     end_layer=end,
                     memory_bytes=memory,
@@ -306,6 +343,7 @@ class _Planner:
                     fetch_deadline_s=math.inf if cand.cached else deadline,
                     consolidation_bytes=consolidation,
                     gpu_type=cand.node.gpu_type,
+                    gpus=gpus,
                 )
             )
         return Plan(
@@ -314,6 +352,8 @@ class _Planner:
             prediction=Prediction(option.ttft_s, option.tpot_s, option.terms),
             reason=reason,
             meets_slo=meets,
+            tp=self.tp,
+            no_consolidation=self.no_consolidation if option.all_card == 0 else "",
         )
 
     def run(self) -> Plan | Unschedulable:
@@ -325,14 +365,28 @@ class _Planner:
                 f"model {model.key} has no stage partition usable with max pp "
                 f"{min(request.max_pp, config.max_pp)} (partitions: {sorted(model.partitions)})"
             )
-        need_all = self.need_all()
-        # Every plan has an all-card worker, so a node without room for a replica can only
-        # host part-card stages: the smallest part-card need is the filter.
-        min_need = min([need_all] + [self.need_part(pp) for pp in pps if pp > 1])
+        need_all = self.per_gpu(self.need_all())
+        multi = [pp for pp in pps if pp > 1]
+        # A node without room for a replica can only host part-card stages: the smallest
+        # part-card need (per GPU) is the filter.
+        min_need = min([need_all] + [self.per_gpu(self.need_part(pp)) for pp in multi])
         candidates, active_fetches, largest, refused = self.scan(min_need)
         self.busy = refused > 0
-        if not any(c.max_free >= need_all for c in candidates):
-            return self.no_fit(need_all, largest, refused)
+        replica_fits = any(c.max_free >= need_all for c in candidates)
+        if not replica_fits:
+            mode = config.part_card_pipelines
+            if (
+                mode == "never"
+                or not multi
+                or largest[0] >= need_all
+                or not candidates
+                or (mode == "too_big_for_any_node" and self.replica_fits_idle(need_all))
+            ):
+                return self.no_fit(need_all, largest, refused)
+            # No node can hold a whole replica on its GPUs: only a pipeline of part-card
+            # stages fits. It serves, but there is nowhere to consolidate it.
+            self.no_consolidation = self.replica_missing(need_all, largest)
+            pps = multi
         if config.placement == "first_fit":
             ordered = sorted(candidates, key=lambda c: c.position)
         else:
@@ -353,8 +407,9 @@ class _Planner:
                     break
                 candidates_pp = [c for c in ordered if c.cached]
             first_a = 1 if pp == 1 else max(1, min(request.min_all_card, pp))
+            all_cards = range(first_a, pp + 1) if replica_fits else range(0, 1)
             best_for_pp: _Option | None = None
-            for a in range(first_a, pp + 1):
+            for a in all_cards:
                 nodes = self.greedy(candidates_pp, pp, a, share)
                 if nodes is None:
                     continue
@@ -368,6 +423,12 @@ class _Planner:
                     best_for_pp = option
             if candidates_pp is ordered:
                 notes.append(self.note(pp, best_for_pp))
+        if not replica_fits and not evaluated:
+            return Unschedulable(
+                self.no_consolidation.removesuffix(" (it cannot consolidate)")
+                + ", and no pipeline of part-card stages fits either: "
+                + "; ".join(notes)
+            )
         return self.fallback(pp1, evaluated, notes)
 
     def accept(self, option: _Option, candidates: list[_Candidate], share: float) -> Plan:
@@ -376,12 +437,15 @@ class _Planner:
             refined = self.best_fit(option, candidates, share)
         chosen = refined or option
         cached = " from host cache" if any(c.cached for c in chosen.nodes) else ""
+        tp = f" x tp={self.tp}" if self.tp > 1 else ""
         reason = (
-            f"smallest pp meeting both SLOs: pp={chosen.pp} with {chosen.all_card} all-card "
-            f"worker(s){cached}; predicted TTFT {chosen.ttft_s:.2f} s <= "
+            f"smallest pp meeting both SLOs: pp={chosen.pp}{tp} with {chosen.all_card} "
+            f"all-card worker(s){cached}; predicted TTFT {chosen.ttft_s:.2f} s <= "
             f"{self.request.slo.ttft_s:.2f} s, TPOT {chosen.tpot_s * 1e3:.0f} ms <= "
             f"{self.request.slo.tpot_s * 1e3:.0f} ms"
         )
+        if chosen.all_card == 0:
+            reason += f"; {self.no_consolidation}"
         return self.to_plan(chosen, reason, meets=True)
 
     def note(self, pp: int, option: _Option | None) -> str:
@@ -401,8 +465,9 @@ class _Planner:
         slo = self.request.slo
         chosen = pp1
         label = "pp=1"
-        if self.config.fallback == "fastest":
-            feasible = [o for o in evaluated if o.tpot_s <= slo.tpot_s]
+        if self.config.fallback == "fastest" or (pp1 is None and self.no_consolidation):
+            # (Without room for a replica there is no pp = 1: the fastest pipeline it is.)
+            feasible = [o for o in evaluated if o.tpot_s <= slo.tpot_s] or evaluated
             if feasible:
                 chosen = min(feasible, key=lambda o: (o.ttft_s, o.pp))
                 label = f"the fastest TPOT-feasible plan (pp={chosen.pp})"
@@ -417,21 +482,52 @@ class _Planner:
                 "no admissible placement now: " + "; ".join(notes) + " (retry when fetches finish)"
             )
         reason = "no plan meets both SLOs (" + "; ".join(notes) + f"); falling back to {label}"
+        if chosen.all_card == 0:
+            reason += f"; {self.no_consolidation}"
         return self.to_plan(chosen, reason, meets=False)
 
     def no_fit(self, need_all: int, largest: tuple[int, str], refused: int) -> Unschedulable:
+        """``need_all`` and ``largest`` are per GPU (of ``tp`` on one node)."""
         key = self.model.key
         if largest[0] >= need_all:
+            memory = (
+                f"{self.tp} GPUs with {_gib(need_all)} free each"
+                if self.tp > 1
+                else f"{_gib(need_all)} GPU memory free"
+            )
             return Unschedulable(
-                f"every node with {_gib(need_all)} GPU memory free for {key} is refusing new "
+                f"every node with {memory} for {key} is refusing new "
                 f"fetches ({refused} node(s)): admitting one would make an in-flight fetch "
                 "miss its deadline; retry when those fetches finish"
             )
+        if self.tp > 1:
+            return Unschedulable(self.replica_missing(need_all, largest).split(" (it cannot")[0])
         what = "an idle GPU with" if self.config.exclusive_gpus else "a GPU with"
         where = f"{_gib(largest[0])} on {largest[1]}" if largest[1] else "no GPUs"
         return Unschedulable(
             f"no node has {what} {_gib(need_all)} free for a whole replica of {key} "
             f"(largest free: {where})"
+        )
+
+    def replica_missing(self, need_all: int, largest: tuple[int, str]) -> str:
+        """Why no worker can hold a whole replica (``need_all`` per GPU, ``largest``: the
+        most a node offers on each of ``tp`` GPUs)."""
+        tp, key = self.tp, self.model.key
+        idle = "idle " if self.config.exclusive_gpus else ""
+        if tp == 1:
+            what = f"no node has an {idle}GPU with {_gib(need_all)} free"
+            where = f"{_gib(largest[0])} on {largest[1]}" if largest[1] else "no GPUs"
+            best = f"largest free: {where}"
+        else:
+            what = f"no node has {tp} {idle}GPUs with {_gib(need_all)} free each"
+            best = (
+                f"best: {_gib(largest[0])} free on each of {tp} GPUs of {largest[1]}"
+                if largest[0] > 0
+                else f"no node has {tp} {idle}GPUs free"
+            )
+        return (
+            f"{what} for a whole replica of {key} ({_gib(need_all * tp)} at tp={tp}; {best}) "
+            "(it cannot consolidate)"
         )
 
 
@@ -446,24 +542,43 @@ def _closer_miss(current: _Option, new: _Option, tpot_slo: float) -> bool:
 _free_bytes = attrgetter("free_bytes")
 
 
-def _max_free(gpus: tuple[GPUState, ...], exclusive: bool) -> int:
+def _room(gpus: tuple[GPUState, ...], tp: int, exclusive: bool) -> int:
+    """Most memory each of ``tp`` GPUs of a node can give one worker: the ``tp``-th
+    largest free (with exclusive GPUs: among the idle ones, their whole memory)."""
     if exclusive:
-        return max((g.total_bytes for g in gpus if g.free_bytes >= g.total_bytes), default=0)
-    return max(map(_free_bytes, gpus), default=0)
+        rooms = [g.total_bytes for g in gpus if g.free_bytes >= g.total_bytes]
+        if len(rooms) < tp:
+            return 0
+        return max(rooms) if tp == 1 else heapq.nlargest(tp, rooms)[-1]
+    if tp == 1:
+        return max(map(_free_bytes, gpus), default=0)
+    if len(gpus) < tp:
+        return 0
+    return heapq.nlargest(tp, [g.free_bytes for g in gpus])[-1]
 
 
-def _best_fit_gpu(gpus: tuple[GPUState, ...], need: int, exclusive: bool) -> tuple[int, int, int]:
-    """(index, leftover, total) of the GPU with the least room left after ``need``; with
-    exclusive GPUs only idle ones count and a worker's room is the whole GPU."""
-    best = (-1, 1 << 62, 0)
+def _best_fit_gpus(
+    gpus: tuple[GPUState, ...], need: int, tp: int, exclusive: bool
+) -> tuple[tuple[int, ...], int, int]:
+    """(indices, leftover, total) of the ``tp`` GPUs with the least room left after
+    ``need`` each (leftover and total summed over them); with exclusive GPUs only idle
+    ones count and a worker's room is the whole GPU. ``((), huge, 0)`` when none fit."""
+    fits: list[tuple[int, int, int]] = []  # (leftover, index, total)
     for gpu in gpus:
         if exclusive:
             room = gpu.total_bytes if gpu.free_bytes >= gpu.total_bytes else -1
         else:
             room = gpu.free_bytes
-        if room >= need and room - need < best[1]:
-            best = (gpu.index, room - need, gpu.total_bytes)
-    return best
+        if room >= need:
+            fits.append((room - need, gpu.index, gpu.total_bytes))
+    if len(fits) < tp:
+        return (), 1 << 62, 0
+    chosen = [min(fits)] if tp == 1 else heapq.nsmallest(tp, fits)
+    return (
+        tuple(sorted(index for _, index, _ in chosen)),
+        sum(left for left, _, _ in chosen),
+        sum(total for _, _, total in chosen),
+    )
 
 
 def plan(
@@ -472,8 +587,8 @@ def plan(
     """Plan one cold start of ``request.model`` on ``cluster``.
 
     Returns the smallest pipeline (then fewest all-card workers) predicted to meet both the
-    TTFT and the TPOT SLO, placed on distinct nodes with room on one GPU each and a fetch
-    admitted by every node's NIC; or a pp = 1 fallback with ``meets_slo=False`` and the
-    reason; or :class:`Unschedulable` saying what is missing and where.
+    TTFT and the TPOT SLO, placed on distinct nodes with room on ``request.tp`` GPUs each
+    and a fetch admitted by every node's NIC; or a pp = 1 fallback with ``meets_slo=False``
+    and the reason; or :class:`Unschedulable` saying what is missing and where.
     """
     return _Planner(request, cluster, config or _DEFAULT_CONFIG).run()

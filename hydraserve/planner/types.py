@@ -6,6 +6,7 @@ add fields (with defaults); callers rely on the ones here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -83,13 +84,17 @@ class PlanRequest:
     # When admission (a busy NIC or store) is what rules out every plan meeting the SLOs,
     # answer Unschedulable (retry when fetches finish) instead of a slow pp = 1 fallback.
     defer_when_busy: bool = False
+    # Tensor parallelism: each stage (worker) runs on ``tp`` GPUs of one node, each holding
+    # 1/tp of the stage's memory (spec.parallelism.tensor). Pipeline stages still go to
+    # distinct nodes.
+    tp: int = 1
 
 
 @dataclass(frozen=True)
 class StagePlacement:
     rank: int
     node: str
-    gpu: int
+    gpu: int  # the first of its GPUs (the only one when tp = 1)
     start_layer: int
     end_layer: int  # exclusive
     memory_bytes: int  # GPU memory reserved for this worker
@@ -105,6 +110,21 @@ class StagePlacement:
     # Bytes an all-card worker still fetches in the background to consolidate (low priority).
     consolidation_bytes: int = 0
     gpu_type: str = "generic"  # its node's GPU type (calibration is per type)
+    # The GPUs of its node this worker runs on, one per tensor-parallel rank; empty means
+    # ``(gpu,)``. ``memory_bytes`` is the worker's total: each GPU holds an equal share.
+    gpus: tuple[int, ...] = ()
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        return self.gpus or (self.gpu,)
+
+    @property
+    def tp(self) -> int:
+        return len(self.devices)
+
+    @property
+    def memory_per_gpu_bytes(self) -> int:
+        return per_device_bytes(self.memory_bytes, self.tp)
 
 
 @dataclass(frozen=True)
@@ -121,6 +141,10 @@ class Plan:
     prediction: Prediction
     reason: str = ""  # why this pp (e.g. "smallest pp meeting both SLOs")
     meets_slo: bool = True  # False for a fallback plan whose prediction misses an SLO
+    tp: int = 1  # GPUs per stage, all on the stage's node
+    # Why the plan has no all-card worker (so the pipeline cannot consolidate); "" when it
+    # has one.
+    no_consolidation: str = ""
 
     @property
     def all_card(self) -> int:
@@ -135,3 +159,8 @@ class Plan:
 @dataclass(frozen=True)
 class Unschedulable:
     reason: str  # says what is missing (memory, bandwidth) and where
+
+
+def per_device_bytes(total_bytes: int, tp: int) -> int:
+    """What each of a worker's ``tp`` GPUs holds of its ``total_bytes`` (rounded up)."""
+    return math.ceil(total_bytes / max(1, tp))

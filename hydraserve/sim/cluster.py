@@ -76,3 +76,25 @@ def large_cluster(
     return ClusterSpec(
         f"large-{nodes}x{gpus_per_node}", specs, None if store_gbps is None else store_gbps * GBPS
     )
+
+
+def a100_h100_cluster(
+    a100_servers: int = 4,
+    h100_servers: int = 4,
+    gpus_per_server: int = 8,
+    nic_gbps: float = 100.0,
+    store_gbps: float | None = 400.0,
+    host_cache_gb: float = 1024.0,
+) -> ClusterSpec:
+    """Servers of 8 x 80 GB GPUs (A100 and H100) with 100 Gbps NICs, for models larger
+    than one GPU (tensor parallel inside a server, pipelines across servers)."""
+    nodes = [
+        NodeSpec(
+            f"{kind.lower()}-{i}", kind, gpus_per_server, int(80 * GB), nic_gbps * GBPS,
+            int(host_cache_gb * GB),
+        )
+        for kind, count in (("A100", a100_servers), ("H100", h100_servers))
+        for i in range(count)
+    ]  # fmt: skip
+    store = None if store_gbps is None else store_gbps * GBPS
+    return ClusterSpec("a100-h100-8x80gb", tuple(nodes), store)

@@ -38,6 +38,7 @@ from hydraserve.planner.costmodel import (
     predict_tpot_s,
     salvageable_wait_s,
 )
+from hydraserve.planner.types import per_device_bytes
 from hydraserve.sim.cluster import ClusterSpec
 from hydraserve.sim.network import Flow, FlowNetwork
 from hydraserve.sim.policies import Policy
@@ -93,7 +94,7 @@ class _Node:
 class _Stage:
     rank: int
     node: _Node
-    gpu: int
+    gpus: tuple[int, ...]  # one per tensor-parallel rank, each holding memory / len(gpus)
     memory: int
     all_card: bool
     layers: int
@@ -174,6 +175,7 @@ class ColdStart:
     from_cache: bool
     predicted_ttft_s: float
     meets_slo: bool
+    tp: int = 1
 
 
 @dataclass(frozen=True)
@@ -228,8 +230,11 @@ class SimResult:
     def summary(self) -> dict[str, Any]:
         cold = self.cold_starts
         pp_hist: dict[str, int] = {}
+        shapes: dict[str, int] = {}  # "pp x tp" -> cold starts
         for c in cold:
             pp_hist[str(c.pp)] = pp_hist.get(str(c.pp), 0) + 1
+            shape = f"{c.pp}x{c.tp}"
+            shapes[shape] = shapes.get(shape, 0) + 1
         return {
             "policy": self.policy,
             "requests": len(self.requests),
@@ -241,9 +246,12 @@ class SimResult:
             "cold_starts_from_cache": sum(1 for c in cold if c.from_cache),
             "fallback_plans": sum(1 for c in cold if not c.meets_slo),
             "pp_histogram": pp_hist,
+            "pp_x_tp_histogram": dict(sorted(shapes.items())),
+            "no_consolidation_target": sum(1 for c in cold if c.pp > 1 and not c.all_card),
             "unschedulable": self.unschedulable,
             "queued_requests": sum(1 for r in self.requests if r.queued),
             "ttft_attainment_by_app": self.attainment_by("app"),
+            "ttft_attainment_by_size": self.attainment_by("size"),
             "plan_calls": self.plan_calls,
             "plan_ms_mean": 1e3 * self.plan_seconds / self.plan_calls if self.plan_calls else 0,
             "store_gb": self.store_bytes / 1e9,
@@ -437,6 +445,7 @@ class Simulator:
         request = PlanRequest(
             spec.profile, spec.slo, max_pp=4, waited_s=waited or 0.0,
             defer_when_busy=self.config.defer_when_busy and waited is not None,
+            tp=spec.tp,
         )  # fmt: skip
         state = self.cluster_state(now)
         started = time.perf_counter()
@@ -489,12 +498,14 @@ class Simulator:
         stages = []
         for placement in result.stages:
             node = self.by_name[placement.node]
-            if node.gpu_free[placement.gpu] < placement.memory_bytes:
-                raise AssertionError(
-                    f"planner over-committed {node.name} GPU {placement.gpu}: "
-                    f"{placement.memory_bytes} > {node.gpu_free[placement.gpu]} free"
-                )
-            node.gpu_free[placement.gpu] -= placement.memory_bytes
+            share = placement.memory_per_gpu_bytes
+            for gpu in placement.devices:
+                if node.gpu_free[gpu] < share:
+                    raise AssertionError(
+                        f"planner over-committed {node.name} GPU {gpu}: "
+                        f"{share} > {node.gpu_free[gpu]} free"
+                    )
+                node.gpu_free[gpu] -= share
             node.state = None
             stage_bytes = runtime.spec.profile.partitions[result.pp][placement.rank][2]
             if placement.from_cache:
@@ -504,7 +515,7 @@ class Simulator:
                 _Stage(
                     rank=placement.rank,
                     node=node,
-                    gpu=placement.gpu,
+                    gpus=placement.devices,
                     memory=placement.memory_bytes,
                     all_card=placement.all_card,
                     layers=placement.end_layer - placement.start_layer,
@@ -539,16 +550,18 @@ class Simulator:
                 s.layers,
                 profile.replica_bytes if config.exclusive_gpus else s.memory,
                 s.node.gpu_type,
+                len(s.gpus),
             )
             for s in inst.stages
         ]
         inst.tpot_s = predict_tpot_s(profile, shapes, config)
         per_token = inst.runtime.spec.prefill_s_per_token
         if not config.compute_share_follows_memory:
-            shapes = [StageShape(s.layers, profile.replica_bytes, s.gpu_type) for s in shapes]
+            shapes = [StageShape(s.layers, profile.replica_bytes, s.gpu_type, s.tp) for s in shapes]
         inst.prefill_per_token_s = pipeline_slowdown(
-            profile, shapes, per_token, DEFAULT_PREFILL_S_PER_TOKEN
-        )
+            profile, shapes, per_token, DEFAULT_PREFILL_S_PER_TOKEN,
+            config.tensor_parallel_efficiency,
+        )  # fmt: skip
 
     def start_fetch(self, now: float, arg: tuple[_Instance, _Stage]) -> None:
         inst, stage = arg
@@ -618,7 +631,7 @@ class Simulator:
             assert stage.fetch_done_at is not None
             stage_ready = (
                 max(inst.started_at + config.engine_ready_floor_s, stage.fetch_done_at)
-                + (stage.stage_bytes / serial if serial else 0.0)
+                + (stage.stage_bytes / len(stage.gpus) / serial if serial else 0.0)
                 + config.post_fetch_s
             )
             ready = max(ready, stage_ready)
@@ -637,6 +650,7 @@ class Simulator:
                 ready_s=now - inst.started_at, pp=inst.pp, all_card=plan_.all_card,
                 from_cache=any(s.from_cache for s in inst.stages),
                 predicted_ttft_s=plan_.prediction.ttft_s, meets_slo=plan_.meets_slo,
+                tp=plan_.tp,
             )
         )  # fmt: skip
         self.serve_queue(now, inst)
@@ -660,6 +674,8 @@ class Simulator:
             and self.policy.consolidate
             and inst.phase == "ready"
             and not inst.switch_scheduled
+            # A pipeline planned without an all-card stage has nowhere to consolidate.
+            and any(s.all_card for s in inst.stages)
             and all(s.full for s in inst.stages if s.all_card)
         ):
             inst.switch_scheduled = True
@@ -701,7 +717,9 @@ class Simulator:
         runtime.cost_gb_s += stage.memory / 1e9 * (now - stage.reserved_at)
         self.cancel_flow(now, stage.flow)
         self.cancel_flow(now, stage.consolidation_flow)
-        stage.node.gpu_free[stage.gpu] += stage.memory
+        share = per_device_bytes(stage.memory, len(stage.gpus))
+        for gpu in stage.gpus:
+            stage.node.gpu_free[gpu] += share
         stage.node.state = None
 
     def release_all(self, inst: _Instance) -> None:

@@ -23,6 +23,13 @@ class WorkerConfig(BaseModel):
     instance: str = Field(description="Instance id, shared by the stages of one pipeline.")
     pp: int = Field(default=1, ge=1, le=4)
     rank: int = Field(default=0, ge=0, le=3)
+    tp: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="Tensor-parallel ranks of this stage, all on this node (vLLM's "
+        "--tensor-parallel-size; its mp executor starts one process per rank).",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8100, ge=1, le=65535)
     rendezvous: StageAddress = Field(default_factory=StageAddress)

@@ -127,8 +127,12 @@ def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
     if config.kv_transfer:
         args += ["--kv-transfer-config", json.dumps(kv_transfer_config(config))]
         args.append("--disable-hybrid-kv-cache-manager")  # the connector API requires it
-    if config.pp == 1 and config.inprocess_engine:
+    if config.tp > 1:
+        args += ["--tensor-parallel-size", str(config.tp)]
+    if in_process(config):
         args += ["--distributed-executor-backend", "uni"]
+    elif config.pp == 1 and config.tp > 1:
+        args += ["--distributed-executor-backend", "mp"]  # a process per tensor rank
     if config.pp > 1:
         args += [
             "--pipeline-parallel-size",
@@ -149,6 +153,11 @@ def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
     return args + list(config.engine_args)
 
 
+def in_process(config: WorkerConfig) -> bool:
+    """Whether the engine runs in the API process (decision 0003): one stage, one rank."""
+    return config.pp == 1 and config.tp == 1 and config.inprocess_engine
+
+
 def kv_transfer_config(config: WorkerConfig) -> dict[str, object]:
     """vLLM's ``--kv-transfer-config`` for HydraServe's connector (requests moving between
     engines of this node save and load KV through its shared memory)."""
@@ -164,7 +173,7 @@ def kv_transfer_config(config: WorkerConfig) -> dict[str, object]:
 
 def engine_env(config: WorkerConfig, manifest: Manifest) -> dict[str, str]:
     env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    if config.pp == 1 and config.inprocess_engine:
+    if in_process(config):
         # One interpreter instead of three: the engine core and the model runner stay in
         # this process, which saves two ~8 s import chains on the cold-start path.
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -225,6 +234,7 @@ def run_worker(config: WorkerConfig) -> None:
         instance=config.instance,
         rank=config.rank,
         pp=config.pp,
+        tp=config.tp,
         port=config.port,
     )
     serve.cmd(args)

@@ -154,3 +154,41 @@ def test_stages_on_different_nodes_each_use_their_nodes_cores(tmp_path: Path) ->
     assert [backend._cpu_bind(two, r) for r in range(2)] == ["0,1", "2,3"]
     both_on_n1 = plan(2, ("n1", "n1"))
     assert [backend._cpu_bind(both_on_n1, r) for r in range(2)] == ["2", "3"]
+
+
+def test_tensor_parallel_ranks_get_their_own_cores_and_the_worker_its_tp(tmp_path: Path) -> None:
+    from hydraserve.backends.local.backend import _ModelState
+    from hydraserve.backends.local.processes import parse_cores
+
+    nodes = [
+        LocalNode(name=f"n{i}", host=f"10.0.0.{i}", shm_dir=tmp_path / f"n{i}",
+                  memory_bytes=1 << 30, nic_bytes_per_s=1e7, cpus=tuple(range(4 * i, 4 * i + 4)))
+        for i in range(2)
+    ]  # fmt: skip
+    backend = LocalBackend([model("m", "file:///nowhere")], settings(tmp_path, 8 << 30), nodes)
+    tp2 = plan(2, ("n0", "n1")).model_copy(update={"tp": 2})
+    # Each stage's cores, split between its two ranks (VLLM_CPU_OMP_THREADS_BIND "a|b").
+    assert [backend._cpu_bind(tp2, r) for r in range(2)] == ["0,1|2,3", "4,5|6,7"]
+    assert parse_cores("0-2,5|7") == [0, 1, 2, 5, 7]
+    inst = LocalInstance(name="m-1", model="m", plan=tp2, requested_at=0.0, dir=tmp_path,
+                         host="10.0.0.0", port=1)  # fmt: skip
+    state = _ModelState(model=model("m", "file:///nowhere"))
+    assert backend._worker_config(state, inst, 1, 29500, None).tp == 2
+
+
+def test_a_nodes_memory_is_one_pool_for_a_models_tensor_parallel_ranks(tmp_path: Path) -> None:
+    from hydraserve.backends.local.nodes import node_state
+    from hydraserve.planner import SLO, ClusterState, ModelProfile, Plan, PlanRequest
+    from hydraserve.planner import plan as plan_placement
+
+    node = LocalNode(name="n", host="h", shm_dir=tmp_path, memory_bytes=8 << 30,
+                     nic_bytes_per_s=1e9)  # fmt: skip
+    state = node_state(node, 2 << 30, None, 0.0, devices=2)
+    assert [(g.total_bytes, g.free_bytes) for g in state.gpus] == [(4 << 30, 3 << 30)] * 2
+    profile = ModelProfile("m", 5 << 30, 6 << 30, {1: ((0, 4, 5 << 30),)})
+    result = plan_placement(PlanRequest(profile, SLO(60, 1), tp=2), ClusterState((state,)))
+    assert isinstance(result, Plan) and result.stages[0].devices == (0, 1)
+    too_big = ModelProfile("m", 5 << 30, 7 << 30, {1: ((0, 4, 5 << 30),)})
+    assert not isinstance(
+        plan_placement(PlanRequest(too_big, SLO(60, 1), tp=2), ClusterState((state,))), Plan
+    )

@@ -158,6 +158,9 @@ def test_crd_subresources_and_columns() -> None:
     spec = schema()["properties"]["spec"]["properties"]
     assert spec["pipeline"]["properties"]["maxSize"]["maximum"] == 4
     assert spec["pipeline"]["properties"]["maxSize"]["minimum"] == 1
+    assert spec["parallelism"]["properties"]["tensor"]["enum"] == [1, 2, 4, 8]
+    assert spec["parallelism"]["properties"]["tensor"]["default"] == 1
+    assert columns["TP"] == ".spec.parallelism.tensor"
     assert (
         spec["slo"]["default"] == {} and spec["slo"]["properties"]["ttftSeconds"]["default"] == 10
     )

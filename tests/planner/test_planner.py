@@ -172,9 +172,21 @@ def test_cached_node_wins() -> None:
 
 def test_no_gpu_fits_is_unschedulable_with_reason() -> None:
     nodes = [node("n0", (8, 9)), node("n1", (9.5,))]
-    result = plan(PlanRequest(model(), SLO(8.0, 0.2)), cluster(*nodes), CONFIG)
+    for mode in ("never", "too_big_for_any_node"):  # (idle, a 16 GB GPU would fit it)
+        strict = CONFIG.model_copy(update={"part_card_pipelines": mode})
+        result = plan(PlanRequest(model(), SLO(8.0, 0.2)), cluster(*nodes), strict)
+        assert isinstance(result, Unschedulable)
+        assert "9.3 GiB" in result.reason and "8.8 GiB on n1" in result.reason
+    # Asked to, a pipeline of part-card stages serves it; it cannot consolidate, and says so.
+    eager = CONFIG.model_copy(update={"part_card_pipelines": "whenever_no_room"})
+    result = as_plan(plan(PlanRequest(model(), SLO(8.0, 0.2)), cluster(*nodes), eager))
+    assert result.pp == 2 and not any(s.all_card for s in result.stages)
+    assert "9.3 GiB" in result.no_consolidation and "8.8 GiB on n1" in result.no_consolidation
+    assert result.no_consolidation in result.reason
+    # Nothing fits even as a pipeline: Unschedulable, naming both.
+    result = plan(PlanRequest(model(), SLO(8.0, 0.2)), cluster(node("n0", (2, 9))), eager)
     assert isinstance(result, Unschedulable)
-    assert "9.3 GiB" in result.reason and "8.8 GiB on n1" in result.reason
+    assert "9.3 GiB" in result.reason
 
 
 def test_best_fit_across_nodes_and_gpus() -> None:

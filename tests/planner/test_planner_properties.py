@@ -61,7 +61,7 @@ def nodes(draw: st.DrawFn, index: int) -> NodeState:
     free = st.one_of(
         st.just(total), st.integers(0, total // QUARTER_GB).map(lambda q: q * QUARTER_GB)
     )
-    gpus = tuple(GPUState(i, total, draw(free)) for i in range(draw(st.integers(1, 4))))
+    gpus = tuple(GPUState(i, total, draw(free)) for i in range(draw(st.integers(1, 8))))
     inflight = tuple(
         InflightFetch(
             bytes_left=draw(st.integers(0, 32)) * QUARTER_GB,
@@ -101,6 +101,8 @@ configs = st.builds(
     placement=st.sampled_from(("slo_best_fit", "first_fit")),
     fallback=st.sampled_from(("pp1", "fastest")),
     compute_share_follows_memory=st.booleans(),
+    tensor_parallel_efficiency=st.sampled_from((0.5, 0.8, 1.0)),
+    part_card_pipelines=st.sampled_from(("never", "too_big_for_any_node", "whenever_no_room")),
 )
 requests = st.builds(
     PlanRequest,
@@ -110,6 +112,7 @@ requests = st.builds(
     waited_s=st.floats(0.0, 10.0),
     min_all_card=st.integers(1, 3),
     defer_when_busy=st.booleans(),
+    tp=st.sampled_from((1, 1, 2, 4)),
 )
 
 
@@ -119,6 +122,7 @@ def check_plan(
     model = request.model
     by_name = {n.name: n for n in cluster.nodes}
     assert 1 <= result.pp <= min(request.max_pp, config.max_pp)
+    assert result.tp == request.tp
     stages = result.stages
     assert [s.rank for s in stages] == list(range(result.pp))
     # Every layer once, in the manifest's ranges for this pp.
@@ -127,19 +131,34 @@ def check_plan(
     ]
     assert stages[0].start_layer == 0 and stages[-1].end_layer == model.num_layers
     assert all(a.end_layer == b.start_layer for a, b in itertools.pairwise(stages))
-    # Distinct nodes (each stage fetches over its own NIC); stage 0 is an all-card head.
+    # Distinct nodes (each stage fetches over its own NIC); stage 0 is an all-card head,
+    # unless no node could hold a replica: then no stage is (and the plan says why).
     assert len({s.node for s in stages}) == result.pp
-    assert stages[0].all_card
+    if result.no_consolidation:
+        assert config.part_card_pipelines != "never" and result.pp > 1
+        if config.part_card_pipelines == "too_big_for_any_node":
+            need = math.ceil(model.replica_bytes / request.tp)
+            assert not any(
+                sum(g.total_bytes >= need for g in n.gpus) >= request.tp for n in cluster.nodes
+            )
+        assert not any(s.all_card for s in stages)
+        assert "cannot consolidate" in result.reason
+    else:
+        assert stages[0].all_card
     store_rates = 0.0
     new_fetches = 0
     for stage in stages:
         node = by_name[stage.node]
-        gpu = node.gpus[stage.gpu]
-        assert gpu.index == stage.gpu
-        # GPU memory: never more than free; exclusive workers take an idle GPU whole.
-        assert stage.memory_bytes <= gpu.free_bytes
+        # tp distinct GPUs of its node, each with its share free.
+        assert stage.tp == request.tp == len(set(stage.devices))
+        assert stage.gpu == stage.devices[0]
+        gpus = [node.gpus[i] for i in stage.devices]
+        assert [g.index for g in gpus] == list(stage.devices)
+        # GPU memory: never more than free; exclusive workers take idle GPUs whole.
+        assert all(stage.memory_per_gpu_bytes <= g.free_bytes for g in gpus)
         if config.exclusive_gpus:
-            assert gpu.free_bytes == gpu.total_bytes == stage.memory_bytes
+            assert all(g.free_bytes == g.total_bytes for g in gpus)
+            assert stage.memory_bytes == sum(g.total_bytes for g in gpus)
         elif stage.all_card:
             assert stage.memory_bytes == model.replica_bytes
         else:
@@ -188,7 +207,8 @@ def test_plans_never_overcommit_and_cover_every_layer(
 def test_unschedulable_without_admission_means_no_gpu_fits(
     request: PlanRequest, cluster: ClusterState
 ) -> None:
-    config = PlannerConfig(network_admission=False)
+    config = PlannerConfig(network_admission=False, part_card_pipelines="never")
     result = plan(request, cluster, config)
-    fits = any(g.free_bytes >= request.model.replica_bytes for n in cluster.nodes for g in n.gpus)
+    need = math.ceil(request.model.replica_bytes / request.tp)
+    fits = any(sum(g.free_bytes >= need for g in n.gpus) >= request.tp for n in cluster.nodes)
     assert isinstance(result, Unschedulable) == (not fits)

@@ -178,3 +178,42 @@ def test_worker_command_line_reaches_the_config(monkeypatch: pytest.MonkeyPatch)
     seen.clear()
     assert CliRunner().invoke(app, args).exit_code == 0
     assert seen[0].kv_transfer is False and seen[0].block_size is None
+
+
+def test_tensor_parallel_ranks_run_under_vllms_mp_executor(parse: Parse) -> None:
+    """parallelism.tensor reaches vLLM as its own --tensor-parallel-size: a single stage
+    with tp > 1 leaves the in-process engine for the mp executor (a process per rank); a
+    pipeline stage with tp ranks joins the multi-node executor with them."""
+    _, single = parse(vllm_serve_args(worker(tp=2), MODEL_DIR))
+    assert (single.tensor_parallel_size, single.pipeline_parallel_size) == (2, 1)
+    assert single.distributed_executor_backend == "mp"
+    rendezvous = StageAddress(master_addr="10.1.0.4", master_port=29511)
+    args, stage = parse(
+        vllm_serve_args(worker(tp=4, pp=2, rank=1, rendezvous=rendezvous), MODEL_DIR)
+    )
+    assert (stage.tensor_parallel_size, stage.pipeline_parallel_size) == (4, 2)
+    assert stage.distributed_executor_backend == "mp"
+    # One node per stage: vLLM places the stage's tp ranks on this node.
+    assert (args.nnodes, args.node_rank, args.headless) == (2, 1, True)
+    _, plain = parse(vllm_serve_args(worker(), MODEL_DIR))
+    assert plain.tensor_parallel_size == 1
+
+
+def test_engine_env_of_a_tensor_parallel_stage_leaves_multiprocessing_on(
+    local_store: ModelStore,
+) -> None:
+    env = engine_env(worker(tp=2), local_store.manifest())
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
+
+
+def test_worker_command_line_takes_tp(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from hydraserve.cli.main import app
+
+    seen: list[WorkerConfig] = []
+    monkeypatch.setattr("hydraserve.worker.launcher.run_worker", seen.append)
+    args = ["worker", "--name=m", "--uri=s3://models/m", "--tp=4"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert seen[0].tp == 4
+    assert CliRunner().invoke(app, [*args[:-1], "--tp=9"]).exit_code != 0

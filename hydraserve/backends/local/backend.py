@@ -40,6 +40,7 @@ from hydraserve.backends.local.nodes import LocalNode, cluster_view, default_mem
 from hydraserve.backends.local.processes import (
     free_port,
     log_tail,
+    parse_cores,
     spawn_stage,
     split_cores,
     terminate,
@@ -60,6 +61,7 @@ from hydraserve.control.consolidation import (
     StartStandalone,
     consolidating,
     consolidation_plan,
+    consolidation_target,
     next_idle_since,
 )
 from hydraserve.control.instances import InstanceObservation, decide_instances, timed_out
@@ -592,6 +594,7 @@ class LocalBackend(ClusterBackend):
             statuses,
             time.time(),
             self.settings.store_bytes_per_s,
+            devices=spec.parallelism.tensor,
         )
         config = self.calibrator.config(self.settings.planner)
         request = plan_request_for(spec, profile)
@@ -735,6 +738,7 @@ class LocalBackend(ClusterBackend):
             instance=inst.name,
             pp=inst.pp,
             rank=rank,
+            tp=inst.plan.tp,
             host=node.host,
             port=inst.port,
             rendezvous=StageAddress(master_addr=inst.host, master_port=master_port),
@@ -754,6 +758,21 @@ class LocalBackend(ClusterBackend):
     def _cpu_bind(
         self, plan: InstancePlan, rank: int, replaces: LocalInstance | None = None
     ) -> str | None:
+        """A stage's VLLM_CPU_OMP_THREADS_BIND: its cores (:meth:`_stage_cores`), split
+        between its tensor-parallel ranks ("0|1") when it has several."""
+        bind = self._stage_cores(plan, rank, replaces)
+        if plan.tp <= 1 or (bind is not None and "|" in bind):
+            return bind
+        if bind is None:
+            node = self.nodes[plan.stage(rank).node]
+            cores = list(node.cpus) or sorted(os.sched_getaffinity(0))
+        else:
+            cores = parse_cores(bind)
+        return "|".join(split_cores(cores, plan.tp))
+
+    def _stage_cores(
+        self, plan: InstancePlan, rank: int, replaces: LocalInstance | None = None
+    ) -> str | None:
         """A stage's cores: the configured binds round-robin, or else the cores of its node
         (this machine's, when the node names none) split between the instance's stages on
         that node, so that their OpenMP threads do not compete; a single stage on a node
@@ -764,7 +783,7 @@ class LocalBackend(ClusterBackend):
                 return self.settings.consolidation_cpu_bind
             head = plan.stage(0).node
             used = [
-                self._cpu_bind(replaces.plan, s.rank)
+                self._stage_cores(replaces.plan, s.rank)
                 for s in replaces.plan.stages
                 if s.node == head
             ]
@@ -837,7 +856,7 @@ class LocalBackend(ClusterBackend):
             pipeline=pipeline.name,
             pp=pipeline.pp,
             phase=phase,
-            all_card_node=pipeline.node,
+            all_card_node=consolidation_target(pipeline.plan),
             standalone=_standalone_state(standalone, c.standalone),
             full_fetch=full.state if full is not None else None,
             draining_since=pipeline.draining_since,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hydraserve.api.models import InstanceStatus, StageTiming, WorkerStatus
 from hydraserve.backends.local.processes import StageProcess
+from hydraserve.control.consolidation import no_consolidation_condition
 from hydraserve.control.instances import InstanceObservation
 from hydraserve.control.placement import InstancePlan
 
@@ -96,9 +97,11 @@ class LocalInstance:
         return InstanceStatus(
             name=self.name,
             pp=self.pp,
+            tp=self.plan.tp,
             workers=workers,
             endpoint=self.endpoint,
             cold_start=list(self.cold_start),
             kv_transfer=self.kv_transfer,
             prediction=self.plan.prediction(),
+            consolidation=no_consolidation_condition(self.plan),
         )

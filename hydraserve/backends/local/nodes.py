@@ -39,18 +39,24 @@ def default_memory_budget() -> int:
 
 
 def node_state(
-    node: LocalNode, used_bytes: int, status: NodeStatus | None, now: float
+    node: LocalNode, used_bytes: int, status: NodeStatus | None, now: float, devices: int = 1
 ) -> NodeState:
     """One node for the planner: free memory, its link, and what its prefetcher reports
-    (host cache, fetches in flight with their deadlines), as the operator reads it too."""
+    (host cache, fetches in flight with their deadlines), as the operator reads it too.
+
+    A node's memory is one pool its workers' ranks share; for a model whose workers have
+    ``devices`` tensor-parallel ranks it is shown as that many equal devices, so a worker
+    fits exactly when its memory fits the pool."""
+    free = max(0, node.memory_bytes - used_bytes)
     return NodeState(
         name=node.name,
-        gpus=(
+        gpus=tuple(
             GPUState(
-                index=0,
-                total_bytes=node.memory_bytes,
-                free_bytes=max(0, node.memory_bytes - used_bytes),
-            ),
+                index=index,
+                total_bytes=node.memory_bytes // devices,
+                free_bytes=free // devices,
+            )
+            for index in range(devices)
         ),
         nic_bytes_per_s=node.nic_bytes_per_s,
         cached_models=cached_models(status),
@@ -64,8 +70,11 @@ def cluster_view(
     statuses: Mapping[str, NodeStatus | None],
     now: float,
     store_bytes_per_s: float | None,
+    devices: int = 1,
 ) -> ClusterState:
     return ClusterState(
-        nodes=tuple(node_state(n, used.get(n.name, 0), statuses.get(n.name), now) for n in nodes),
+        nodes=tuple(
+            node_state(n, used.get(n.name, 0), statuses.get(n.name), now, devices) for n in nodes
+        ),
         store_bytes_per_s=store_bytes_per_s,
     )

@@ -40,6 +40,18 @@ def split_cores(cores: Sequence[int], parts: int) -> list[str]:
     return groups
 
 
+def parse_cores(bind: str) -> list[int]:
+    """The cores of a VLLM_CPU_OMP_THREADS_BIND list ("0,1", "0-3", "0-1,4")."""
+    cores: list[int] = []
+    for raw in bind.replace("|", ",").split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        cores += range(int(low), int(high or low) + 1)
+    return list(dict.fromkeys(cores))
+
+
 @dataclass
 class StageProcess:
     rank: int
