@@ -7,6 +7,7 @@ Field names are camelCase on the wire (Kubernetes convention) and snake_case in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -231,17 +232,32 @@ class ServerlessModelSpec(_Wire):
         return self
 
 
-def platform_engine_flags(args: list[str]) -> list[str]:
-    """The flags among ``args`` that only the platform may set (``PLATFORM_ENGINE_FLAGS``,
-    in any of the spellings vLLM's parser accepts: ``--x=1``, ``--x 1``, underscores)."""
-    found = []
+def engine_flags(args: Sequence[str]) -> list[str]:
+    """The flags of an engine argument list (``--a=1``, ``--a 1``, ``-x``), each once,
+    normalised as vLLM's parser reads them: underscores in long names are dashes."""
+    flags: list[str] = []
     for arg in args:
+        if not arg.startswith("-") or _is_number(arg):
+            continue  # a value of the previous flag
         flag = arg.split("=", 1)[0]
         if flag.startswith("--"):
             flag = "--" + flag[2:].replace("_", "-")
-        if flag in PLATFORM_ENGINE_FLAGS and flag not in found:
-            found.append(flag)
-    return found
+        if flag not in flags:
+            flags.append(flag)
+    return flags
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def platform_engine_flags(args: Sequence[str]) -> list[str]:
+    """The flags among ``args`` that only the platform may set (``PLATFORM_ENGINE_FLAGS``)."""
+    return [f for f in engine_flags(args) if f in PLATFORM_ENGINE_FLAGS]
 
 
 class ModelPhase(StrEnum):

@@ -23,7 +23,7 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from hydraserve.api.models import ServerlessModelSpec
+from hydraserve.api.models import ServerlessModelSpec, engine_flags
 
 # Rule names: what a PolicyViolation message starts with, one per rule.
 RULE_IMAGE: Final = "allowedImages"
@@ -135,28 +135,6 @@ def _matches(value: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(value, p) for p in patterns)
 
 
-def engine_flags(args: Sequence[str]) -> list[str]:
-    """The flags of an argument list (``--a=1``, ``--a 1``, ``-x``), normalised as vLLM
-    reads them: underscores in long flag names are dashes."""
-    flags = []
-    for arg in args:
-        if not arg.startswith("-") or _is_number(arg):
-            continue  # a value of the previous flag
-        flag = arg.split("=", 1)[0]
-        if flag.startswith("--"):
-            flag = "--" + flag[2:].replace("_", "-")
-        flags.append(flag)
-    return flags
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 def check_spec(
     spec: ServerlessModelSpec,
     policy: NamespacePolicy,
@@ -181,7 +159,7 @@ def check_spec(
                     "admin to allow it.",
                 )
             )
-    for flag in dict.fromkeys(engine_flags(spec.engine.args)):
+    for flag in engine_flags(spec.engine.args):
         if flag in policy.allowed_engine_args:
             continue
         why = MANAGED_ENGINE_ARGS.get(flag, "it is not on the namespace's allowlist")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from hydraserve.api.models import API_VERSION, KIND, ServerlessModelSpec
+from hydraserve.api.models import API_VERSION, KIND, ServerlessModelSpec, engine_flags
 from hydraserve.control.policy import (
     RULE_ENGINE_ARG,
     RULE_IMAGE,
@@ -17,7 +17,6 @@ from hydraserve.control.policy import (
     RULE_SOURCE,
     NamespacePolicy,
     check_spec,
-    engine_flags,
 )
 from tests.deploy.test_crd import api_server_errors
 from tests.operator.conftest import NAMESPACE, TMP, Cluster, OperatorRunner, eventually
