@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from hydraserve.api.models import API_VERSION, KIND, ServerlessModelSpec, engine_flags
+from hydraserve.api.models import API_VERSION, KIND, PLURAL, ServerlessModelSpec, engine_flags
 from hydraserve.control.policy import (
     RULE_ENGINE_ARG,
     RULE_IMAGE,
@@ -18,8 +18,17 @@ from hydraserve.control.policy import (
     NamespacePolicy,
     check_spec,
 )
+from hydraserve.kube.client import path_of
 from tests.deploy.test_crd import api_server_errors
-from tests.operator.conftest import NAMESPACE, TMP, Cluster, OperatorRunner, eventually
+from tests.operator.conftest import (
+    MODELS,
+    NAMESPACE,
+    TMP,
+    Cluster,
+    OperatorRunner,
+    eventually,
+    now_rfc3339,
+)
 from tests.support.waits import operator_passes
 
 PLATFORM_IMAGE = "registry.example/hydraserve/worker:test"
@@ -146,7 +155,10 @@ async def test_hostile_models_get_a_policy_violation_and_nothing_runs(
         await cluster.apply_model(name, replicas=1, **spec)
     # The quota counts every model of the namespace, hostile ones too: the last is over.
     await cluster.apply_model("ok", replicas=0)
-    await cluster.apply_model("one-too-many", replicas=1)
+    # Created a minute later (timestamps have one-second resolution): it is the one over.
+    late = cluster.model_body("one-too-many", replicas=1)
+    late["metadata"]["creationTimestamp"] = now_rfc3339(60)
+    await cluster.client.create(path_of(MODELS, PLURAL, NAMESPACE), late)
     expected = {name: rule for name, (_, rule) in HOSTILE.items()} | {
         "one-too-many": RULE_MAX_MODELS
     }
