@@ -87,6 +87,7 @@ from hydraserve.operator.naming import (
     MANAGED_BY,
     MANAGED_BY_VALUE,
     MODEL_LABEL,
+    NODE_LABEL,
     PROMOTED_AT_ANNOTATION,
     VERIFIED_AT_ANNOTATION,
     VOLUME_NAMESPACE_LABEL,
@@ -961,13 +962,18 @@ class Reconciler:
         if any(not (p["metadata"].get("deletionTimestamp")) for p in users):
             return
         pv, pvc = kv_volume(model, area, "", self.settings)
+        pv_path = path_of("v1", "persistentvolumes", None, pv["metadata"]["name"])
+        found = await self.client.get(pv_path)
         await self.client.delete(
             path_of("v1", "persistentvolumeclaims", namespace, pvc["metadata"]["name"])
         )
-        await self.client.delete(path_of("v1", "persistentvolumes", None, pv["metadata"]["name"]))
-        urls = await self._prefetcher_urls()
-        for url in urls.values():
-            await self.prefetchers.close_kv_area(url, area)
+        await self.client.delete(pv_path)
+        node = ((found or {}).get("metadata", {}).get("labels") or {}).get(NODE_LABEL)
+        url = (await self._prefetcher_urls()).get(node or "")
+        if url is not None:
+            error = await self.prefetchers.close_kv_area(url, area)
+            if error is not None:
+                log.warning("kv_area.not_closed", area=area, node=node, error=error)
 
     async def _preload(
         self,

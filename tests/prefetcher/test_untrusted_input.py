@@ -39,7 +39,8 @@ def test_preload_refuses_names_that_leave_its_directory(tmp_path: Path, body: di
     resp = client.post("/v1/preload", json=body)
     assert resp.status_code == 422, resp.text
     assert not (tmp_path / "shm").exists() or list((tmp_path / "shm").iterdir()) == []
-    assert client.post("/v1/evict", json=body).status_code == 422
+    if "pp" not in body:  # eviction names a model revision only
+        assert client.post("/v1/evict", json=body).status_code == 422
 
 
 def test_a_fetch_past_capacity_is_refused(tmp_path: Path, local_store: ModelStore) -> None:
