@@ -39,16 +39,27 @@ def push(
     name: str | None = typer.Option(None, help="Model name (default: last path component)."),
     part_mb: int = typer.Option(64, help="Store the weights as parts of this many MB (0: one)."),
 ) -> None:
-    """Convert a checkpoint to the store layout and upload it (with checksums and partitions)."""
+    """Convert a checkpoint to the store layout and upload it (with checksums and partitions).
+
+    Refuses what cannot be served (quantized, pickled .bin weights, an architecture the
+    engine does not know) before uploading; streams part by part with parallel uploads, and
+    run again after an interruption it skips the parts already in the store."""
     from hydraserve.store import ModelRef, ModelStore
 
     settings = setup_logging()
     store = ModelStore(ModelRef(uri, revision), settings.s3)
     with byte_progress() as update:
         manifest = store.push(src, name=name, progress=update, part_bytes=part_mb << 20)
+    report = store.last_push
+    resumed = (
+        f"; {report.skipped_bytes / 1e6:.1f} MB were already there"
+        if report is not None and report.skipped_bytes
+        else ""
+    )
     console.print(
         f"pushed [bold]{manifest.name}[/] ({manifest.total_bytes / 1e6:.1f} MB, "
-        f"{len(manifest.tensors)} tensors, layout {manifest.layout}) to {uri}@{revision}"
+        f"{len(manifest.tensors)} tensors, {manifest.dtype}, layout {manifest.layout}) to "
+        f"{uri}@{revision}{resumed}"
     )
 
 

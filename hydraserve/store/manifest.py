@@ -116,7 +116,11 @@ class Manifest(BaseModel):
         return stages[rank]
 
     def part_key(self, index: int) -> str:
-        return f"{self.weights_file}.parts/{index:05d}"
+        return self.part_key_for(self.weights_file, index)
+
+    @staticmethod
+    def part_key_for(weights_file: str, index: int) -> str:
+        return f"{weights_file}.parts/{index:05d}"
 
     def parts_overlapping(self, start: int, end: int) -> list[tuple[str, int, int]]:
         """(object key, start, end within that object) covering file bytes [start, end)."""

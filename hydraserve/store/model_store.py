@@ -6,10 +6,9 @@ import hashlib
 import json
 import mmap
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from hydraserve.store.backends import (
     StoreError,
     open_backend,
 )
+from hydraserve.store.checkpoint import check_config, check_dtypes, check_weight_files
 from hydraserve.store.layout import plan_layout
 from hydraserve.store.manifest import (
     MANIFEST_NAME,
@@ -96,12 +96,9 @@ class ModelRef:
 
 
 def _load_checkpoint_slots(src: Path) -> tuple[list[TensorSlot], dict[str, Path]]:
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise StoreError(f"{src}: no *.safetensors files (save with safe_serialization=True)")
     slots: list[TensorSlot] = []
     owner: dict[str, Path] = {}
-    for path in files:
+    for path in check_weight_files(src):
         _, file_slots, _ = read_file_header(path)
         for slot in file_slots:
             if slot.name in owner:
@@ -112,50 +109,51 @@ def _load_checkpoint_slots(src: Path) -> tuple[list[TensorSlot], dict[str, Path]
 
 
 DEFAULT_PART_BYTES = 64 << 20
+UPLOAD_CONCURRENCY = 4  # parts in flight: the push holds at most this many in memory
 
 
-def build_store_layout(
-    src: Path,
-    out_dir: Path,
-    name: str,
-    revision: str,
-    progress: PushProgress | None = None,
-    part_bytes: int = DEFAULT_PART_BYTES,
-) -> Manifest:
-    """Convert a Hugging Face checkpoint directory into the store layout under ``out_dir``."""
-    config_path = src / "config.json"
-    if not config_path.is_file():
-        raise StoreError(f"{src}: missing config.json (is this a Hugging Face checkpoint?)")
-    config = json.loads(config_path.read_text())
-    architectures = config.get("architectures") or ["unknown"]
-    num_layers = int(config.get("num_hidden_layers", 0))
-    if num_layers < 1:
-        raise StoreError(f"{config_path}: num_hidden_layers must be >= 1")
-    slots, owner = _load_checkpoint_slots(src)
-    layout, outputs = plan_layout(slots, architectures[0])
-    dtypes = sorted({o.dtype for o in outputs})
+class ConvertedCheckpoint:
+    """A Hugging Face checkpoint in the store layout, produced as a stream of bytes.
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    header = encode_header([(o.name, o.dtype, o.shape, o.nbytes) for o in outputs])
-    total = sum(o.nbytes for o in outputs)
-    tensors: list[TensorInfo] = []
-    file_hash = hashlib.sha256(header)
-    done = 0
-    maps: dict[Path, mmap.mmap] = {}
-    try:
-        for path in set(owner.values()):
-            with open(path, "rb") as f:
-                maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        with open(out_dir / WEIGHTS_NAME, "wb") as out:
-            out.write(header)
-            offset = len(header)
-            for o in outputs:
+    Nothing is written to disk: :meth:`chunks` reads the checkpoint's tensors (memory
+    mapped) in the store file's order and hashes them on the way, so a push needs no
+    scratch space whatever the model's size; :meth:`manifest` is complete once the stream
+    has been read to its end.
+    """
+
+    def __init__(self, src: Path, name: str, revision: str) -> None:
+        self.src = src
+        self.name = name
+        self.revision = revision
+        self.config = check_config(src)
+        self.architecture = self.config["architectures"][0]
+        self.num_layers = int(self.config["num_hidden_layers"])
+        slots, self._owner = _load_checkpoint_slots(src)
+        check_dtypes({s.dtype for s in slots}, src)
+        self.layout, self.outputs = plan_layout(slots, self.architecture)
+        self.header = encode_header([(o.name, o.dtype, o.shape, o.nbytes) for o in self.outputs])
+        self.size = len(self.header) + sum(o.nbytes for o in self.outputs)
+        self._tensors: list[TensorInfo] | None = None
+        self._file_sha256: str | None = None
+
+    def chunks(self) -> Iterator[memoryview | bytes]:
+        """The store file's bytes in order (views into the mapped checkpoint)."""
+        file_hash = hashlib.sha256(self.header)
+        tensors: list[TensorInfo] = []
+        maps: dict[Path, mmap.mmap] = {}
+        try:
+            for path in set(self._owner.values()):
+                with open(path, "rb") as f:
+                    maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            yield self.header
+            offset = len(self.header)
+            for o in self.outputs:
                 digest = hashlib.sha256()
                 for slot in o.sources:
-                    chunk = memoryview(maps[owner[slot.name]])[slot.start : slot.end]
-                    out.write(chunk)
+                    chunk = memoryview(maps[self._owner[slot.name]])[slot.start : slot.end]
                     digest.update(chunk)
                     file_hash.update(chunk)
+                    yield chunk
                     chunk.release()
                 tensors.append(
                     TensorInfo(
@@ -169,40 +167,58 @@ def build_store_layout(
                     )
                 )
                 offset += o.nbytes
-                done += o.nbytes
-                if progress:
-                    progress("convert", done, total)
-    finally:
-        for m in maps.values():
-            m.close()
+        finally:
+            for m in maps.values():
+                m.close()
+        self._tensors = tensors
+        self._file_sha256 = file_hash.hexdigest()
 
-    side = []
-    for fname in SIDE_FILES:
-        path = src / fname
-        if path.is_file():
-            data = path.read_bytes()
-            (out_dir / fname).write_bytes(data)
-            side.append(FileInfo(name=fname, size=len(data), sha256=sha256_hex(data)))
-    tie = bool(config.get("tie_word_embeddings", False))
-    manifest = Manifest(
-        name=name,
-        revision=revision,
-        architecture=architectures[0],
-        layout=layout,
-        dtype=dtypes[0] if len(dtypes) == 1 else "mixed",
-        num_layers=num_layers,
-        tie_word_embeddings=tie,
-        weights_size=len(header) + total,
-        weights_sha256=file_hash.hexdigest(),
-        header_size=len(header),
-        header_sha256=sha256_hex(header),
-        weights_parts=split_parts(len(header) + total, part_bytes),
-        files=side,
-        tensors=tensors,
-        partitions=build_partitions(tensors, num_layers, tie),
-    )
-    (out_dir / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))
-    return manifest
+    def side_files(self) -> list[tuple[FileInfo, bytes]]:
+        out = []
+        for fname in SIDE_FILES:
+            path = self.src / fname
+            if path.is_file():
+                data = path.read_bytes()
+                out.append((FileInfo(name=fname, size=len(data), sha256=sha256_hex(data)), data))
+        return out
+
+    def manifest(self, part_bytes: int, files: list[FileInfo]) -> Manifest:
+        if self._tensors is None or self._file_sha256 is None:
+            raise RuntimeError("read every chunk before asking for the manifest")
+        dtypes = sorted({t.dtype for t in self._tensors})
+        tie = bool(self.config.get("tie_word_embeddings", False))
+        return Manifest(
+            name=self.name,
+            revision=self.revision,
+            architecture=self.architecture,
+            layout=self.layout,
+            dtype=dtypes[0] if len(dtypes) == 1 else "mixed",
+            num_layers=self.num_layers,
+            tie_word_embeddings=tie,
+            weights_size=self.size,
+            weights_sha256=self._file_sha256,
+            header_size=len(self.header),
+            header_sha256=sha256_hex(self.header),
+            weights_parts=split_parts(self.size, part_bytes),
+            files=files,
+            tensors=self._tensors,
+            partitions=build_partitions(self._tensors, self.num_layers, tie),
+        )
+
+
+def _parts(chunks: Iterator[memoryview | bytes], bounds: list[tuple[int, int]]) -> Iterator[bytes]:
+    """The stream cut at ``bounds`` (each part's bytes, in order)."""
+    index, buffer = 0, bytearray()
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            want = (bounds[index][1] - bounds[index][0]) - len(buffer)
+            buffer += view[:want]
+            view = view[want:]
+            if len(buffer) == bounds[index][1] - bounds[index][0]:
+                yield bytes(buffer)
+                index, buffer = index + 1, bytearray()
+        view.release()
 
 
 class ModelStore:
@@ -212,6 +228,7 @@ class ModelStore:
         self.ref = ref
         self.backend: StoreBackend = open_backend(ref.store_uri, s3)
         self._manifest: Manifest | None = None
+        self.last_push: PushReport | None = None
 
     def __repr__(self) -> str:
         return f"ModelStore({self.ref.uri}@{self.ref.revision})"
@@ -309,37 +326,78 @@ class ModelStore:
         name: str | None = None,
         progress: PushProgress | None = None,
         part_bytes: int = DEFAULT_PART_BYTES,
+        concurrency: int = UPLOAD_CONCURRENCY,
     ) -> Manifest:
-        """Convert and upload a Hugging Face checkpoint; the manifest is written last."""
+        """Convert and upload a Hugging Face checkpoint; the manifest is written last.
+
+        Streams part by part (no scratch copy; at most ``concurrency`` parts in memory),
+        uploads parts in parallel, and resumes: a part already in the store whose recorded
+        sha256 matches is not sent again. A checkpoint that cannot be served is refused
+        before anything is uploaded. ``part_bytes`` 0 stores one object (held in memory).
+        """
         name = name or Path(StoreURI.parse(self.ref.uri).path).name
+        converted = ConvertedCheckpoint(src, name, self.ref.revision)  # refuses first
         if isinstance(self.backend, S3Backend):
             self.backend.ensure_bucket()
-        with tempfile.TemporaryDirectory(prefix="hydraserve-push-") as tmp:
-            manifest = build_store_layout(
-                src, Path(tmp), name, self.ref.revision, progress, part_bytes
-            )
-            for info in manifest.files:
-                self.backend.upload_file(info.name, Path(tmp) / info.name)
-            uploaded = 0
+        # Incomplete from here until the new manifest is written.
+        if self.backend.exists(MANIFEST_NAME):
+            self.backend.delete_prefix(MANIFEST_NAME)
+        # No parts: one object, the whole file.
+        bounds = split_parts(converted.size, part_bytes) or [(0, converted.size)]
+        keys = (
+            [WEIGHTS_NAME]
+            if len(bounds) == 1
+            else [Manifest.part_key_for(WEIGHTS_NAME, i) for i in range(len(bounds))]
+        )
+        done = skipped = 0
+        total = converted.size
 
-            def on_bytes(n: int) -> None:
-                nonlocal uploaded
-                uploaded += n
-                if progress:
-                    progress("upload", uploaded, manifest.weights_size)
+        def upload(key: str, data: bytes) -> int:
+            digest = sha256_hex(data)
+            marker = f"{key}.sha256"
+            if (
+                self.backend.exists(marker)
+                and self.backend.read(marker).decode() == digest
+                and self.backend.exists(key)
+                and self.backend.size(key) == len(data)
+            ):
+                return 0  # already there: an earlier, interrupted push sent it
+            self.backend.write(key, data)
+            self.backend.write(marker, digest.encode())
+            return len(data)
 
-            weights = Path(tmp) / WEIGHTS_NAME
-            if not manifest.weights_parts:
-                self.backend.upload_file(WEIGHTS_NAME, weights, on_bytes)
-            with open(weights, "rb") as f:
-                for index, (start, end) in enumerate(manifest.weights_parts):
-                    f.seek(start)
-                    self.backend.write(manifest.part_key(index), f.read(end - start))
-                    on_bytes(end - start)
-            # The manifest last: its presence means the model is complete.
-            self.backend.write(MANIFEST_NAME, (Path(tmp) / MANIFEST_NAME).read_bytes())
+        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+            pending: list[tuple[Future[int], int]] = []
+
+            def settle(keep: int) -> None:
+                nonlocal done, skipped
+                while len(pending) > keep:
+                    future, size = pending.pop(0)
+                    sent = future.result()
+                    done += size
+                    skipped += size - sent
+                    if progress:
+                        progress("upload", done, total)
+
+            for key, data in zip(keys, _parts(converted.chunks(), bounds), strict=True):
+                settle(max(0, concurrency - 1))
+                pending.append((pool.submit(upload, key, data), len(data)))
+            settle(0)
+        side = converted.side_files()
+        for info, data in side:
+            self.backend.write(info.name, data)
+        manifest = converted.manifest(part_bytes, [info for info, _ in side])
+        # The manifest last: its presence means the model is complete.
+        self.backend.write(MANIFEST_NAME, manifest.model_dump_json(indent=1).encode())
         self._manifest = manifest
+        self.last_push = PushReport(uploaded_bytes=total - skipped, skipped_bytes=skipped)
         return manifest
+
+
+@dataclass(frozen=True)
+class PushReport:
+    uploaded_bytes: int
+    skipped_bytes: int  # parts an earlier push had sent already
 
 
 @dataclass(frozen=True)

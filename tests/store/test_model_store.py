@@ -125,7 +125,9 @@ def test_manifest_is_written_last(local_store: ModelStore) -> None:
 def test_checkpoint_without_safetensors_is_rejected(tmp_path: Path) -> None:
     src = tmp_path / "ckpt"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    (src / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2})
+    )
     store = ModelStore(ModelRef(str(tmp_path / "store" / "x")))
     with pytest.raises(Exception, match="safetensors"):
         store.push(src)
