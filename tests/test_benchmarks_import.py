@@ -52,6 +52,7 @@ def test_every_benchmark_module_imports() -> None:
         "benchmarks.consolidation.run",
         "benchmarks.gateway",
         "benchmarks.loader.run",
+        "benchmarks.push.run",
         "benchmarks.slo_attainment",
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
@@ -151,10 +152,12 @@ class ConvertedCheckpoint:
                 digest = hashlib.sha256()
                 for slot in o.sources:
                     chunk = memoryview(maps[self._owner[slot.name]])[slot.start : slot.end]
-                    digest.update(chunk)
-                    file_hash.update(chunk)
-                    yield chunk
-                    chunk.release()
+                    try:
+                        digest.update(chunk)
+                        file_hash.update(chunk)
+                        yield chunk
+                    finally:  # also when the push stops early: the map must close
+                        chunk.release()
                 tensors.append(
                     TensorInfo(
                         name=o.name,
@@ -169,7 +172,10 @@ class ConvertedCheckpoint:
                 offset += o.nbytes
         finally:
             for m in maps.values():
-                m.close()
+                # A consumer that stopped early may still hold a view of a chunk: then the
+                # map closes when that view goes.
+                with contextlib.suppress(BufferError):
+                    m.close()
         self._tensors = tensors
         self._file_sha256 = file_hash.hexdigest()
 
