@@ -123,7 +123,7 @@ async def test_sync_client_cold_then_warm_equals_the_engine_directly(
 
     def run() -> None:
         models = [m.id for m in via_gateway.models.list()]
-        assert models == ["demo"]
+        assert models == ["default/demo"]  # canonical ids (decision 0502)
         for _ in range(2):  # the first is a cold start (queued until "ready"), then warm
             through = via_gateway.completions.create(
                 model="demo", prompt="The quick brown fox", max_tokens=12, temperature=0
@@ -136,7 +136,7 @@ async def test_sync_client_cold_then_warm_equals_the_engine_directly(
 
     await asyncio.to_thread(run)
     assert gw.backend.scale_calls[0] == ("demo", 1)
-    assert await gw.metric("hydraserve_cold_starts_total", model="demo") == 1
+    assert await gw.metric("hydraserve_cold_starts_total", model="default/demo") == 1
 
 
 async def test_async_client_streaming_chat_matches_the_whole_answer(gw: Harness) -> None:
@@ -160,7 +160,7 @@ async def test_async_client_streaming_chat_matches_the_whole_answer(gw: Harness)
     assert text == whole.choices[0].message.content
     assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
     assert await gw.metric("hydraserve_gateway_time_to_first_token_seconds_count",
-                           model="demo") == 1  # fmt: skip
+                           model="default/demo") == 1  # fmt: skip
 
 
 async def test_sampling_parameters_reach_the_engine(gw: Harness) -> None:
