@@ -133,6 +133,12 @@ def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
         args += ["--distributed-executor-backend", "uni"]
     elif config.pp == 1 and config.tp > 1:
         args += ["--distributed-executor-backend", "mp"]  # a process per tensor rank
+    if config.pp > 1 and config.tp > 1:
+        # vLLM's multi-node executor finds a node's own ranks by how many devices a node
+        # has; the CPU platform reports one, which splits a stage's tensor ranks over
+        # "nodes". Naming the stage's devices (indices into what the pod sees: right on
+        # GPUs too) keeps them together.
+        args += ["--device-ids", ",".join(str(i) for i in range(config.tp))]
     if config.pp > 1:
         args += [
             "--pipeline-parallel-size",

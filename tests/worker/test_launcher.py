@@ -195,8 +195,12 @@ def test_tensor_parallel_ranks_run_under_vllms_mp_executor(parse: Parse) -> None
     assert stage.distributed_executor_backend == "mp"
     # One node per stage: vLLM places the stage's tp ranks on this node.
     assert (args.nnodes, args.node_rank, args.headless) == (2, 1, True)
+    # vLLM's multi-node executor counts a node's ranks by its devices: named, so the CPU
+    # platform (one "device") keeps the stage's ranks together.
+    assert stage.device_ids == [0, 1, 2, 3]
     _, plain = parse(vllm_serve_args(worker(), MODEL_DIR))
     assert plain.tensor_parallel_size == 1
+    assert single.device_ids is None and plain.device_ids is None
 
 
 def test_engine_env_of_a_tensor_parallel_stage_leaves_multiprocessing_on(
