@@ -28,8 +28,18 @@ log = get_logger("gateway.observer")
 
 
 def newly_ready(seen: set[str], instances: Iterable[InstanceView]) -> list[InstanceView]:
-    """Ready instances not in ``seen`` (pure; the caller updates ``seen``)."""
-    return [i for i in instances if i.phase == InstancePhase.READY and i.name not in seen]
+    """Instances whose cold start is finished and not in ``seen`` (pure; the caller
+    updates ``seen``).
+
+    Finished means Ready *and* ``ready_at`` recorded: a backend may route to an instance a
+    moment before it has read the worker's timeline (the local backend waits briefly for
+    the worker's engine_init mark), and a cold start recorded then would have no stages.
+    """
+    return [i for i in instances if _finished(i) and i.name not in seen]
+
+
+def _finished(instance: InstanceView) -> bool:
+    return instance.phase == InstancePhase.READY and instance.ready_at is not None
 
 
 class ClusterObserver:
@@ -47,7 +57,7 @@ class ClusterObserver:
         for instance in newly_ready(seen, view.instances):
             if instance.origin == InstanceOrigin.CONSOLIDATION:
                 continue
-            if instance.ready_at is None or instance.ready_at >= self._started_at:
+            if instance.ready_at is not None and instance.ready_at >= self._started_at:
                 self._record_cold_start(model_id(view), instance)
         recorded = self._consolidations_seen.setdefault(model_id(view), set())
         for record in view.consolidations:
@@ -60,7 +70,7 @@ class ClusterObserver:
             recorded.intersection_update(r.pipeline for r in view.consolidations)
         # Forget instances that are gone, so the set stays as small as the model.
         seen.intersection_update(i.name for i in view.instances)
-        seen.update(i.name for i in view.instances if i.phase == InstancePhase.READY)
+        seen.update(i.name for i in view.instances if _finished(i))
 
     def observe(self, views: list[ModelView]) -> None:
         labels: set[tuple[str, str]] = set()

@@ -39,7 +39,15 @@ def test_cold_then_warm_completion_and_cold_start_metrics(platform: Platform) ->
     warm_seconds = time.time() - started
     assert warm.choices[0].text == cold.choices[0].text or warm.choices[0].text
     assert warm_seconds < cold_seconds / 3, (cold_seconds, warm_seconds)
-    metrics = httpx.get(platform.url.removesuffix("/v1") + "/metrics").text
+    # The cold start is recorded once its record is whole (the backend has read the
+    # worker's timeline), which may be a poll after the first answer: wait for it.
+    metrics = ""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metrics = httpx.get(platform.url.removesuffix("/v1") + "/metrics").text
+        if "hydraserve_cold_start_prediction_error_seconds_count" in metrics:
+            break
+        time.sleep(0.5)
     for stage in ("imports", "engine_init", "weight_load"):
         assert f'stage="{stage}"' in metrics, stage
     # The planner's prediction beside the measured cold start: in the log and as metrics.

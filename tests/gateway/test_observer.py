@@ -60,6 +60,22 @@ def test_each_cold_start_is_recorded_once_with_its_stages() -> None:
     assert sample(metrics, "hydraserve_instances", model="default/m", phase="Starting") == 0
 
 
+def test_a_cold_start_is_recorded_when_its_record_is_whole_not_when_first_routable() -> None:
+    # The local backend routes to a Ready engine a moment before it has read the worker's
+    # timeline (ready_at unset, no stages yet): recording then would lose the breakdown.
+    metrics = GatewayMetrics()
+    observer = ClusterObserver(metrics)
+    model = make_model("m")
+    instance = starting("m-0")
+    routable = replace(instance, phase=InstancePhase.READY, endpoint="http://x")
+    observer.observe_model(ModelView(model, 1, (routable,)))
+    assert sample(metrics, "hydraserve_cold_starts_total", model="default/m") == 0
+    observer.observe_model(ModelView(model, 1, (became_ready(instance),)))
+    assert sample(metrics, "hydraserve_cold_starts_total", model="default/m") == 1
+    assert sample(metrics, "hydraserve_cold_start_stage_seconds_count", model="default/m",
+                  stage="imports") == 1  # fmt: skip
+
+
 def test_instances_ready_before_the_gateway_started_are_not_counted() -> None:
     metrics = GatewayMetrics()
     old = became_ready(replace(starting("m-0"), started_at=time.time() - 100), seconds=10)
