@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from hydraserve.cli.common import byte_progress, console, setup_logging
+from hydraserve.store.manifest import Manifest
 
 app = typer.Typer(help="Build, push and list models in a model store.", no_args_is_help=True)
 
@@ -49,7 +50,13 @@ def push(
     settings = setup_logging()
     store = ModelStore(ModelRef(uri, revision), settings.s3)
     with byte_progress() as update:
-        manifest = store.push(src, name=name, progress=update, part_bytes=part_mb << 20)
+        manifest = store.push(
+            src,
+            name=name,
+            progress=update,
+            part_bytes=part_mb << 20,
+            probe_cache=settings.state_dir / "layout-probes",
+        )
     report = store.last_push
     resumed = (
         f"; {report.skipped_bytes / 1e6:.1f} MB were already there"
@@ -61,6 +68,22 @@ def push(
         f"{len(manifest.tensors)} tensors, {manifest.dtype}, layout {manifest.layout}) to "
         f"{uri}@{revision}{resumed}"
     )
+    console.print(_engine_line(manifest))
+    if report is not None and report.engine_note:
+        console.print(
+            f"[yellow]the engine could not be asked ({report.engine_note}): every tensor "
+            "takes the copy path and only pipeline size 1 is offered[/]"
+        )
+
+
+def _engine_line(manifest: Manifest) -> str:
+    if manifest.engine is None:
+        return "layout from the checkpoint alone: pipeline size 1, no zero copy"
+    return (
+        f"zero copy: {manifest.zero_copy_share:.0%} of the bytes "
+        f"({manifest.zero_copy_bytes / 1e6:.1f} MB); stages for pp "
+        f"{', '.join(map(str, sorted(manifest.partitions)))} derived from {manifest.engine}"
+    )
 
 
 @app.command("ls")
@@ -69,7 +92,9 @@ def ls(root: str = typer.Argument(..., help="Store root: s3://bucket[/prefix] or
     from hydraserve.store import list_models
 
     settings = setup_logging()
-    table = Table("uri", "revision", "architecture", "layers", "size (MB)", "layout")
+    table = Table(
+        "uri", "revision", "architecture", "layers", "size (MB)", "layout", "zero copy", "engine"
+    )
     for item in list_models(root, settings.s3):
         m = item.manifest
         table.add_row(
@@ -79,5 +104,41 @@ def ls(root: str = typer.Argument(..., help="Store root: s3://bucket[/prefix] or
             str(m.num_layers),
             f"{m.total_bytes / 1e6:.1f}",
             m.layout,
+            f"{m.zero_copy_share:.0%}",
+            m.engine or "-",
         )
+    console.print(table)
+
+
+@app.command("show")
+def show(
+    uri: str = typer.Argument(..., help="Model location: s3://bucket/prefix or a local path."),
+    revision: str = typer.Option("main", help="Revision under the location."),
+) -> None:
+    """One model's manifest: size, zero-copy share and what each pipeline rank fetches."""
+    from hydraserve.store import ModelRef, ModelStore
+
+    settings = setup_logging()
+    manifest = ModelStore(ModelRef(uri, revision), settings.s3).manifest()
+    console.print(
+        f"[bold]{manifest.name}[/]@{manifest.revision}: {manifest.architecture}, "
+        f"{manifest.num_layers} layers, {manifest.total_bytes / 1e6:.1f} MB {manifest.dtype}, "
+        f"layout {manifest.layout}"
+    )
+    console.print(_engine_line(manifest))
+    table = Table("pp", "rank", "layers", "tensors", "fetch (MB)", "zero copy", "not loaded")
+    sizes = {t.name: t for t in manifest.tensors}
+    for pp, stages in sorted(manifest.partitions.items()):
+        for stage in stages:
+            members = [sizes[n] for n in stage.tensors]
+            adopted = sum(t.size for t in members if t.param is not None)
+            table.add_row(
+                str(pp),
+                str(stage.rank),
+                f"{stage.start_layer}-{stage.end_layer - 1}",
+                str(len(members)),
+                f"{stage.nbytes / 1e6:.1f}",
+                f"{adopted / max(1, sum(t.size for t in members)):.0%}",
+                ", ".join(stage.unfilled) or "-",
+            )
     console.print(table)

@@ -1,29 +1,20 @@
-"""Checkpoint → store layout: tensor order and, for known architectures, vLLM's fused names.
+"""Checkpoint → store file: which tensors, in which order, made of which checkpoint bytes.
 
-vLLM's Llama-family models keep q/k/v projections as one ``qkv_proj`` parameter and
-gate/up as one ``gate_up_proj``. Storing them already fused (row-major concatenation along
-dim 0, which is plain byte concatenation) lets a worker adopt each parameter straight from
-shared memory, with no copy and no repacking. vLLM's stock loader also reads these names
-unchanged, so the same file serves the serverless-vLLM baseline.
+With the engine at hand, the layout is the engine's own (:mod:`engine_layout`): each
+parameter that is checkpoint tensors laid end to end (fused q/k/v, gate/up, MoE expert
+stacks) is stored already concatenated under the parameter's name, so a worker adopts it
+straight from shared memory; everything else keeps its checkpoint name. Without the engine
+the checkpoint's tensors are stored as they are (``hf``) and every one takes the copy path.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
+from hydraserve.store.engine_layout import RankProbe, Unit
 from hydraserve.store.manifest import layer_of
 from hydraserve.store.safetensors_format import TensorSlot
-
-# Architectures whose vLLM implementation fuses q/k/v and gate/up with TP=1 layouts
-# equal to the concatenation of the checkpoint tensors.
-FUSABLE_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
-
-_FUSIONS = (
-    (re.compile(r"^(.*)\.(q|k|v)_proj\.(weight|bias)$"), "qkv_proj", ("q", "k", "v")),
-    (re.compile(r"^(.*)\.(gate|up)_proj\.(weight|bias)$"), "gate_up_proj", ("gate", "up")),
-)
 
 
 class LayoutError(ValueError):
@@ -38,55 +29,48 @@ class OutputTensor:
     dtype: str
     shape: tuple[int, ...]
     sources: tuple[TensorSlot, ...]
+    param: str | None = None  # the engine parameter it is adopted as (engine layout)
 
     @property
     def nbytes(self) -> int:
         return sum(s.size for s in self.sources)
 
+    @property
+    def fused(self) -> bool:
+        """Made of other checkpoint tensors than one of its own name."""
+        return len(self.sources) > 1 or self.sources[0].name != self.name
+
 
 def _order_key(name: str) -> tuple[int, int, str]:
+    # Without the engine: embeddings, then layers, then the rest (by the usual names).
     layer = layer_of(name)
     if layer is not None:
         return (1, layer, name)
     return (0, 0, name) if "embed" in name else (2, 0, name)
 
 
-def plan_layout(
-    slots: list[TensorSlot], architecture: str
-) -> tuple[Literal["vllm", "hf"], list[OutputTensor]]:
-    """Decide the store layout ('vllm' or 'hf') and the ordered output tensors."""
-    by_name = {s.name: s for s in slots}
-    fuse = architecture in FUSABLE_ARCHITECTURES
-    outputs: list[OutputTensor] = []
-    consumed: set[str] = set()
-    if fuse:
-        for slot in slots:
-            for pattern, fused, parts in _FUSIONS:
-                match = pattern.match(slot.name)
-                if not match or slot.name in consumed:
-                    continue
-                prefix, kind = match.group(1), match.group(3)
-                names = [f"{prefix}.{p}_proj.{kind}" for p in parts]
-                missing = [n for n in names if n not in by_name]
-                if missing:
-                    raise LayoutError(f"cannot fuse {fused}: checkpoint lacks {missing}")
-                members = tuple(by_name[n] for n in names)
-                dtypes = {m.dtype for m in members}
-                trailing = {m.shape[1:] for m in members}
-                if len(dtypes) != 1 or len(trailing) != 1:
-                    raise LayoutError(f"cannot fuse {names}: dtypes or trailing dims differ")
-                rows = sum(m.shape[0] for m in members)
-                outputs.append(
-                    OutputTensor(
-                        f"{prefix}.{fused}.{kind}",
-                        members[0].dtype,
-                        (rows, *members[0].shape[1:]),
-                        members,
-                    )
-                )
-                consumed.update(names)
-    for slot in slots:
-        if slot.name not in consumed:
-            outputs.append(OutputTensor(slot.name, slot.dtype, slot.shape, (slot,)))
-    outputs.sort(key=lambda o: _order_key(o.name))
-    return ("vllm" if fuse else "hf"), outputs
+def checkpoint_layout(slots: list[TensorSlot]) -> list[OutputTensor]:
+    """The checkpoint's own tensors, embeddings → layers → the rest."""
+    outputs = [OutputTensor(s.name, s.dtype, s.shape, (s,)) for s in slots]
+    return sorted(outputs, key=lambda o: _order_key(o.name))
+
+
+def engine_layout(
+    units: list[Unit], whole: RankProbe, slots: Mapping[str, TensorSlot]
+) -> list[OutputTensor]:
+    """The store file's tensors from the engine's units, in the units' order."""
+    outputs = []
+    names: set[str] = set()
+    for unit in units:
+        if unit.name in names:
+            raise LayoutError(f"two store tensors would be named {unit.name}")
+        names.add(unit.name)
+        members = tuple(slots[s.checkpoint] for s in unit.sources)
+        if unit.param is None:
+            outputs.append(OutputTensor(unit.name, members[0].dtype, members[0].shape, members))
+            continue
+        shape = whole.params[unit.param]
+        outputs.append(
+            OutputTensor(unit.name, shape.dtype, tuple(shape.shape), members, param=unit.param)
+        )
+    return outputs

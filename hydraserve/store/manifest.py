@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "model.safetensors"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 MAX_PP = 4
 HEADER_UNIT = "__header__"
 
@@ -37,6 +37,13 @@ class FileInfo(BaseModel):
     sha256: str
 
 
+class CheckpointPart(BaseModel):
+    """A checkpoint tensor inside a store tensor (parts are laid end to end)."""
+
+    name: str
+    shape: list[int]
+
+
 class TensorInfo(BaseModel):
     name: str
     dtype: str
@@ -45,6 +52,16 @@ class TensorInfo(BaseModel):
     size: int
     sha256: str
     layer: int | None = None
+    param: str | None = Field(
+        default=None,
+        description="The engine parameter these bytes are, as they are (adopted without a "
+        "copy); None: a checkpoint tensor for the engine's own load_weights.",
+    )
+    parts: list[CheckpointPart] | None = Field(
+        default=None,
+        description="The checkpoint tensors it concatenates, when it is not one of its own "
+        "name: what the engine's load_weights is given when it cannot adopt it.",
+    )
 
     @property
     def end(self) -> int:
@@ -58,6 +75,10 @@ class StageInfo(BaseModel):
     tensors: list[str]
     ranges: list[tuple[int, int]] = Field(
         description="Byte ranges [start, end) of the weights file this stage needs, in order."
+    )
+    unfilled: list[str] = Field(
+        default_factory=list,
+        description="Parameters the engine builds on this rank but loads nothing into.",
     )
 
     @property
@@ -75,8 +96,13 @@ class Manifest(BaseModel):
     revision: str
     architecture: str
     layout: Literal["vllm", "hf"] = Field(
-        description="'vllm': fused engine parameter names (qkv_proj, gate_up_proj) adoptable "
-        "without copies; 'hf': the checkpoint's own names."
+        description="'vllm': the engine's own parameters where they are checkpoint bytes "
+        "laid end to end (adoptable without copies); 'hf': the checkpoint's own tensors."
+    )
+    engine: str | None = Field(
+        default=None,
+        description="The engine (and version) whose model code the layout and the stage "
+        "contents were derived from, e.g. 'vllm 0.32.0'; None: from the checkpoint alone.",
     )
     dtype: str
     num_layers: int
@@ -98,6 +124,15 @@ class Manifest(BaseModel):
     @property
     def total_bytes(self) -> int:
         return sum(t.size for t in self.tensors)
+
+    @property
+    def zero_copy_bytes(self) -> int:
+        """Bytes the engine adopts as they are (the rest goes through its load_weights)."""
+        return sum(t.size for t in self.tensors if t.param is not None)
+
+    @property
+    def zero_copy_share(self) -> float:
+        return self.zero_copy_bytes / max(1, self.total_bytes)
 
     def tensor(self, name: str) -> TensorInfo:
         for t in self.tensors:
@@ -180,9 +215,12 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def build_partitions(
-    tensors: list[TensorInfo], num_layers: int, tie_word_embeddings: bool
+    tensors: list[TensorInfo], num_layers: int, tie_word_embeddings: bool, max_pp: int = MAX_PP
 ) -> dict[int, list[StageInfo]]:
-    """Stage plans for pp = 1..min(4, num_layers), from per-tensor sizes and offsets."""
+    """Stage plans for pp = 1..min(max_pp, num_layers), from tensor names, sizes and offsets
+    (Llama's per-rank modules: embeddings first, norm and head last). The store derives
+    stages from the engine instead (``engine_layout``); this serves the simulator's
+    catalog and checkpoints pushed without an engine (pp 1 only)."""
     from hydraserve.store.partition import balanced_layer_ranges
 
     layer_sizes = [0] * num_layers
@@ -203,7 +241,7 @@ def build_partitions(
     last_bytes = sum(t.size for t in last) + sum(t.size for t in shared_embed)
 
     partitions: dict[int, list[StageInfo]] = {}
-    for pp in range(1, min(MAX_PP, num_layers) + 1):
+    for pp in range(1, min(max_pp, num_layers) + 1):
         stages = []
         for rank, (lo, hi) in enumerate(
             balanced_layer_ranges(layer_sizes, first_bytes, last_bytes, pp)

@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from hydraserve.logs import get_logger
 from hydraserve.settings import S3Settings
 from hydraserve.store.backends import (
     ObjectNotFound,
@@ -23,10 +24,23 @@ from hydraserve.store.backends import (
     open_backend,
 )
 from hydraserve.store.checkpoint import check_config, check_dtypes, check_weight_files
-from hydraserve.store.layout import plan_layout
+from hydraserve.store.engine_layout import (
+    EngineProbe,
+    Unit,
+    engine_partitions,
+    order_units,
+    plan_units,
+)
+from hydraserve.store.layout import (
+    LayoutError,
+    OutputTensor,
+    checkpoint_layout,
+    engine_layout,
+)
 from hydraserve.store.manifest import (
     MANIFEST_NAME,
     WEIGHTS_NAME,
+    CheckpointPart,
     FileInfo,
     Manifest,
     TensorInfo,
@@ -34,12 +48,16 @@ from hydraserve.store.manifest import (
     layer_of,
     split_parts,
 )
+from hydraserve.store.probing import ProbeFailed, probe_engine
 from hydraserve.store.safetensors_format import (
     TensorSlot,
     encode_header,
+    numel,
     read_file_header,
 )
 from hydraserve.store.uri import StoreURI
+
+log = get_logger("store.model_store")
 
 # Files copied next to the weights: what vLLM needs to build the model and tokenizer.
 SIDE_FILES = (
@@ -122,7 +140,14 @@ class ConvertedCheckpoint:
     has been read to its end.
     """
 
-    def __init__(self, src: Path, name: str, revision: str) -> None:
+    def __init__(
+        self,
+        src: Path,
+        name: str,
+        revision: str,
+        probe_cache: Path | None = None,
+        use_engine: bool = True,
+    ) -> None:
         self.src = src
         self.name = name
         self.revision = revision
@@ -131,11 +156,36 @@ class ConvertedCheckpoint:
         self.num_layers = int(self.config["num_hidden_layers"])
         slots, self._owner = _load_checkpoint_slots(src)
         check_dtypes({s.dtype for s in slots}, src)
-        self.layout, self.outputs = plan_layout(slots, self.architecture)
+        # Why the layout is not the engine's (None: it is): push says it.
+        self.engine_note: str | None = None
+        self.probe: EngineProbe | None = None
+        self._units: list[Unit] = []
+        self.outputs: list[OutputTensor]
+        if use_engine:
+            try:
+                self.probe = probe_engine(src, slots, probe_cache)
+                whole = self.probe.rank(1, 0)
+                sizes = {s.name: (numel(s.shape), s.dtype) for s in slots}
+                self._units = order_units(whole, plan_units(whole, sizes))
+                self.outputs = engine_layout(self._units, whole, {s.name: s for s in slots})
+            except (ProbeFailed, LayoutError, KeyError) as exc:
+                self.probe, self._units = None, []
+                self.engine_note = str(exc)
+        else:
+            self.engine_note = "the engine was not asked (use_engine=False)"
+        if self.probe is None:
+            self.outputs = checkpoint_layout(slots)
+            log.warning("push.no_engine_layout", model=name, reason=self.engine_note)
+        self.layout: Literal["vllm", "hf"] = "vllm" if self.probe is not None else "hf"
         self.header = encode_header([(o.name, o.dtype, o.shape, o.nbytes) for o in self.outputs])
         self.size = len(self.header) + sum(o.nbytes for o in self.outputs)
         self._tensors: list[TensorInfo] | None = None
         self._file_sha256: str | None = None
+
+    @property
+    def zero_copy_bytes(self) -> int:
+        """Bytes the engine adopts as they are (parameters made of checkpoint bytes)."""
+        return sum(o.nbytes for o in self.outputs if o.param is not None)
 
     def chunks(self) -> Iterator[memoryview | bytes]:
         """The store file's bytes in order (views into the mapped checkpoint)."""
@@ -167,6 +217,10 @@ class ConvertedCheckpoint:
                         size=o.nbytes,
                         sha256=digest.hexdigest(),
                         layer=layer_of(o.name),
+                        param=o.param,
+                        parts=[CheckpointPart(name=s.name, shape=list(s.shape)) for s in o.sources]
+                        if o.fused
+                        else None,
                     )
                 )
                 offset += o.nbytes
@@ -208,7 +262,11 @@ class ConvertedCheckpoint:
             weights_parts=split_parts(self.size, part_bytes),
             files=files,
             tensors=self._tensors,
-            partitions=build_partitions(self._tensors, self.num_layers, tie),
+            engine=self.probe.engine if self.probe is not None else None,
+            partitions=engine_partitions(self.probe, self._units, self._tensors)
+            if self.probe is not None
+            # Without the engine nobody knows what a rank builds: one stage only.
+            else build_partitions(self._tensors, self.num_layers, tie, max_pp=1),
         )
 
 
@@ -333,8 +391,13 @@ class ModelStore:
         progress: PushProgress | None = None,
         part_bytes: int = DEFAULT_PART_BYTES,
         concurrency: int = UPLOAD_CONCURRENCY,
+        probe_cache: Path | None = None,
+        use_engine: bool = True,
     ) -> Manifest:
         """Convert and upload a Hugging Face checkpoint; the manifest is written last.
+
+        The layout and each rank's stage come from the installed engine's own model code
+        (``use_engine``; probes cached in ``probe_cache``); without it only pp 1 is offered.
 
         Streams part by part (no scratch copy; at most ``concurrency`` parts in memory),
         uploads parts in parallel, and resumes: a part already in the store whose recorded
@@ -342,7 +405,9 @@ class ModelStore:
         before anything is uploaded. ``part_bytes`` 0 stores one object (held in memory).
         """
         name = name or Path(StoreURI.parse(self.ref.uri).path).name
-        converted = ConvertedCheckpoint(src, name, self.ref.revision)  # refuses first
+        converted = ConvertedCheckpoint(  # refuses first
+            src, name, self.ref.revision, probe_cache=probe_cache, use_engine=use_engine
+        )
         if isinstance(self.backend, S3Backend):
             self.backend.ensure_bucket()
         # Incomplete from here until the new manifest is written.
@@ -396,7 +461,9 @@ class ModelStore:
         # The manifest last: its presence means the model is complete.
         self.backend.write(MANIFEST_NAME, manifest.model_dump_json(indent=1).encode())
         self._manifest = manifest
-        self.last_push = PushReport(uploaded_bytes=total - skipped, skipped_bytes=skipped)
+        self.last_push = PushReport(
+            uploaded_bytes=total - skipped, skipped_bytes=skipped, engine_note=converted.engine_note
+        )
         return manifest
 
 
@@ -404,6 +471,7 @@ class ModelStore:
 class PushReport:
     uploaded_bytes: int
     skipped_bytes: int  # parts an earlier push had sent already
+    engine_note: str | None = None  # why the layout is not the engine's (None: it is)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,11 @@ parameter of the stage got no tensor.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from hydraserve.logs import get_logger
 from hydraserve.prefetcher.shm import ModelShm
-from hydraserve.store.manifest import Manifest
+from hydraserve.store.manifest import Manifest, StageInfo, TensorInfo
 from hydraserve.worker.source import StageSource
 from hydraserve.worker.timeline import Timeline
 from hydraserve.worker.views import TORCH_DTYPES, process_memory, tensor_view
@@ -97,11 +99,13 @@ class HydraServeLoader(BaseModelLoader):
             rank=rank,
         )
         params = dict(model.named_parameters())
-        if self._can_adopt_early(model_config, manifest, source, params):
-            self._adopt_early(params, source, timeline, started)
+        stage = manifest.stage(pp, rank) if pp > 1 else manifest.stage(1, 0)
+        plan = AdoptionPlan.for_engine(manifest, stage, _engine())
+        if self._can_adopt_early(model_config, manifest, source, params, plan):
+            self._adopt_early(params, source, plan, timeline, started)
             return
         memory_before = process_memory()
-        stats = self._adopt_all(model, params, manifest, source)
+        stats = self._adopt_all(model, params, manifest, source, plan)
         memory_after = process_memory()
         timeline.record(
             "weight_load",
@@ -119,26 +123,31 @@ class HydraServeLoader(BaseModelLoader):
         manifest: Manifest,
         source: StageSource,
         params: dict[str, nn.Parameter],
+        plan: AdoptionPlan,
     ) -> bool:
         """Early adoption is safe only if nothing reads the weights before ready: compiled
         mode on CPU, bf16 in the engine's own layout (no repacking after load)."""
-        if not (self.config.overlap_compile and self.config.zero_copy):
+        if not (self.config.overlap_compile and self.config.zero_copy and plan.adopt):
             return False
         if model_config.enforce_eager or manifest.dtype != "BF16" or manifest.layout != "vllm":
             return False
         if any(p.device.type != "cpu" for p in params.values()):
             return False
-        names = {t.name for t in source.tensors}
-        return names == set(params) and all(
-            tuple(params[t.name].shape) == tuple(t.shape)
-            and params[t.name].dtype == TORCH_DTYPES[t.dtype]
-            for t in source.tensors
+        targets = {plan.target(t): t for t in source.tensors}
+        if None in targets or set(targets) != set(params) - plan.unfilled:
+            return False
+        return all(
+            tuple(params[name].shape) == tuple(t.shape)
+            and params[name].dtype == TORCH_DTYPES[t.dtype]
+            for name, t in targets.items()
+            if name is not None
         )
 
     def _adopt_early(
         self,
         params: dict[str, nn.Parameter],
         source: StageSource,
+        plan: AdoptionPlan,
         timeline: Timeline,
         started: float,
     ) -> None:
@@ -148,7 +157,7 @@ class HydraServeLoader(BaseModelLoader):
         source.wait_started()
         buffer = source.buffer()
         for info in source.tensors:
-            params[info.name].data = tensor_view(buffer, info)
+            params[str(plan.target(info))].data = tensor_view(buffer, info)
         timeline.record("weight_load", started, time.time(), adopted_early=len(params))
 
         def verify() -> None:
@@ -170,6 +179,7 @@ class HydraServeLoader(BaseModelLoader):
         params: dict[str, nn.Parameter],
         manifest: Manifest,
         source: StageSource,
+        plan: AdoptionPlan,
     ) -> dict[str, Any]:
         buffer = source.buffer()
         adopted: set[str] = set()
@@ -179,9 +189,10 @@ class HydraServeLoader(BaseModelLoader):
         for info in source.tensors:
             source.wait_for(info)
             view = tensor_view(buffer, info)
-            param = params.get(info.name)
+            target = plan.target(info)
+            param = params.get(target) if target is not None else None
             if param is None or param.shape != view.shape or param.dtype != view.dtype:
-                remap.append((info.name, view))
+                remap.extend(checkpoint_tensors(info, view))
                 continue
             if param.device.type == "cpu" and self.config.zero_copy:
                 param.data = view
@@ -194,23 +205,74 @@ class HydraServeLoader(BaseModelLoader):
             else:
                 param.data.copy_(view)
                 copied += info.size
-            adopted.add(info.name)
+            adopted.add(str(target))
         if side_stream is not None:
             side_stream.synchronize()
         loaded: set[str] = set()
         if remap:
-            # Names the engine fuses or renames: let the model's own loader place them.
+            # What the engine repacks, renames or (another version) may hold differently:
+            # its own loader places the checkpoint's tensors.
             result = model.load_weights(iter(remap))
             loaded = set(result) if result else {name for name, _ in remap}
-        missing = sorted(set(params) - adopted - loaded)
+        missing = sorted(set(params) - adopted - loaded - plan.unfilled)
         if missing:
             raise RuntimeError(
                 f"model {manifest.name}: {len(missing)} parameters got no weights "
-                f"(first: {missing[:3]}); the store's layout ({manifest.layout}) does not "
-                f"match this engine's model; push the checkpoint again with this version"
+                f"(first: {missing[:3]}); the store's stages were derived with "
+                f"{manifest.engine or 'no engine'} and this worker runs {_engine()}: push the "
+                "checkpoint again with this engine version"
             )
         return {
             "adopted_zero_copy": len(adopted) if self.config.zero_copy else 0,
+            "adopted_bytes": sum(t.size for t in source.tensors if plan.target(t) in adopted),
             "remapped": len(remap),
             "copied_bytes": copied,
         }
+
+
+def _engine() -> str:
+    import vllm
+
+    return f"vllm {vllm.__version__}"
+
+
+@dataclass(frozen=True)
+class AdoptionPlan:
+    """Which parameter each stored tensor is, for this worker's engine."""
+
+    adopt: bool  # False: every tensor goes through the engine's load_weights
+    unfilled: frozenset[str]  # parameters the engine itself leaves unloaded
+    # A manifest from before the engine-derived layout names parameters directly.
+    by_name: bool = False
+
+    @classmethod
+    def for_engine(cls, manifest: Manifest, stage: StageInfo, engine: str) -> AdoptionPlan:
+        if manifest.engine is not None and manifest.engine != engine:
+            log.warning(
+                "layout.engine_mismatch",
+                model=manifest.name,
+                derived_with=manifest.engine,
+                running=engine,
+                action="every tensor takes the copy path through the engine's load_weights",
+            )
+            return cls(adopt=False, unfilled=frozenset())
+        return cls(adopt=True, unfilled=frozenset(stage.unfilled), by_name=manifest.engine is None)
+
+    def target(self, info: TensorInfo) -> str | None:
+        if not self.adopt:
+            return None
+        return info.name if self.by_name else info.param
+
+
+def checkpoint_tensors(info: TensorInfo, view: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The checkpoint tensors a stored tensor is made of, as views (no copy)."""
+    if not info.parts:
+        return [(info.name, view)]
+    flat = view.reshape(-1)
+    out = []
+    offset = 0
+    for part in info.parts:
+        count = math.prod(part.shape)
+        out.append((part.name, flat[offset : offset + count].view(part.shape)))
+        offset += count
+    return out
