@@ -33,6 +33,27 @@ def engine_architectures() -> frozenset[str] | None:
     return frozenset(ModelRegistry.get_supported_archs())
 
 
+def resolve_checkpoint_dir(src: Path, revision: str = "main") -> Path:
+    """The checkpoint directory itself, also when ``src`` is a model's folder in a Hugging
+    Face cache (``models--org--name``: ``refs/<revision>`` names the snapshot to use)."""
+    snapshots = src / "snapshots"
+    if (src / "config.json").is_file() or not snapshots.is_dir():
+        return src
+    ref = src / "refs" / revision
+    if ref.is_file():
+        snapshot = snapshots / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+        raise UnservableCheckpoint(f"{ref} names {snapshot.name}, which is not in {snapshots}")
+    found = sorted(p for p in snapshots.iterdir() if p.is_dir())
+    if len(found) == 1:
+        return found[0]
+    raise UnservableCheckpoint(
+        f"{src} is a Hugging Face cache folder with {len(found)} snapshots and no "
+        f"refs/{revision}: pass the snapshot directory you mean"
+    )
+
+
 def check_config(src: Path) -> dict[str, Any]:
     """The checkpoint's config.json, if the model is one HydraServe can serve."""
     config_path = src / "config.json"

@@ -23,7 +23,12 @@ from hydraserve.store.backends import (
     StoreError,
     open_backend,
 )
-from hydraserve.store.checkpoint import check_config, check_dtypes, check_weight_files
+from hydraserve.store.checkpoint import (
+    check_config,
+    check_dtypes,
+    check_weight_files,
+    resolve_checkpoint_dir,
+)
 from hydraserve.store.engine_layout import (
     EngineProbe,
     Unit,
@@ -70,6 +75,8 @@ SIDE_FILES = (
     "vocab.json",
     "merges.txt",
     "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
 )
 
 # (phase, bytes done in this phase, phase total)
@@ -148,6 +155,7 @@ class ConvertedCheckpoint:
         probe_cache: Path | None = None,
         use_engine: bool = True,
     ) -> None:
+        src = resolve_checkpoint_dir(src)
         self.src = src
         self.name = name
         self.revision = revision

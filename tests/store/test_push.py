@@ -155,3 +155,26 @@ def test_push_needs_no_scratch_space(
     store.backend.write = write  # type: ignore[method-assign]
     store.push(demo_checkpoint, part_bytes=64 << 10)
     assert seen and max(seen) == 0
+
+
+def test_a_hugging_face_cache_folder_pushes_its_snapshot(
+    demo_checkpoint: Path, tmp_path: Path
+) -> None:
+    # The cache's own layout: blobs named by hash, a snapshot of symlinks, refs/main.
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, path in enumerate(sorted(demo_checkpoint.iterdir())):
+        blob = repo / "blobs" / f"blob{i}"
+        shutil.copy(path, blob)
+        (snapshot / path.name).symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    direct = ModelStore(ModelRef(str(tmp_path / "store" / "a"))).push(demo_checkpoint, name="m")
+    cached = ModelStore(ModelRef(str(tmp_path / "store" / "b"))).push(repo, name="m")
+    assert cached.weights_sha256 == direct.weights_sha256
+    assert {f.name for f in cached.files} == {f.name for f in direct.files}
+    (repo / "refs" / "main").write_text("fedcba9")
+    with pytest.raises(UnservableCheckpoint, match="fedcba9"):
+        ModelStore(ModelRef(str(tmp_path / "store" / "c"))).push(repo)
