@@ -43,11 +43,12 @@ class StageSource:
         self.timeout_seconds = timeout_seconds
         self.poll_seconds = poll_seconds
         self.stats = WaitStats()
-        self.tensors: list[TensorInfo] = (
-            list(manifest.tensors)
-            if pp is None or rank is None
-            else [manifest.tensor(n) for n in manifest.stage(pp, rank).tensors]
-        )
+        # The whole model is pp 1's one stage: what the engine reads (tensors it never
+        # reads, such as a tied head's copy, stay in the file unread).
+        stage = manifest.stage(pp, rank) if pp is not None and rank is not None else None
+        self.tensors: list[TensorInfo] = [
+            manifest.tensor(n) for n in (stage or manifest.stage(1, 0)).tensors
+        ]
         # A whole-model fetch (cache, consolidation) also satisfies any stage.
         self.candidates = [fetch_name(pp, rank)] + ([] if pp is None else [fetch_name(None, None)])
         self._map: mmap.mmap | None = None
