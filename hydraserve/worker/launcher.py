@@ -90,6 +90,16 @@ def prepare_model_dir(config: WorkerConfig, store: ModelStore) -> Path:
     return store.download_side_files(Path(tempfile.gettempdir()) / "hydraserve-hf" / shm.dir.name)
 
 
+def context_length(wanted: int, model_dir: Path) -> int:
+    """The platform's context length, no longer than the model's own (vLLM refuses to start
+    with more than its config allows)."""
+    try:
+        own = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        own = None
+    return min(wanted, int(own)) if isinstance(own, int | float) and own > 0 else wanted
+
+
 def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
     extra = loader_extra_config(config)
     args = [
@@ -106,7 +116,7 @@ def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
         "--port",
         str(config.port),
         "--max-model-len",
-        str(config.max_model_len),
+        str(context_length(config.max_model_len, model_dir)),
         "--max-num-batched-tokens",
         str(config.max_num_batched_tokens),
         "--max-num-seqs",

@@ -221,3 +221,13 @@ def test_worker_command_line_takes_tp(monkeypatch: pytest.MonkeyPatch) -> None:
     assert CliRunner().invoke(app, args).exit_code == 0
     assert seen[0].tp == 4
     assert CliRunner().invoke(app, [*args[:-1], "--tp=9"]).exit_code != 0
+
+
+def test_the_context_length_never_exceeds_the_models_own(parse: Parse, tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 512}')
+    _, engine = parse(vllm_serve_args(worker(max_model_len=1024), tmp_path))
+    assert engine.max_model_len == 512
+    _, engine = parse(vllm_serve_args(worker(max_model_len=256), tmp_path))
+    assert engine.max_model_len == 256
+    _, engine = parse(vllm_serve_args(worker(max_model_len=1024), MODEL_DIR))  # no config
+    assert engine.max_model_len == 1024
