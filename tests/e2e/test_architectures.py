@@ -1,8 +1,11 @@
 """Other people's models, pipelined: each architecture pushed, probed and served through the
 gateway at several pipeline sizes, against stock vLLM on the same Hugging Face checkpoint.
 
-Pipelines on CPU need vLLM's compiled mode (decision 0105), so the reference is compiled too
-(same dtype, bf16). Checkpoints are random-weight, tiny (4 layers), built offline.
+Pipelines on CPU need vLLM's compiled mode (decision 0105: in eager mode its CPU worker skips
+the warm-up that sets up a later stage's inputs), so every engine here, HydraServe's and the
+reference, runs compiled with the same compilation config: torch.compile with the ``eager``
+backend (graph capture without Inductor's code generation: half the start-up on two cores,
+the same numerics). Same dtype (bf16). Checkpoints are random-weight, tiny (4 layers).
 
 CI runs every architecture at pp 2 (the stage contents the engine derives: Gemma's norm and
 Mixtral's embeddings on every rank, Qwen2's tied head, Phi-3's pre-fused q/k/v) plus pp 1
@@ -46,7 +49,9 @@ spec:
   source: {{uri: "file://{uri}"}}
   pipeline: {{maxSize: {pp}}}
   resources: {{gpuMemoryGiB: 1}}
+  engine: {{args: ["--compilation-config", '{compilation}']}}
 """
+COMPILATION = {"backend": "eager"}
 
 
 @dataclass
@@ -72,7 +77,12 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         checkpoints[arch] = build_checkpoint(arch, root / "hf" / arch)
         location = root / "store" / arch
         manifests[arch] = ModelStore(ModelRef(str(location))).push(checkpoints[arch], name=arch)
-        models += [MODEL.format(name=f"{arch}-pp{pp}", uri=location, pp=pp) for pp in (1, 2, 4)]
+        models += [
+            MODEL.format(
+                name=f"{arch}-pp{pp}", uri=location, pp=pp, compilation=json.dumps(COMPILATION)
+            )
+            for pp in (1, 2, 4)
+        ]
     (root / "models.yaml").write_text("".join(models))
     cores = os.cpu_count() or 1
     binds = [str(i % cores) for i in range(4)]
@@ -93,7 +103,7 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         for arch in ARCHITECTURES:
             if FULL or any(a == arch for a, _ in CI_CASES):
                 references[arch] = stock_greedy(
-                    checkpoints[arch], PROMPTS, STEPS, eager=False, env=env
+                    checkpoints[arch], PROMPTS, STEPS, eager=False, compilation=COMPILATION, env=env
                 )
         yield Matrix(platform, checkpoints, manifests, references)
     finally:

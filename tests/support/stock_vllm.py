@@ -14,18 +14,24 @@ from pathlib import Path
 _SCRIPT = """
 import json, sys
 from vllm import LLM, SamplingParams
-args = json.loads(sys.argv[1])
-llm = LLM(
-    model=args["checkpoint"],
-    dtype="bfloat16",
-    enforce_eager=args["eager"],
-    max_model_len=512,
-    kv_cache_memory_bytes=64 << 20,
-    distributed_executor_backend="uni",
-)
-params = SamplingParams(temperature=0, max_tokens=args["steps"], ignore_eos=True)
-outputs = llm.generate(args["prompts"], params, use_tqdm=False)
-print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]), flush=True)
+
+def main():
+    args = json.loads(sys.argv[1])
+    llm = LLM(
+        model=args["checkpoint"],
+        dtype="bfloat16",
+        enforce_eager=args["eager"],
+        compilation_config=args["compilation"],
+        max_model_len=512,
+        kv_cache_memory_bytes=64 << 20,
+        distributed_executor_backend="uni",
+    )
+    params = SamplingParams(temperature=0, max_tokens=args["steps"], ignore_eos=True)
+    outputs = llm.generate(args["prompts"], params, use_tqdm=False)
+    print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]), flush=True)
+
+if __name__ == "__main__":
+    main()
 """
 
 
@@ -35,11 +41,19 @@ def stock_greedy(
     steps: int,
     *,
     eager: bool,
+    compilation: dict[str, object] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 600,
 ) -> list[list[int]]:
-    """Greedy token ids stock vLLM generates for each prompt (``ignore_eos``)."""
-    request = {"checkpoint": str(checkpoint), "prompts": prompts, "steps": steps, "eager": eager}
+    """Greedy token ids stock vLLM generates for each prompt (``ignore_eos``);
+    ``compilation``: vLLM's compilation config (compiled mode only)."""
+    request = {
+        "checkpoint": str(checkpoint),
+        "prompts": prompts,
+        "steps": steps,
+        "eager": eager,
+        "compilation": compilation or {},
+    }
     done = subprocess.run(
         [sys.executable, "-c", _SCRIPT, json.dumps(request)],
         capture_output=True,
