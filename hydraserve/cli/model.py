@@ -20,11 +20,25 @@ def make_demo(
         "tiny", help="tiny (~1 MB, tests), small, 100m, 1g, 2g or 4g (benchmarks)."
     ),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same weights."),
+    arch: str | None = typer.Option(
+        None,
+        help="Instead of the demo Llama: a tiny random checkpoint of llama, qwen2, gemma, "
+        "mixtral or phi3, built from transformers' config classes (needs transformers).",
+    ),
 ) -> None:
     """Build a random-weight Llama checkpoint and a byte-level BPE tokenizer, offline."""
+    from hydraserve.store.architectures import ARCHITECTURES, build_checkpoint
     from hydraserve.store.demo import DEMO_SIZES, make_demo_model
 
     setup_logging()
+    if arch is not None:
+        if arch not in ARCHITECTURES:
+            raise typer.BadParameter(
+                f"choose one of {', '.join(ARCHITECTURES)}", param_hint="--arch"
+            )
+        build_checkpoint(arch, dest, seed)
+        console.print(f"random {arch} checkpoint written to {dest}")
+        return
     if size not in DEMO_SIZES:
         raise typer.BadParameter(f"choose one of {', '.join(DEMO_SIZES)}", param_hint="--size")
     with byte_progress() as update:

@@ -27,9 +27,9 @@ import pytest
 from openai import OpenAI
 
 from hydraserve.store import ModelRef, ModelStore
+from hydraserve.store.architectures import ARCHITECTURES, build_checkpoint
 from hydraserve.store.manifest import Manifest
 from tests.e2e.conftest import VLLM_CACHE, Platform, start_platform, stop_platform
-from tests.support.checkpoints import ARCHITECTURES, build_checkpoint
 from tests.support.stock_vllm import stock_greedy
 
 pytestmark = pytest.mark.slow

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from hydraserve.store import ModelRef, ModelStore
+from hydraserve.store.architectures import ARCHITECTURES, build_checkpoint
 from hydraserve.store.manifest import Manifest
 from hydraserve.store.probing import installed_engine
 from hydraserve.worker.loader import AdoptionPlan, checkpoint_tensors
 from hydraserve.worker.views import tensor_view
-from tests.support.checkpoints import ARCHITECTURES, build_checkpoint
 
 
 @pytest.fixture(scope="module")

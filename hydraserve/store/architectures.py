@@ -1,7 +1,7 @@
 """Random-weight checkpoints of real architectures, built offline from ``transformers``'
-config classes (tiny shapes), with the demo tokenizer.
+config classes (tiny shapes), with the demo tokenizer: ``hydraserve model make-demo --arch``.
 
-Not our model: vLLM builds each with its own model code, so they exercise what the store,
+Not our demo model: vLLM builds each with its own model code, so they exercise what the store,
 the probe and the loader must learn from the engine (fused q/k/v and gate/up, tied
 embeddings, q/k/v bias, modules built on every rank, MoE expert stacks, checkpoints whose
 q/k/v are already fused).
