@@ -54,6 +54,8 @@ class RankProbe(BaseModel):
     rank: int
     params: dict[str, ParamShape]
     copies: list[CopyRecord]
+    tp: int = 1
+    tp_rank: int = 0
 
 
 class EngineProbe(BaseModel):
@@ -110,6 +112,29 @@ def _tiles(shape: ParamShape, copies: list[CopyRecord]) -> list[SourceSlice] | N
             slices.append(SourceSlice(copy.checkpoint, copy.src_offset, copy.numel))
         position += copy.numel
     return slices if position == total else None
+
+
+ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
+
+
+def adoptable_bytes(probe: RankProbe) -> tuple[int, int]:
+    """(bytes of this rank's parameters that are checkpoint slices laid end to end, all
+    parameter bytes). With tensor parallelism a shard of a column-parallel weight is such a
+    slice, a row-parallel one is not (every row contributes a strided piece): what a store
+    laid out per (tp, rank) could hand over without a copy."""
+    by_param: dict[str, list[CopyRecord]] = defaultdict(list)
+    for copy in probe.copies:
+        if copy.param is not None:
+            by_param[copy.param].append(copy)
+    adoptable = total = 0
+    for name, shape in probe.params.items():
+        size = ITEMSIZE.get(shape.dtype, 2)
+        for d in shape.shape:
+            size *= d
+        total += size
+        if by_param.get(name) and _tiles(shape, by_param[name]) is not None:
+            adoptable += size
+    return adoptable, total
 
 
 def plan_units(whole: RankProbe, checkpoint: dict[str, tuple[int, str]]) -> list[Unit]:

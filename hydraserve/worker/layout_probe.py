@@ -14,6 +14,7 @@ distributed group and vLLM's global state, which must not leak into the caller.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -122,14 +123,18 @@ class Prober:
             )
             parallel_state.initialize_model_parallel(1, 1)
 
-    def probe(self, pp: int, rank: int, partition: list[int]) -> RankProbe:
+    def probe(
+        self, pp: int, rank: int, partition: list[int], tp: int = 1, tp_rank: int = 0
+    ) -> RankProbe:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.utils import initialize_model
         from vllm.utils.torch_utils import set_default_torch_dtype
 
         os.environ["VLLM_PP_LAYER_PARTITION"] = ",".join(map(str, partition))
-        real = self._state._PP
+        real, real_tp = self._state._PP, self._state._TP
         self._state._PP = _StandInGroup(real, rank, pp)  # type: ignore[assignment]
+        if tp > 1:  # layers read their shard's size and index from the tensor group
+            self._state._TP = _StandInGroup(real_tp, tp_rank, tp)  # type: ignore[assignment]
         # Attention layers register by name in the config: a fresh build must not clash.
         self.config.compilation_config.static_forward_context.clear()
         try:
@@ -153,10 +158,12 @@ class Prober:
             with recorder:
                 model.load_weights(weights())
         finally:
-            self._state._PP = real
+            self._state._PP, self._state._TP = real, real_tp
         return RankProbe(
             pp=pp,
             rank=rank,
+            tp=tp,
+            tp_rank=tp_rank,
             params={
                 n: ParamShape(shape=list(p.shape), dtype=SAFETENSORS_NAMES[p.dtype])
                 for n, p in params.items()
@@ -197,9 +204,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("output", type=Path, help="Where to write the probe (JSON).")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="Instead: probe one stage's tensor-parallel ranks (a JSON list of rank probes).",
+    )
     args = parser.parse_args(argv)
-    probe = Prober(args.checkpoint, args.dtype).run()
-    args.output.write_text(probe.model_dump_json())
+    prober = Prober(args.checkpoint, args.dtype)
+    if args.tp > 1:
+        layers = [prober.num_layers]
+        ranks = [prober.probe(1, 0, layers, args.tp, r).model_dump() for r in range(args.tp)]
+        args.output.write_text(json.dumps(ranks))
+        return
+    args.output.write_text(prober.run().model_dump_json())
 
 
 if __name__ == "__main__":

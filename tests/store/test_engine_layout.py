@@ -6,6 +6,7 @@ from hydraserve.store.engine_layout import (
     CopyRecord,
     ParamShape,
     RankProbe,
+    adoptable_bytes,
     layer_partitions,
     order_units,
     plan_units,
@@ -150,3 +151,25 @@ def test_layers_are_balanced_by_bytes_with_the_ends_counted() -> None:
     assert partitions[2] == [2, 2]
     assert sum(partitions[3]) == 4 and partitions[3][1] == 2
     assert partitions[4] == [1, 1, 1, 1]
+
+
+def test_a_row_parallel_shard_is_strided_and_not_adoptable() -> None:
+    # tp 2, rank 0: the column-parallel qkv shard is three contiguous slices; the
+    # row-parallel o_proj shard is every row's first half (not contiguous in the source).
+    rank = RankProbe(
+        pp=1,
+        rank=0,
+        tp=2,
+        tp_rank=0,
+        params={
+            "qkv": ParamShape(shape=[4, 4], dtype="BF16"),
+            "o": ParamShape(shape=[4, 2], dtype="BF16"),
+        },
+        copies=[
+            copy("q", "qkv", 0, 8, src=0),
+            copy("k", "qkv", 8, 4, src=0),
+            copy("v", "qkv", 12, 4, src=0),
+            copy("o", "o", 0, 8, src=0, linear=False),
+        ],
+    )
+    assert adoptable_bytes(rank) == (32, 48)
