@@ -7,6 +7,7 @@ the engine do not share an event loop.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import uvicorn
 
@@ -21,7 +22,6 @@ from tests.support.fakes import (
 )
 
 WARM = "warm"  # one ready instance from the start, on the instant engine
-WARM_FAST = "warm-fast"  # the same, on the engine with a (short) time per token
 COLD = "cold"  # scales from zero; ready after --cold-start seconds; back to zero when idle
 STUCK = "stuck"  # scales from zero but never becomes ready (deadline path)
 
@@ -44,37 +44,41 @@ def run_gateway(
     port: int,
     *,
     engine_url: str,
-    fast_engine_url: str,
+    warm_engines: dict[str, str],
     cold_start: float,
     queue_size: int,
-    queue_timeout: float,
+    queue_timeout: float | None,
+    api_keys_file: Path,
 ) -> None:
+    """The gateway as deployed: API keys required and one access-log event per request
+    (its stdout/stderr go to a file, as a container runtime collects them)."""
+
     def app():  # type: ignore[no-untyped-def]
-        engines = {WARM_FAST: fast_engine_url}
+        engines = {WARM: engine_url, **warm_engines}
         backend = BenchmarkBackend(
             [
                 # Warm models stay at one replica: the runs measure the gateway, not scaling.
-                make_model(WARM, min_replicas=1, max_replicas=1),
-                make_model(WARM_FAST, min_replicas=1, max_replicas=1),
+                *(make_model(model, min_replicas=1, max_replicas=1) for model in engines),
                 make_model(COLD, keep_alive_seconds=1.0),
                 make_model(STUCK),
             ],
             endpoint_for=lambda model, ordinal: engines.get(model, engine_url),
             cold_start_seconds=cold_start,
         )
-        for model in (WARM, WARM_FAST):
-            url = engines.get(model, engine_url)
+        for model, url in engines.items():
             backend.add_model(
                 backend.get_model(model).model,  # type: ignore[union-attr]
                 instances=[ready_instance(model, f"{model}-0", url)],
             )
         settings = GatewaySettings(
-            auth_enabled=False,
-            access_log=False,  # one log line per request would measure the terminal
+            auth_enabled=True,
+            api_keys_file=api_keys_file,
+            access_log=True,
             queue_size_per_model=queue_size,
-            queue_timeout_seconds=queue_timeout,
             autoscale_interval_seconds=0.2,
         )
+        if queue_timeout is not None:  # else the gateway's default
+            settings = settings.model_copy(update={"queue_timeout_seconds": queue_timeout})
         return create_app(backend, settings)
 
     # The client keep-alive the `hydraserve gateway` command uses (longer than the load
@@ -95,22 +99,28 @@ def main() -> None:
     parser.add_argument("role", choices=["engine", "gateway"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--engine-url", default="")
-    parser.add_argument("--fast-engine-url", default="")
+    parser.add_argument(
+        "--warm-engine", action="append", default=[], help="MODEL=URL: another warm model"
+    )
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--cold-start", type=float, default=1.0)
     parser.add_argument("--queue-size", type=int, default=64)
-    parser.add_argument("--queue-timeout", type=float, default=5.0)
+    parser.add_argument("--queue-timeout", type=float, default=None, help="default: gateway's")
+    parser.add_argument("--api-keys-file", type=Path, default=None)
     args = parser.parse_args()
     if args.role == "engine":
         run_engine(args.port, args.token_delay)
     else:
+        if args.api_keys_file is None:
+            parser.error("the gateway runs with API keys: --api-keys-file")
         run_gateway(
             args.port,
             engine_url=args.engine_url,
-            fast_engine_url=args.fast_engine_url,
+            warm_engines=dict(item.split("=", 1) for item in args.warm_engine),
             cold_start=args.cold_start,
             queue_size=args.queue_size,
             queue_timeout=args.queue_timeout,
+            api_keys_file=args.api_keys_file,
         )
 
 

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from hydraserve.logs import get_logger
 from hydraserve.planner import (
@@ -55,6 +55,16 @@ class SimConfig:
     max_instances_per_model: int = 16
     batch_tpot_growth: float = 0.02  # TPOT grows by this fraction per extra running request
     consolidation_switch_s: float = 0.5  # handover to the standalone worker (KV migration)
+    # "implemented": HydraServe's consolidation as built (control/consolidation.py,
+    # decision 0402): once the pipeline is Ready, its all-card node fetches the rest of the
+    # model at low priority while a new standalone engine starts there (taking the
+    # engine-ready floor, or standalone_start_s); when both are done the standalone takes
+    # over the running requests and the whole pipeline is released (one standalone per
+    # pipeline). "paper": the paper's in-place takeover (each all-card worker fetches the
+    # rest as soon as its own stage landed and takes over with no engine start; every
+    # all-card worker becomes a standalone instance).
+    consolidation_model: Literal["implemented", "paper"] = "implemented"
+    standalone_start_s: float | None = None  # None: the policy's engine-ready floor
     drain_s: float = 1800.0  # simulated time after the trace for queued requests to finish
     retry_interval_s: float = 1.0  # re-plan blocked cold starts at least this often
     defer_when_busy: bool = True  # wait for the network rather than start a doomed pp = 1
@@ -71,23 +81,41 @@ class _Node:
     cache_capacity: int
     cache: OrderedDict[str, int] = field(default_factory=OrderedDict)
     cache_used: int = 0
+    ssd_capacity: int = 0  # a second, slower tier (ServerlessLLM's local SSD)
+    ssd: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    ssd_used: int = 0
     state: NodeState | None = None  # planner view, rebuilt when stale
 
     def touch(self, key: str) -> None:
-        self.cache.move_to_end(key)
-
-    def cache_insert(self, key: str, nbytes: int) -> None:
         if key in self.cache:
             self.cache.move_to_end(key)
-            return
-        if nbytes > self.cache_capacity:
-            return
-        while self.cache_used + nbytes > self.cache_capacity:
-            _, evicted = self.cache.popitem(last=False)
-            self.cache_used -= evicted
-        self.cache[key] = nbytes
-        self.cache_used += nbytes
+        if key in self.ssd:
+            self.ssd.move_to_end(key)
+
+    def cached(self) -> frozenset[str]:
+        return frozenset(self.cache) | frozenset(self.ssd)
+
+    def cache_insert(self, key: str, nbytes: int) -> None:
+        """Keep a whole model in host memory and, with an SSD tier, write it through."""
+        if self.ssd_capacity:
+            self.ssd_used = _lru_insert(self.ssd, self.ssd_used, self.ssd_capacity, key, nbytes)
+        self.cache_used = _lru_insert(self.cache, self.cache_used, self.cache_capacity, key, nbytes)
         self.state = None
+
+
+def _lru_insert(lru: OrderedDict[str, int], used: int, capacity: int, key: str, nbytes: int) -> int:
+    """Insert ``key`` (or refresh it), evicting the least recently used; returns the new
+    bytes used."""
+    if key in lru:
+        lru.move_to_end(key)
+        return used
+    if nbytes > capacity:
+        return used
+    while used + nbytes > capacity:
+        _, evicted = lru.popitem(last=False)
+        used -= evicted
+    lru[key] = nbytes
+    return used + nbytes
 
 
 @dataclass(slots=True, eq=False)
@@ -109,6 +137,7 @@ class _Stage:
     consolidation_flow: Flow | None = None
     full: bool = False  # holds the whole model (consolidation fetch done, or pp = 1)
     released: bool = False
+    ssd_only: bool = False  # a cache hit on the SSD tier only (loads at its rate)
 
 
 @dataclass(slots=True, eq=False)
@@ -151,6 +180,8 @@ class _Instance:
     idle_version: int = 0
     consolidated: bool = False
     switch_scheduled: bool = False
+    standalone_started_at: float | None = None  # implemented consolidation: engine start
+    standalone_warm: bool = False
 
     @property
     def pp(self) -> int:
@@ -277,6 +308,9 @@ class Simulator:
             _Node(
                 i, n.name, n.gpu_type, n.nic_bytes_per_s, [n.gpu_bytes] * n.gpus,
                 [n.gpu_bytes] * n.gpus, n.host_cache_bytes if policy.host_cache else 0,
+                ssd_capacity=(
+                    policy.ssd_tier.capacity_bytes if policy.host_cache and policy.ssd_tier else 0
+                ),
             )
             for i, n in enumerate(cluster.nodes)
         ]  # fmt: skip
@@ -470,7 +504,7 @@ class Simulator:
                     ),
                     nic_bytes_per_s=node.nic_bytes_per_s,
                     gpu_type=node.gpu_type,
-                    cached_models=frozenset(node.cache),
+                    cached_models=node.cached(),
                     inflight=self.network.inflight(node.index, now),
                 )
             states.append(node.state)
@@ -508,8 +542,13 @@ class Simulator:
                 node.gpu_free[gpu] -= share
             node.state = None
             stage_bytes = runtime.spec.profile.partitions[result.pp][placement.rank][2]
+            key = runtime.spec.profile.key
+            # A hit only on the SSD tier loads at its rate; it is promoted to memory.
+            ssd_only = placement.from_cache and key not in node.cache and key in node.ssd
             if placement.from_cache:
-                node.touch(runtime.spec.profile.key)
+                node.touch(key)
+                if ssd_only:
+                    node.cache_insert(key, runtime.spec.profile.total_bytes)
             consolidation = placement.consolidation_bytes if self.policy.consolidate else 0
             stages.append(
                 _Stage(
@@ -525,6 +564,7 @@ class Simulator:
                     deadline=now + placement.fetch_deadline_s,
                     consolidation_bytes=consolidation,
                     reserved_at=now,
+                    ssd_only=ssd_only,
                 )
             )
         self.next_instance += 1
@@ -536,6 +576,13 @@ class Simulator:
             if stage.from_cache or stage.fetch_bytes == 0:
                 rate = config.cache_load_bytes_per_s
                 done = now + (stage.stage_bytes / rate if rate else 0.0)
+                tier = self.policy.ssd_tier
+                if stage.ssd_only and tier is not None:
+                    # Reading from SSD takes the place of reading from memory: the
+                    # serial load (ready_time) already charges the memory tier's rate.
+                    serial = config.serial_load_bytes_per_s
+                    memory_s = stage.stage_bytes / serial if serial else 0.0
+                    done = max(done, now + stage.stage_bytes / tier.load_bytes_per_s - memory_s)
                 self.push(done, self.on_stage_fetched, (inst, stage))
             elif config.fetch_start_delay_s > 0:
                 self.push(now + config.fetch_start_delay_s, self.start_fetch, (inst, stage))
@@ -614,14 +661,21 @@ class Simulator:
             if self.policy.host_cache and not stage.from_cache:
                 stage.node.cache_insert(key, inst.runtime.spec.profile.total_bytes)
         elif stage.all_card and stage.consolidation_bytes > 0:
-            stage.consolidation_flow = self.add_flow(
-                now, stage.node, stage.consolidation_bytes, True, math.inf,
-                lambda t: self.on_consolidation_fetched(t, (inst, stage)),
-            )  # fmt: skip
+            if self.config.consolidation_model == "implemented":
+                pass  # fetched once the pipeline is Ready (start_consolidation)
+            else:
+                self.start_consolidation_fetch(now, inst, stage)
         elif stage.all_card:
             stage.full = True  # from cache: the rest of the model is already local
         if all(s.fetch_done_at is not None for s in inst.stages):
             self.push(self.ready_time(inst), self.on_ready, inst)
+
+    def start_consolidation_fetch(self, now: float, inst: _Instance, stage: _Stage) -> None:
+        if stage.consolidation_flow is None and not stage.full:
+            stage.consolidation_flow = self.add_flow(
+                now, stage.node, stage.consolidation_bytes, True, math.inf,
+                lambda t: self.on_consolidation_fetched(t, (inst, stage)),
+            )  # fmt: skip
 
     def ready_time(self, inst: _Instance) -> float:
         config = self.policy.planner
@@ -656,6 +710,42 @@ class Simulator:
         self.serve_queue(now, inst)
         if not inst.active:
             self.start_idle_timer(now, inst)
+        self.start_consolidation(now, inst)
+        self.maybe_consolidate(now, inst)
+
+    @staticmethod
+    def consolidation_head(inst: _Instance) -> _Stage | None:
+        """The all-card stage the implemented consolidation targets (the first one, as
+        ``control/placement.py: all_card_stage`` picks); None when there is none."""
+        return next((s for s in inst.stages if s.all_card), None)
+
+    def start_consolidation(self, now: float, inst: _Instance) -> None:
+        """Implemented consolidation, at the pipeline's Ready: FetchWholeModel (low
+        priority) and StartStandalone on the all-card node, at once."""
+        if (
+            self.config.consolidation_model != "implemented"
+            or not self.policy.consolidate
+            or inst.pp <= 1
+            or inst.standalone_started_at is not None
+        ):
+            return
+        head = self.consolidation_head(inst)
+        if head is None:
+            return  # nowhere to consolidate (decision 0106)
+        if head.consolidation_bytes > 0:
+            self.start_consolidation_fetch(now, inst, head)
+        else:
+            head.full = True
+        inst.standalone_started_at = now
+        start_s = self.config.standalone_start_s
+        if start_s is None:
+            start_s = self.policy.planner.floor_for(head.node.gpu_type)
+        self.push(now + start_s, self.on_standalone_warm, inst)
+
+    def on_standalone_warm(self, now: float, inst: _Instance) -> None:
+        if inst.phase != "ready":
+            return
+        inst.standalone_warm = True
         self.maybe_consolidate(now, inst)
 
     def on_consolidation_fetched(self, now: float, arg: tuple[_Instance, _Stage]) -> None:
@@ -670,14 +760,22 @@ class Simulator:
 
     def maybe_consolidate(self, now: float, inst: _Instance) -> None:
         if (
-            inst.pp > 1
-            and self.policy.consolidate
-            and inst.phase == "ready"
-            and not inst.switch_scheduled
-            # A pipeline planned without an all-card stage has nowhere to consolidate.
-            and any(s.all_card for s in inst.stages)
-            and all(s.full for s in inst.stages if s.all_card)
+            inst.pp <= 1
+            or not self.policy.consolidate
+            or inst.phase != "ready"
+            or inst.switch_scheduled
         ):
+            return
+        if self.config.consolidation_model == "implemented":
+            # Promote: the standalone is warm and the whole model verified on its node.
+            head = self.consolidation_head(inst)
+            ready = head is not None and head.full and inst.standalone_warm
+        else:
+            # A pipeline planned without an all-card stage has nowhere to consolidate.
+            ready = any(s.all_card for s in inst.stages) and all(
+                s.full for s in inst.stages if s.all_card
+            )
+        if ready:
             inst.switch_scheduled = True
             self.push(now + self.config.consolidation_switch_s, self.on_switch, inst)
 
@@ -688,6 +786,19 @@ class Simulator:
             return
         runtime = inst.runtime
         head, *others = [s for s in inst.stages if s.all_card]
+        if self.config.consolidation_model == "implemented":
+            # One standalone per pipeline; every other stage is released. While the new
+            # engine ran beside the pipeline, the head's own stage process still held its
+            # share of the replica: charged as extra memory-time (not as GPU memory the
+            # planner sees: it planned the all-card reservation for the standalone).
+            if inst.standalone_started_at is not None:
+                profile = runtime.spec.profile
+                share = profile.replica_bytes * head.stage_bytes / profile.total_bytes
+                runtime.cost_gb_s += share / 1e9 * (now - inst.standalone_started_at)
+            for stage in inst.stages:
+                if stage is not head:
+                    self.release_stage(now, stage, runtime)
+            others = []
         for stage in inst.stages:
             if not stage.all_card:
                 self.release_stage(now, stage, runtime)
