@@ -133,7 +133,10 @@ def run_emulated(settings: PlatformSettings) -> None:
         models = platform_models(settings)
         local = LocalSettings(common=settings.common)
         budget = local.memory_budget_bytes or default_memory_budget()
-        nodes = emulated_local_nodes(cluster, budget)
+        # A tensor-parallel stage needs a core per rank on its node (nodes share cores
+        # when the machine has too few to give each its own).
+        widest = max((m.spec.parallelism.tensor for m in models), default=1)
+        nodes = emulated_local_nodes(cluster, budget, cores_per_node=widest)
         log.info(
             "platform.emulated",
             nodes=[f"{n.name}@{n.host} cores={','.join(map(str, n.cpus))}" for n in nodes],

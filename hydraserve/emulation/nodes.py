@@ -16,23 +16,37 @@ from hydraserve.backends.local.nodes import LocalNode
 from hydraserve.emulation.netns import EmulatedCluster
 
 
-def node_cores(cores: Sequence[int], nodes: int) -> list[tuple[int, ...]]:
-    """Disjoint groups of ``cores`` per node when there are enough; otherwise nodes share
-    cores round-robin (one core each)."""
+def node_cores(cores: Sequence[int], nodes: int, at_least: int = 1) -> list[tuple[int, ...]]:
+    """Disjoint groups of ``cores`` per node when each can get ``at_least`` of them;
+    otherwise nodes share cores round-robin, ``at_least`` each (as many as there are).
+
+    ``at_least`` is the widest tensor parallelism of the models served: on CPU a node's
+    "devices" for a stage's tensor ranks are its cores (one OpenMP bind per rank), so a
+    tp 2 stage needs a node of two cores even on a two-core machine."""
     ordered = sorted(cores)
-    if len(ordered) >= nodes:
+    if not ordered:
+        raise ValueError("no cores to give the emulated nodes")
+    if len(ordered) >= nodes * at_least:
         size = len(ordered) // nodes
         return [tuple(ordered[i * size : (i + 1) * size]) for i in range(nodes)]
-    return [(ordered[i % len(ordered)],) for i in range(nodes)]
+    width = min(at_least, len(ordered))
+    return [
+        tuple(sorted({ordered[(i * width + j) % len(ordered)] for j in range(width)}))
+        for i in range(nodes)
+    ]
 
 
 def emulated_local_nodes(
-    cluster: EmulatedCluster, memory_bytes: int, cores: Sequence[int] | None = None
+    cluster: EmulatedCluster,
+    memory_bytes: int,
+    cores: Sequence[int] | None = None,
+    cores_per_node: int = 1,
 ) -> list[LocalNode]:
     """The cluster's nodes for the local backend, splitting ``memory_bytes`` and the cores
-    this process may use between them."""
+    this process may use between them (at least ``cores_per_node`` each: shared when there
+    are too few)."""
     available = cores if cores is not None else sorted(os.sched_getaffinity(0))
-    groups = node_cores(available, len(cluster.node_list))
+    groups = node_cores(available, len(cluster.node_list), cores_per_node)
     per_node = memory_bytes // max(1, len(cluster.node_list))
     credentials = {
         key: os.environ.get(key, "testing")

@@ -169,6 +169,20 @@ def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
     return args + list(config.engine_args)
 
 
+def with_execution_mode(config: WorkerConfig, cpu: bool) -> WorkerConfig:
+    """The config this stage runs with: a pipeline stage (pp > 1) on the CPU platform runs
+    compiled even when eager was asked for (decision 0105, addendum).
+
+    vLLM's CPU worker runs its warm-up forward (``profile_run``) only in compiled mode; that
+    dummy run is what allocates a later pipeline rank's intermediate-tensor buffers, so an
+    eager CPU pipeline fails on its first request (``assert self.intermediate_tensors is not
+    None`` on stage 1, with or without tensor ranks). GPU workers always profile, so they
+    keep the mode they were given."""
+    if cpu and config.pp > 1 and config.enforce_eager:
+        return config.model_copy(update={"enforce_eager": False})
+    return config
+
+
 def in_process(config: WorkerConfig) -> bool:
     """Whether the engine runs in the API process (decision 0003): one stage, one rank."""
     return config.pp == 1 and config.tp == 1 and config.inprocess_engine
@@ -230,7 +244,21 @@ def run_worker(config: WorkerConfig) -> None:
         import vllm.entrypoints.cli.serve as vllm_serve
         from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
         from vllm.logger import configure_logging_from_args
+        from vllm.platforms import current_platform
         from vllm.utils.argparse_utils import FlexibleArgumentParser
+    resolved = with_execution_mode(config, current_platform.is_cpu())
+    if resolved.enforce_eager != config.enforce_eager:
+        log.info(
+            "worker.compiled_pipeline_stage",
+            model=config.model_name,
+            instance=config.instance,
+            rank=config.rank,
+            pp=config.pp,
+            tp=config.tp,
+            reason="vLLM's CPU worker skips its warm-up forward in eager mode, which a "
+            "later pipeline stage needs for its intermediate-tensor buffers",
+        )
+    config = resolved
     engine_start = time.time()
     if config.rank == 0:
         threading.Thread(

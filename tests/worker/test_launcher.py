@@ -18,7 +18,12 @@ import pytest
 
 from hydraserve.store import ModelStore
 from hydraserve.worker.config import StageAddress, WorkerConfig
-from hydraserve.worker.launcher import engine_env, kv_transfer_config, vllm_serve_args
+from hydraserve.worker.launcher import (
+    engine_env,
+    kv_transfer_config,
+    vllm_serve_args,
+    with_execution_mode,
+)
 from hydraserve.worker.loader import LOAD_FORMAT, LoaderConfig
 from hydraserve.worker.loader_config import loader_extra_config
 from hydraserve.worker.plugin import register
@@ -201,6 +206,23 @@ def test_tensor_parallel_ranks_run_under_vllms_mp_executor(parse: Parse) -> None
     _, plain = parse(vllm_serve_args(worker(), MODEL_DIR))
     assert plain.tensor_parallel_size == 1
     assert single.device_ids is None and plain.device_ids is None
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_pipeline_stage_on_cpu_runs_compiled_even_when_eager_was_asked(
+    parse: Parse, tp: int
+) -> None:
+    """vLLM's CPU worker skips its warm-up forward when eager, and a later stage's
+    intermediate-tensor buffers come from that warm-up: an eager CPU pipeline fails on its
+    first request (decision 0105, addendum). GPUs profile anyway and keep eager."""
+    for rank in (0, 1):
+        stage = worker(pp=2, rank=rank, tp=tp, enforce_eager=True)
+        _, on_cpu = parse(vllm_serve_args(with_execution_mode(stage, cpu=True), MODEL_DIR))
+        assert on_cpu.enforce_eager is False
+        _, on_gpu = parse(vllm_serve_args(with_execution_mode(stage, cpu=False), MODEL_DIR))
+        assert on_gpu.enforce_eager is True
+    single = worker(tp=tp, enforce_eager=True)
+    assert with_execution_mode(single, cpu=True).enforce_eager is True
 
 
 def test_engine_env_of_a_tensor_parallel_stage_leaves_multiprocessing_on(
