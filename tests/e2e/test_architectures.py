@@ -7,11 +7,17 @@ reference, runs compiled with the same compilation config: torch.compile with th
 backend (graph capture without Inductor's code generation: half the start-up on two cores,
 the same numerics). Same dtype (bf16). Checkpoints are random-weight, tiny (4 layers).
 
-CI runs every architecture at pp 2 (the stage contents the engine derives: Gemma's norm and
-Mixtral's embeddings on every rank, Qwen2's tied head, Phi-3's pre-fused q/k/v) plus pp 1
-and pp 4 for Mixtral (its expert stacks adopted zero-copy, and the deepest split); the
-whole pp 1/2/4 matrix runs with ``HYDRASERVE_ARCH_MATRIX=full`` (about 20 more engine
-starts: outside CI's time budget on two cores).
+Greedy tokens are compared on prompts whose greedy path stock vLLM takes decisively (chosen
+from the reference alone), and the chosen tokens' logprobs must agree too.
+
+CI runs Gemma at pp 2 (its norm and tied embedding on every rank: what failed before the
+engine-derived layout) and Qwen2 at pp 2 (tied head, q/k/v bias); each compiled engine
+start costs minutes on two cores. The whole pp 1/2/4 matrix runs with
+``HYDRASERVE_ARCH_MATRIX=full``. Measured here (one run): Qwen2 and Phi-3 at pp 2 equal;
+Llama at pp 2 flipped a 0.031-nat near-tie that pp 1 kept (hence the decisive prompts);
+stock vLLM's own Mixtral greedy paths on these random weights have exact ties (margin 0)
+within 8 steps on every candidate prompt, so no Mixtral token comparison is meaningful:
+its stage contents and expert stacks are checked in tests/store/test_engine_probe.py.
 """
 
 from __future__ import annotations
@@ -52,7 +58,9 @@ STEPS = 8
 DECISIVE = 0.15
 LOGPROB_TOLERANCE = 0.1
 PIPELINE_SIZES = (1, 2, 4)
-CI_CASES = {(arch, 2) for arch in ARCHITECTURES} | {("mixtral", 1), ("mixtral", 4)}
+# CI: the stage contents that failed before the engine-derived layout (Gemma's norm and
+# embedding on every rank) and a tied head (Qwen2): each engine start costs minutes here.
+CI_CASES = {("gemma", 2), ("qwen2", 2)}
 FULL = os.environ.get("HYDRASERVE_ARCH_MATRIX") == "full"
 
 MODEL = """\
@@ -108,6 +116,8 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
             "HYDRASERVE_LOCAL_ENFORCE_EAGER": "false",
             "HYDRASERVE_LOCAL_CPU_BINDS": json.dumps(binds),
             "HYDRASERVE_LOCAL_CONSOLIDATION": "false",
+            # A compiled pipeline on two shared cores takes longer than the default wait.
+            "HYDRASERVE_GATEWAY_QUEUE_TIMEOUT_SECONDS": "900",
         },
         args=["--models-file", str(root / "models.yaml"), "--keep-alive", "1"],
         bad_models=False,
