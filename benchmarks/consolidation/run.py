@@ -133,23 +133,18 @@ class RunResult:
 
 
 def instance_memory(backend: LocalBackend) -> int:
-    """Proportional set size of every process of every instance (worker and its children):
-    shared pages (the weights in /dev/shm, libraries) are split among their users."""
+    """Proportional set size of every process of every instance (workers and what they
+    started, also through the warm runtime): shared pages (the weights in /dev/shm,
+    libraries, the runtime's imported modules) are split among their users."""
     import psutil
 
     total = 0
     for pids in backend.instance_pids(MODEL).values():
         for pid in pids:
             try:
-                root = psutil.Process(pid)
-                procs = [root, *root.children(recursive=True)]
+                total += psutil.Process(pid).memory_full_info().pss
             except psutil.Error:
                 continue
-            for proc in procs:
-                try:
-                    total += proc.memory_full_info().pss
-                except psutil.Error:
-                    continue
     return total
 
 

@@ -8,8 +8,10 @@ loader then adopts tensors as the verified watermark passes them.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -28,11 +30,33 @@ from hydraserve.prefetcher.shm import (
 )
 from hydraserve.settings import CommonSettings
 from hydraserve.store import Manifest, ModelRef, ModelStore
+from hydraserve.warm.protocol import ENV_SOCKET
 from hydraserve.worker.config import WorkerConfig
 from hydraserve.worker.loader_config import loader_extra_config
 from hydraserve.worker.timeline import Timeline
 
 log = get_logger("worker")
+
+# What a worker imports before its engine starts: a node's warm runtime (decision 0600)
+# imports the same, so a worker forked from it finds them loaded.
+ENGINE_IMPORTS = (
+    "torch",
+    "vllm.entrypoints.cli.serve",
+    "vllm.entrypoints.serve.utils.api_utils",
+    "vllm.logger",
+    "vllm.platforms",
+    "vllm.utils.argparse_utils",
+    "vllm.v1.engine.async_llm",
+    "vllm.v1.engine.core",
+    "vllm.v1.executor.multiproc_executor",
+    "vllm.v1.executor.uniproc_executor",
+    "vllm.v1.worker.cpu_worker",
+    "hydraserve.worker.loader",
+    "hydraserve.worker.kv_connector",
+)
+# Environment every engine process runs with, read by some libraries when imported:
+# a warm runtime is started with it too.
+STATIC_ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
 def process_start_time() -> float:
@@ -202,7 +226,7 @@ def kv_transfer_config(config: WorkerConfig) -> dict[str, object]:
 
 
 def engine_env(config: WorkerConfig, manifest: Manifest) -> dict[str, str]:
-    env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    env = dict(STATIC_ENGINE_ENV)
     if in_process(config):
         # One interpreter instead of three: the engine core and the model runner stay in
         # this process, which saves two ~8 s import chains on the cold-start path.
@@ -240,7 +264,12 @@ def run_worker(config: WorkerConfig) -> None:
         ensure_fetch(config, store, manifest)
         model_dir = prepare_model_dir(config, store)
     os.environ.update(engine_env(config, manifest))
-    with timeline.stage("imports"):
+    # Forked from a node's warm runtime, the engine is already imported (decision 0600).
+    warm = "vllm.v1.engine.core" in sys.modules
+    with timeline.stage("imports", warm=warm, runtime=os.environ.get(ENV_SOCKET)):
+        for module in ENGINE_IMPORTS:
+            with contextlib.suppress(ImportError):  # e.g. the CPU worker on a GPU image
+                importlib.import_module(module)
         import vllm.entrypoints.cli.serve as vllm_serve
         from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
         from vllm.logger import configure_logging_from_args

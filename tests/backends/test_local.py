@@ -28,7 +28,8 @@ def model(name: str, uri: str, gib: float = 1.0) -> ServerlessModel:
 
 def settings(tmp_path: Path, budget: int) -> LocalSettings:
     common = CommonSettings(state_dir=tmp_path / "state", shm_dir=tmp_path / "shm")
-    return LocalSettings(common=common, memory_budget_bytes=budget)
+    # No workers start here: no warm runtime to start either.
+    return LocalSettings(common=common, memory_budget_bytes=budget, warm_runtime=False)
 
 
 async def scaled_view(

@@ -38,11 +38,14 @@ from hydraserve.backends.base import ClusterBackend, ModelView, view_of
 from hydraserve.backends.local.instance import Consolidation, LocalInstance
 from hydraserve.backends.local.nodes import LocalNode, cluster_view, default_memory_budget
 from hydraserve.backends.local.processes import (
+    WarmRuntime,
     free_port,
     log_tail,
     parse_cores,
     spawn_stage,
     split_cores,
+    start_warm_runtime,
+    stop_warm_runtime,
     terminate,
     worker_env,
 )
@@ -87,8 +90,12 @@ from hydraserve.prefetcher.node import NodeStatus, Prefetcher, PreloadRequest
 from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name
 from hydraserve.store import Manifest, ModelRef, ModelStore, StoreError
 from hydraserve.store.uri import StoreURIError
+from hydraserve.warm.client import write_shim
+from hydraserve.warm.protocol import ENV_SOCKET
+from hydraserve.warm.tree import process_tree
 from hydraserve.worker.config import StageAddress, WorkerConfig
 from hydraserve.worker.inflight import INFLIGHT_PATH
+from hydraserve.worker.launcher import ENGINE_IMPORTS, STATIC_ENGINE_ENV
 from hydraserve.worker.timeline import Timeline, read_timeline, stage_timings
 
 # Worker ports on an emulated node (its namespace has nothing else on them but its
@@ -137,6 +144,7 @@ class LocalBackend(ClusterBackend):
         self._http = httpx.AsyncClient(timeout=2)
         self.instances_dir = self.settings.common.state_dir / "instances"
         self._prefetcher: Prefetcher | None = None
+        self._warm: dict[str, WarmRuntime] = {}  # node -> its warm runtime
         self._next_port: dict[str, int] = {}
         # What each cold start was planned from, until it is measured (replay history).
         self._plan_inputs: dict[str, tuple[PlanRequest, ClusterState]] = {}
@@ -177,6 +185,8 @@ class LocalBackend(ClusterBackend):
 
     async def start(self) -> None:
         self.instances_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.warm_runtime:
+            self._start_warm_runtimes()
         self._task = asyncio.create_task(self._loop(), name="local-backend")
 
     async def close(self) -> None:
@@ -191,17 +201,50 @@ class LocalBackend(ClusterBackend):
             await asyncio.gather(*self._stopping, return_exceptions=True)
         if self._prefetcher is not None:
             self._prefetcher.close()
+        for runtime in self._warm.values():
+            await asyncio.to_thread(stop_warm_runtime, runtime, self.settings.stop_grace_seconds)
         await self._http.aclose()
 
     def instance_pids(self, name: str) -> dict[str, list[int]]:
-        """The stage processes of each of a model's instances (for accounting; a stage's
-        engine may have child processes)."""
+        """Every live process of each of a model's instances (for accounting): its stages'
+        and what they started, including what a warm runtime forked for them."""
         state = self._models.get(name)
         if state is None:
             return {}
-        return {i.name: [s.process.pid for s in i.stages] for i in state.instances.values()}
+        notes = [runtime.children_dir for runtime in self._warm.values()]
+        return {
+            i.name: process_tree([s.process.pid for s in i.stages], notes)
+            for i in state.instances.values()
+        }
 
     # -- nodes -----------------------------------------------------------------------------
+
+    def _start_warm_runtimes(self) -> None:
+        """One warm runtime per node, inside it (decision 0600): workers are forked from
+        an interpreter that has imported the engine."""
+        runtime_dir = self.settings.common.state_dir / "runtime"
+        shim = write_shim(runtime_dir / "warm-python")
+        for node in self.nodes.values():
+            name = f"{os.getpid()}-{node.name}"
+            env = {**os.environ, **STATIC_ENGINE_ENV, **node.env}
+            self._warm[node.name] = start_warm_runtime(
+                name,
+                shim,
+                ENGINE_IMPORTS,
+                env,
+                runtime_dir / f"warm-{node.name}.log",
+                node.exec_prefix,
+            )
+            log.info("warm.starting", node=node.name, runtime=name)
+
+    def _warm_python(self, node: LocalNode) -> tuple[str | None, dict[str, str]]:
+        """The interpreter and environment a worker on ``node`` starts with: the warm
+        runtime's shim when the node has one running, else this interpreter."""
+        runtime = self._warm.get(node.name)
+        if runtime is None or runtime.process.poll() is not None:
+            return None, {}
+        shim = self.settings.common.state_dir / "runtime" / "warm-python"
+        return str(shim), {ENV_SOCKET: runtime.name}
 
     @property
     def nodes(self) -> dict[str, LocalNode]:
@@ -684,15 +727,16 @@ class LocalBackend(ClusterBackend):
             config = self._worker_config(state, inst, stage.rank, master_port, eager)
             node = self.nodes[stage.node]
             prefix = [*node.exec_prefix, *self._sandbox(node, config)]
+            python, warm_env = self._warm_python(node)
             env = worker_env(
                 os.environ,
                 host=node.host,
                 cache_root=self.settings.vllm_cache_root
                 or self.settings.common.state_dir / "vllm-cache",
                 cpu_bind=self._cpu_bind(plan, stage.rank, replaces),
-                extra=node.env,
+                extra={**node.env, **warm_env},
             )
-            inst.stages.append(spawn_stage(inst_dir, config, env, prefix))
+            inst.stages.append(spawn_stage(inst_dir, config, env, prefix, python))
         state.instances[name] = inst
         log.info(
             "instance.starting",

@@ -62,12 +62,15 @@ class StageProcess:
         return self.process.poll()
 
 
-def worker_command(config_path: Path, exec_prefix: Sequence[str] = ()) -> list[str]:
-    """``hydraserve worker --config ...`` with this interpreter, optionally inside a node
-    (``exec_prefix``: e.g. ``ip netns exec <ns>`` for an emulated node)."""
+def worker_command(
+    config_path: Path, exec_prefix: Sequence[str] = (), python: str | None = None
+) -> list[str]:
+    """``hydraserve worker --config ...`` with this interpreter (or ``python``: the warm
+    runtime's shim), optionally inside a node (``exec_prefix``: e.g. ``ip netns exec
+    <ns>`` for an emulated node)."""
     return [
         *exec_prefix,
-        sys.executable,
+        python or sys.executable,
         "-m",
         "hydraserve.cli.main",
         "worker",
@@ -100,6 +103,7 @@ def spawn_stage(
     config: WorkerConfig,
     env: Mapping[str, str],
     exec_prefix: Sequence[str] = (),
+    python: str | None = None,
 ) -> StageProcess:
     """Start one stage in its own session (so its engine's children stop with it)."""
     config_path = directory / f"stage{config.rank}.json"
@@ -107,7 +111,7 @@ def spawn_stage(
     log_path = directory / f"stage{config.rank}.log"
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
-            worker_command(config_path, exec_prefix),
+            worker_command(config_path, exec_prefix, python),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=dict(env),
@@ -137,3 +141,50 @@ def log_tail(path: Path, lines: int = 5) -> str:
     except FileNotFoundError:
         return ""
     return " | ".join(text[-lines:])
+
+
+@dataclass
+class WarmRuntime:
+    """A node's warm runtime (decision 0600): its socket name and its process."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    children_dir: Path  # a note per forked child: whom it was forked for
+
+
+def start_warm_runtime(
+    name: str,
+    shim: Path,
+    preload: Sequence[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    exec_prefix: Sequence[str] = (),
+) -> WarmRuntime:
+    """Start a node's warm runtime (inside the node: ``exec_prefix``) in its own session."""
+    command = [*exec_prefix, sys.executable, "-m", "hydraserve.warm.server"]
+    children_dir = log_path.with_suffix(".children")
+    command += ["--name", name, "--shim", str(shim), "--children-dir", str(children_dir)]
+    for module in preload:
+        command += ["--preload", module]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            start_new_session=True,
+        )
+    return WarmRuntime(name=name, process=process, log_path=log_path, children_dir=children_dir)
+
+
+def stop_warm_runtime(runtime: WarmRuntime, grace_s: float) -> None:
+    """Stop the runtime; workers it forked live on (each ends with its own stage)."""
+    with contextlib.suppress(ProcessLookupError):
+        runtime.process.terminate()
+    try:
+        runtime.process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        runtime.process.kill()
+        runtime.process.wait()

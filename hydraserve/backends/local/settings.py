@@ -69,6 +69,12 @@ class LocalSettings(
     )
     node_name: str = "local"
     extra_engine_args: list[str] = Field(default_factory=list)
+    warm_runtime: bool = Field(
+        default=True,
+        description="Keep a warm runtime per node, an interpreter that has imported the "
+        "engine, and fork each worker (and every Python process it starts) from it "
+        "instead of starting fresh interpreters (decision 0600).",
+    )
     worker_sandbox: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Run each worker in a mount namespace that shows it only its own "
