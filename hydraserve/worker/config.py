@@ -65,4 +65,11 @@ class WorkerConfig(BaseModel):
         "only by a pipeline and the standalone that replaces it); None: this instance's.",
     )
     engine_args: list[str] = Field(default_factory=list)
+    artifact_scope: str | None = Field(
+        default=None,
+        description="Share compile artifacts through the store beside the model, under this "
+        "scope (the model's namespace: tenants never run each other's compiled code); "
+        "None: off (decision 0601).",
+    )
+    artifact_max_bytes: int = Field(default=512 << 20, ge=0)
     fetch_timeout_seconds: float = 600.0

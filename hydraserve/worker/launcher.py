@@ -15,7 +15,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -31,6 +33,7 @@ from hydraserve.prefetcher.shm import (
 from hydraserve.settings import CommonSettings
 from hydraserve.store import Manifest, ModelRef, ModelStore
 from hydraserve.warm.protocol import ENV_SOCKET
+from hydraserve.worker.artifacts import artifact_key, cache_files, publish, restore
 from hydraserve.worker.config import WorkerConfig
 from hydraserve.worker.loader_config import loader_extra_config
 from hydraserve.worker.timeline import Timeline
@@ -237,17 +240,90 @@ def engine_env(config: WorkerConfig, manifest: Manifest) -> dict[str, str]:
     return env
 
 
-def _watch_ready(config: WorkerConfig, timeline: Timeline, since: float) -> None:
-    url = f"http://{config.host}:{config.port}/health"
+def _wait_healthy(url: str) -> None:
     with httpx.Client(timeout=2) as client:
         while True:
             try:
                 if client.get(url).status_code == 200:
-                    timeline.record("engine_init", since, time.time())
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
+
+
+def _watch_ready(
+    config: WorkerConfig, timeline: Timeline, since: float, after_ready: Callable[[], None]
+) -> None:
+    """Once the instance answers (rank 0 serves its API): record engine_init (rank 0),
+    then run ``after_ready``."""
+    host = config.host if config.rank == 0 else config.rendezvous.master_addr
+    _wait_healthy(f"http://{host}:{config.port}/health")
+    if config.rank == 0:
+        timeline.record("engine_init", since, time.time())
+    after_ready()
+
+
+# Flags whose values differ between starts of the same stage without changing what the
+# engine compiles: left out of the artifact key.
+_PER_START_FLAGS = {"--host", "--port", "--master-addr", "--master-port", "--served-model-name"}
+
+
+def stage_flags(serve_args: list[str]) -> list[str]:
+    """The engine flags of a stage without the per-start ones (addresses, ports)."""
+    kept: list[str] = []
+    skip = False
+    for arg in serve_args:
+        if skip:
+            skip = False
+            continue
+        if arg in _PER_START_FLAGS:
+            skip = True
+            continue
+        kept.append(arg)
+    return kept
+
+
+def compile_cache_root() -> Path:
+    """Where vLLM keeps its caches in this process (``VLLM_CACHE_ROOT``)."""
+    import vllm.envs
+
+    return Path(vllm.envs.VLLM_CACHE_ROOT).expanduser()
+
+
+def _share_artifacts(
+    config: WorkerConfig,
+    store: ModelStore,
+    serve_args: list[str],
+    timeline: Timeline,
+    platform: Any,
+) -> Callable[[], None]:
+    """Before the engine starts: unpack this stage's compile artifact from the store into
+    the compile cache. Returns what to do once the instance is ready: store the artifact
+    if this start compiled (decision 0601)."""
+    scope = config.artifact_scope
+    if scope is None:
+        return lambda: None
+    import vllm
+
+    engine = f"vllm {vllm.__version__}"
+    key = artifact_key(
+        engine, platform.device_type, stage_flags(serve_args), config.pp, config.rank
+    )
+    cache_root = compile_cache_root()
+    with timeline.stage("artifacts", key=key) as details:
+        restored = restore(store, scope, key, cache_root)
+        details.update(state=restored.state, files=restored.files, bytes=restored.size)
+    before = cache_files(cache_root)
+
+    def after_ready() -> None:
+        try:
+            publish(
+                store, scope, key, engine, cache_root, before, restored, config.artifact_max_bytes
+            )
+        except Exception as exc:  # serving goes on; the next start compiles again
+            log.warning("artifacts.publish_failed", key=key, scope=scope, error=str(exc))
+
+    return after_ready
 
 
 def run_worker(config: WorkerConfig) -> None:
@@ -288,17 +364,18 @@ def run_worker(config: WorkerConfig) -> None:
             "later pipeline stage needs for its intermediate-tensor buffers",
         )
     config = resolved
+    serve_args = vllm_serve_args(config, model_dir)
+    after_ready = _share_artifacts(config, store, serve_args, timeline, current_platform)
     engine_start = time.time()
-    if config.rank == 0:
-        threading.Thread(
-            target=_watch_ready, args=(config, timeline, engine_start), daemon=True
-        ).start()
+    threading.Thread(
+        target=_watch_ready, args=(config, timeline, engine_start, after_ready), daemon=True
+    ).start()
     cli_env_setup()
     parser = FlexibleArgumentParser(prog="hydraserve worker")
     subparsers = parser.add_subparsers(dest="subparser")
     serve = vllm_serve.ServeSubcommand()
     serve.subparser_init(subparsers)
-    args = parser.parse_args(vllm_serve_args(config, model_dir))
+    args = parser.parse_args(serve_args)
     configure_logging_from_args(args)
     serve.validate(args)
     log.info(

@@ -27,6 +27,7 @@ STAGES = (
     "process_start",
     "fetch_start",
     "imports",
+    "artifacts",
     "engine_init",
     "weight_load",
 )
@@ -52,12 +53,14 @@ class Timeline:
             os.close(fd)
 
     @contextmanager
-    def stage(self, stage: str, **extra: Any) -> Iterator[None]:
+    def stage(self, stage: str, **extra: Any) -> Iterator[dict[str, Any]]:
+        """Time the block; what it adds to the yielded dict is recorded with the stage."""
         start = time.time()
+        details = dict(extra)
         try:
-            yield
+            yield details
         finally:
-            self.record(stage, start, time.time(), **extra)
+            self.record(stage, start, time.time(), **details)
 
 
 def read_timeline(path: Path) -> list[dict[str, Any]]:

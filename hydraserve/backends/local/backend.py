@@ -797,6 +797,7 @@ class LocalBackend(ClusterBackend):
             kv_area=inst.replaces or inst.name,
             block_size=self.settings.kv_block_size if inst.kv_transfer else None,
             engine_args=[*self.settings.extra_engine_args, *model.spec.engine.args],
+            artifact_scope=model.metadata.namespace if self.settings.compile_artifacts else None,
         )
 
     def _cpu_bind(

@@ -75,6 +75,11 @@ class LocalSettings(
         "engine, and fork each worker (and every Python process it starts) from it "
         "instead of starting fresh interpreters (decision 0600).",
     )
+    compile_artifacts: bool = Field(
+        default=True,
+        description="Share what a stage's engine compiles through the store beside the "
+        "model, so a later start of that stage on any node skips compiling (decision 0601).",
+    )
     worker_sandbox: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Run each worker in a mount namespace that shows it only its own "
