@@ -23,6 +23,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 from pydantic import ValidationError
@@ -236,6 +237,12 @@ class LocalBackend(ClusterBackend):
                 node.exec_prefix,
             )
             log.info("warm.starting", node=node.name, runtime=name)
+
+    def _compile_cache(self, node: LocalNode) -> Path:
+        """A node's vLLM cache: this machine's, or an emulated node's own (nodes do not
+        share disks; what one compiled reaches another through the store, decision 0601)."""
+        root = self.settings.vllm_cache_root or self.settings.common.state_dir / "vllm-cache"
+        return root / "nodes" / node.name if node.exec_prefix else root
 
     def _warm_python(self, node: LocalNode) -> tuple[str | None, dict[str, str]]:
         """The interpreter and environment a worker on ``node`` starts with: the warm
@@ -731,8 +738,7 @@ class LocalBackend(ClusterBackend):
             env = worker_env(
                 os.environ,
                 host=node.host,
-                cache_root=self.settings.vllm_cache_root
-                or self.settings.common.state_dir / "vllm-cache",
+                cache_root=self._compile_cache(node),
                 cpu_bind=self._cpu_bind(plan, stage.rank, replaces),
                 extra={**node.env, **warm_env},
             )
