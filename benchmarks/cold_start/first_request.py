@@ -143,7 +143,7 @@ def main() -> None:
     texts = {r["text"] for rs in runs.values() for r in rs}
     if len(texts) != 1:
         raise SystemExit(f"the greedy completions differ between runs: {texts}")
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "first_request",
         "machine": machine_info(),
         "model": "demo (tiny)",
