@@ -666,3 +666,23 @@ def test_network_policies_pass_kubernetes_validate_cli(
     result = subprocess.run([*args, str(bad)], capture_output=True, text=True, check=False)
     assert result.returncode != 0
     assert "'podSelectors' was unexpected" in result.stdout + result.stderr
+
+
+def test_the_worker_image_is_pulled_onto_every_worker_node_ahead_of_cold_starts(
+    rendered: dict[str, list[dict[str, Any]]], helm: Path, helm_env: dict[str, str]
+) -> None:
+    """A DaemonSet on the prefetchers' nodes pulls the worker image (its init container
+    runs the image and exits) and holds it there; it is restricted and optional."""
+    docs = rendered["defaults"]
+    prepull = find(docs, "DaemonSet", "-image-prepull")
+    prefetcher = find(docs, "DaemonSet", "-prefetcher")
+    spec = prepull["spec"]["template"]["spec"]
+    (pull,) = spec["initContainers"]
+    worker_image = "ghcr.io/hydraserve/worker:"
+    assert pull["image"].startswith(worker_image) and pull["command"] == ["python", "-c", "pass"]
+    assert [c["image"] for c in spec["containers"]] == ["registry.k8s.io/pause:3.10"]
+    assert spec["nodeSelector"] == prefetcher["spec"]["template"]["spec"]["nodeSelector"]
+    assert spec["tolerations"] == prefetcher["spec"]["template"]["spec"]["tolerations"]
+    assert violations(prepull, "restricted") == []
+    off = render(helm, helm_env, ["--set", "worker.prePull.enabled=false"])
+    assert not [d for d in off if d["metadata"]["name"].endswith("-image-prepull")]
