@@ -196,18 +196,33 @@ def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
     return args + list(config.engine_args)
 
 
+# torch.compile's "eager" backend: graph capture by Dynamo, then the captured operations run
+# as they are, without Inductor's code generation.
+EAGER_COMPILE_BACKEND = ["--compilation-config", json.dumps({"backend": "eager"})]
+
+
 def with_execution_mode(config: WorkerConfig, cpu: bool) -> WorkerConfig:
-    """The config this stage runs with: a pipeline stage (pp > 1) on the CPU platform runs
-    compiled even when eager was asked for (decision 0105, addendum).
+    """The config this stage runs with: a pipeline stage (pp > 1) on the CPU platform asked
+    to run eager runs compiled with torch.compile's ``eager`` backend (decision 0105,
+    addendum; decision 0600 for the backend).
 
     vLLM's CPU worker runs its warm-up forward (``profile_run``) only in compiled mode; that
     dummy run is what allocates a later pipeline rank's intermediate-tensor buffers, so an
     eager CPU pipeline fails on its first request (``assert self.intermediate_tensors is not
-    None`` on stage 1, with or without tensor ranks). GPU workers always profile, so they
-    keep the mode they were given."""
-    if cpu and config.pp > 1 and config.enforce_eager:
-        return config.model_copy(update={"enforce_eager": False})
-    return config
+    None`` on stage 1, with or without tensor ranks). With the ``eager`` backend the stage
+    computes what an eager engine computes and skips Inductor's code generation, the
+    longest part of a compiled start on a CPU. A compilation config the model's own engine
+    arguments give is kept. GPU workers always profile, so they keep the mode they were
+    given."""
+    if not (cpu and config.pp > 1 and config.enforce_eager):
+        return config
+    chosen = any(
+        arg in ("-cc", "--compilation-config", "-O")
+        or arg.startswith(("-cc=", "--compilation-config=", "-O"))
+        for arg in config.engine_args
+    )
+    engine_args = config.engine_args if chosen else [*config.engine_args, *EAGER_COMPILE_BACKEND]
+    return config.model_copy(update={"enforce_eager": False, "engine_args": engine_args})
 
 
 def in_process(config: WorkerConfig) -> bool:

@@ -96,9 +96,10 @@ def instance(tmp_path: Path, pp: int) -> LocalInstance:
     )
 
 
-def test_pipelines_run_compiled_even_when_single_stage_engines_run_eager(tmp_path: Path) -> None:
-    # vLLM's CPU backend fails on the first step of an eager pipeline (decision 0004), so a
-    # default `hydraserve up` with a forced pp = 2 must not start one.
+def test_every_stage_is_asked_to_run_eager_by_default(tmp_path: Path) -> None:
+    # A CPU pipeline stage asked for eager runs compiled with torch.compile's eager backend
+    # (launcher.with_execution_mode, tests/worker/test_launcher.py): vLLM's CPU backend
+    # fails on the first step of a truly eager pipeline (decision 0105).
     from hydraserve.backends.local.backend import _ModelState
 
     backend = LocalBackend([model("m", "file:///nowhere")], settings(tmp_path, 8 << 30))
@@ -110,7 +111,7 @@ def test_pipelines_run_compiled_even_when_single_stage_engines_run_eager(tmp_pat
         return backend._worker_config(state, inst, 0, 29500, override).enforce_eager
 
     assert eager(1) is True
-    assert eager(2) is False and eager(4) is False
+    assert eager(2) is True and eager(4) is True
     assert eager(1, override=False) is False  # a standalone's own setting still wins
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def stock_vllm_completions(
     cache_root: Path,
     log: Path,
     timeout: float = 600,
+    extra_args: Sequence[str] = (),
 ) -> list[Completion]:
     """Greedy completions from stock vLLM (``vllm.entrypoints.openai.api_server``, no
     HydraServe code in it) on ``checkpoint``, with the engine arguments a HydraServe worker
@@ -115,6 +117,7 @@ def stock_vllm_completions(
     ]  # fmt: skip
     if eager:
         args.append("--enforce-eager")
+    args += list(extra_args)
     env = {
         **os.environ,
         "VLLM_CPU_OMP_THREADS_BIND": cpu_bind,

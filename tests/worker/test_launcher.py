@@ -219,10 +219,18 @@ def test_a_pipeline_stage_on_cpu_runs_compiled_even_when_eager_was_asked(
         stage = worker(pp=2, rank=rank, tp=tp, enforce_eager=True)
         _, on_cpu = parse(vllm_serve_args(with_execution_mode(stage, cpu=True), MODEL_DIR))
         assert on_cpu.enforce_eager is False
+        # ... with torch.compile's eager backend: what an eager engine computes, no Inductor.
+        assert on_cpu.compilation_config.backend == "eager"
         _, on_gpu = parse(vllm_serve_args(with_execution_mode(stage, cpu=False), MODEL_DIR))
         assert on_gpu.enforce_eager is True
     single = worker(tp=tp, enforce_eager=True)
     assert with_execution_mode(single, cpu=True).enforce_eager is True
+    # Compiled was asked (Inductor): kept. A model's own compilation config: kept.
+    inductor = with_execution_mode(worker(pp=2, tp=tp, enforce_eager=False), cpu=True)
+    assert inductor.enforce_eager is False and inductor.engine_args == []
+    own = ["--compilation-config", '{"backend": "inductor"}']
+    mine = with_execution_mode(worker(pp=2, tp=tp, enforce_eager=True, engine_args=own), cpu=True)
+    assert mine.engine_args == own
 
 
 def test_engine_env_of_a_tensor_parallel_stage_leaves_multiprocessing_on(

@@ -780,7 +780,9 @@ class LocalBackend(ClusterBackend):
         model = state.model
         node = self.nodes[inst.plan.stage(rank).node]
         if enforce_eager is None:
-            enforce_eager = self.settings.enforce_eager and inst.pp == 1
+            # A CPU pipeline stage asked to run eager runs compiled with the eager backend
+            # (launcher.with_execution_mode).
+            enforce_eager = self.settings.enforce_eager
         return WorkerConfig(
             model_name=model.name,
             uri=model.spec.source.uri,

@@ -26,9 +26,9 @@ class LocalSettings(
     )
     enforce_eager: bool = Field(
         default=True,
-        description="Run single-stage engines eager (fastest start). Pipelines (pp > 1) always "
-        "run compiled: vLLM's CPU backend fails on the first step of an eager pipeline "
-        "(decision 0004).",
+        description="Run engines eager (fastest start). On CPUs a pipeline stage (pp > 1) then "
+        "runs compiled with torch.compile's eager backend, which computes as eager: vLLM's "
+        "CPU backend fails on the first step of a truly eager pipeline (decision 0105).",
     )
     pipeline_size: int | None = Field(
         default=None,
