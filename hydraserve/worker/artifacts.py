@@ -173,12 +173,13 @@ def publish(
         return None
     if restored.state == "restored":
         log.warning(
-            "artifacts.unused",
+            "artifacts.refreshed",
             key=key,
             scope=scope,
             written=len(written),
-            reason="the engine compiled anew (its config, code or compiler differ from "
-            "the artifact's): the new one replaces it",
+            reason="the engine wrote new cache entries after the restore: vLLM could not "
+            "use part of the artifact (another config, code or compiler, or an entry it "
+            "fails to load); this start's entries replace it",
         )
     # Whole cache entries that this start wrote into: an entry is only usable complete.
     units = {cache_entry(p) for p in written}

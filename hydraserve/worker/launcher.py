@@ -279,8 +279,17 @@ def _watch_ready(
 
 
 # Flags whose values differ between starts of the same stage without changing what the
-# engine compiles: left out of the artifact key.
-_PER_START_FLAGS = {"--host", "--port", "--master-addr", "--master-port", "--served-model-name"}
+# engine compiles (addresses, ports, this start's instance, shared-memory and KV paths):
+# left out of the artifact key.
+_PER_START_FLAGS = {
+    "--host",
+    "--port",
+    "--master-addr",
+    "--master-port",
+    "--served-model-name",
+    "--model-loader-extra-config",
+    "--kv-transfer-config",
+}
 
 
 def stage_flags(serve_args: list[str]) -> list[str]:

@@ -114,7 +114,7 @@ def test_a_mismatched_artifact_is_left_unused_and_replaced(
     compile_into(node_b, "bbb", payload=b"other build")
     with structlog.testing.capture_logs() as events:
         record = publish(store, SCOPE, KEY, ENGINE, node_b, before, restored, 1 << 20)
-    assert [e["event"] for e in events] == ["artifacts.unused", "artifacts.published"]
+    assert [e["event"] for e in events] == ["artifacts.refreshed", "artifacts.published"]
     assert record is not None
     node_c = tmp_path / "c"
     restore(store, SCOPE, KEY, node_c)
@@ -171,6 +171,8 @@ def test_an_oversized_artifact_is_not_stored(store: ModelStore, tmp_path: Path) 
 def test_the_key_separates_what_compiles_differently_and_ignores_addresses() -> None:
     a = ["serve", "/m", "--host", "10.0.0.1", "--port", "8000", "--max-num-batched-tokens", "256"]
     b = ["serve", "/m", "--host", "10.0.0.2", "--port", "9000", "--max-num-batched-tokens", "256"]
+    a += ["--model-loader-extra-config", '{"instance": "m-1", "shm_dir": "/dev/shm/a"}']
+    b += ["--model-loader-extra-config", '{"instance": "m-2", "shm_dir": "/dev/shm/b"}']
     assert stage_flags(a) == stage_flags(b) == ["serve", "/m", "--max-num-batched-tokens", "256"]
     base = artifact_key(ENGINE, "cpu", stage_flags(a), 2, 0)
     assert base == artifact_key(ENGINE, "cpu", stage_flags(b), 2, 0)
