@@ -13,11 +13,16 @@ from the reference alone), and the chosen tokens' logprobs must agree too.
 CI runs Gemma at pp 2 (its norm and tied embedding on every rank: what failed before the
 engine-derived layout) and Qwen2 at pp 2 (tied head, q/k/v bias); each compiled engine
 start costs minutes on two cores. The whole pp 1/2/4 matrix runs with
-``HYDRASERVE_ARCH_MATRIX=full``. Measured here (one run): Qwen2 and Phi-3 at pp 2 equal;
-Llama at pp 2 flipped a 0.031-nat near-tie that pp 1 kept (hence the decisive prompts);
-stock vLLM's own Mixtral greedy paths on these random weights have exact ties (margin 0)
-within 8 steps on every candidate prompt, so no Mixtral token comparison is meaningful:
-its stage contents and expert stacks are checked in tests/store/test_engine_probe.py.
+``HYDRASERVE_ARCH_MATRIX=full``. Measured here: before decisive prompts, Llama at pp 2
+flipped a 0.031-nat near-tie that pp 1 kept. Stock vLLM's Mixtral greedy paths had exact
+ties (margin 0) or margins under DECISIVE on all of the first eight candidates; with 24
+candidates three qualify (smallest margins 0.156, 0.188, 0.281), and Mixtral's tokens equal
+stock vLLM's at pp 1, 2 and 4. Two full runs with 24 candidates (22 and 25 min, 15 cells;
+a pp 1 cell, which also starts the stock reference, 105-140 s, pp 2 50-90 s, pp 4 80-125 s;
+the same drifts to the digit in both): tokens equal everywhere; pp 1 logprobs bit-identical
+to stock vLLM; largest chosen-token logprob drift 0.041 at pp 2 and 0.067 at
+pp 4, except Phi-3 at pp 4: 0.111 at one step of "A worker adopts each tensor" (same token,
+stock margin 0.188; the other steps 0.03 or less), hence the per-boundary tolerance below.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ pytestmark = pytest.mark.slow
 
 # Candidates; each architecture is checked on the first two whose greedy path stock vLLM
 # takes with a margin of at least DECISIVE at every step (chosen from the reference alone).
+# On these random weights the next-token distribution is flat (chosen logprob near -2, top-2
+# gaps of a few tenths, in bf16 steps of 1/32), so only some prompts qualify: Mixtral found
+# none in the first eight (largest smallest-margin 0.094) and three in all 24 (the others
+# keep their first-eight choices).
 CANDIDATES = [
     "Hello, world! The cluster",
     "def add(a, b):",
@@ -51,17 +60,40 @@ CANDIDATES = [
     "Pipeline parallel fetch splits a model",
     "A worker adopts each tensor",
     "Cold starts are slow because",
+    "SELECT name FROM users WHERE",
+    "Dear Sir or Madam,",
+    "import numpy as np",
+    "The quick brown fox",
+    "In 1969, the first",
+    "GPU memory is shared by",
+    '{"key": [1, 2, 3]}',
+    "Step 1: open the valve.",
+    "She said that the weather",
+    "Rust, Go and Python are",
+    "#include <stdio.h>",
+    "Tokens per second rose to",
+    "Why is the sky blue?",
+    "A B C D E F G",
+    "Keep-alive expires after",
+    "The store streams each part",
 ]
 STEPS = 8
 # bf16 keeps 8 bits of mantissa: logits near 4-8 round to 1/32-1/16, and a pipeline's
 # stages sum in another order than one engine (measured: a 0.031 gap flipped at pp 2).
 DECISIVE = 0.15
+# The chosen tokens' logprobs: pp 1 is bit-identical to stock vLLM; each stage boundary adds
+# bf16 rounding steps of 1/32 (logits near 4-8). Measured maxima over all architectures
+# (one full run): 0.041 at pp 2 (one boundary), 0.111 at pp 4 (three; next highest 0.067),
+# i.e. at most 0.041 per boundary. Allowed: 0.06 per boundary, never under 0.1. A wrong or
+# missing weight moves them by whole nats (and flips tokens).
 LOGPROB_TOLERANCE = 0.1
+LOGPROB_TOLERANCE_PER_BOUNDARY = 0.06
 PIPELINE_SIZES = (1, 2, 4)
 # CI: the stage contents that failed before the engine-derived layout (Gemma's norm and
 # embedding on every rank) and a tied head (Qwen2): each engine start costs minutes here.
 CI_CASES = {("gemma", 2), ("qwen2", 2)}
 FULL = os.environ.get("HYDRASERVE_ARCH_MATRIX") == "full"
+SKIP = "full matrix only: set HYDRASERVE_ARCH_MATRIX=full"
 
 MODEL = """\
 ---
@@ -88,7 +120,7 @@ class Matrix:
 def _cases() -> Iterator[object]:
     for arch in ARCHITECTURES:
         for pp in PIPELINE_SIZES:
-            marks = [] if FULL or (arch, pp) in CI_CASES else [pytest.mark.skip("full matrix")]
+            marks = [] if FULL or (arch, pp) in CI_CASES else [pytest.mark.skip(SKIP)]
             yield pytest.param(arch, pp, id=f"{arch}-pp{pp}", marks=marks)
 
 
@@ -169,14 +201,26 @@ def test_greedy_tokens_equal_stock_vllm(matrix: Matrix, arch: str, pp: int) -> N
         # The same distribution, not only the same argmax: a wrong or missing weight moves
         # the logprobs by far more than bf16 does.
         assert logprobs.token_logprobs is not None
-        drift = max(
+        drifts = [
             abs(a - b)
             for a, b in zip(logprobs.token_logprobs, reference.logprobs, strict=True)
             if a is not None
+        ]
+        # Shown with -rA: what the tolerance is measured against.
+        print(
+            f"{arch} pp {pp} {reference.prompt!r}: drift {max(drifts):.3f} per step "
+            f"{[round(d, 3) for d in drifts]}; stock margins "
+            f"{[round(m, 3) for m in reference.margins]}; logprobs here "
+            f"{[round(x, 3) for x in logprobs.token_logprobs if x is not None]}, stock "
+            f"{[round(x, 3) for x in reference.logprobs]}"
         )
-        assert drift < LOGPROB_TOLERANCE, (arch, pp, reference.prompt, drift)
+        assert max(drifts) < _logprob_tolerance(pp), (arch, pp, reference.prompt, drifts)
     # It really ran as a pipeline of that size: the gateway's record of the cold start.
     assert _cold_start_pp(matrix.platform, f"default/{arch}-pp{pp}") == pp
+
+
+def _logprob_tolerance(pp: int) -> float:
+    return max(LOGPROB_TOLERANCE, LOGPROB_TOLERANCE_PER_BOUNDARY * (pp - 1))
 
 
 def _cold_start_pp(platform: Platform, model: str, timeout: float = 30) -> int | None:
