@@ -317,7 +317,9 @@ class Bench:
             # Placement is known: every node starts pulling its stage before any pod exists.
             for rank, node in enumerate(nodes):
                 self.preload(node, pp if pp > 1 else None, rank if pp > 1 else None)
-        procs = self.start_workers(pp, timeline, eager=pp == 1)
+        # As `hydraserve up` asks by default: eager, which a CPU pipeline stage runs as
+        # torch.compile's eager backend; --inductor: pipeline stages compile with Inductor.
+        procs = self.start_workers(pp, timeline, eager=pp == 1 or not self.args.inductor)
         try:
             ready = self.wait_ready(procs, list(zip(nodes, names, strict=True)))
             ttft, text = self.first_token(t0)
@@ -546,6 +548,9 @@ def main() -> None:
         "--rates", type=float, nargs="+", default=[100.0], help="link rates per node, Mbit/s"
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs per scenario and rate")
+    parser.add_argument(
+        "--inductor", action="store_true", help="pipeline stages compile with Inductor"
+    )
     parser.add_argument("--work-dir", default="/tmp/hydraserve-bench-cold-start")
     parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument("--only", nargs="*", help="run only these scenarios")
@@ -634,6 +639,7 @@ def report(
         "machine": machine_info(),
         "cache_state": "every scenario starts with an empty vLLM cache on every node; "
         "HydraServe's compile artifacts (stored with the model) are carried",
+        "pipeline_stage_compile": "inductor" if args.inductor else "eager backend",
         "once": {name: {**o.as_dict(), **once_spread[name]} for name, o in once.items()},
         "rates": {},
     }
