@@ -348,7 +348,7 @@ class Bench:
         env = self.node_env(node, 1)
         if scenario.kind == "local-vllm":
             self.local_store.download_side_files(ckpt)
-            self.local_store.download_weights(ckpt / WEIGHTS_NAME)
+            self.local_store.download_checkpoint(ckpt / WEIGHTS_NAME)
             subprocess.run(["sync"], check=False)
         t0 = time.time()
         if scenario.kind == "serverless-vllm":

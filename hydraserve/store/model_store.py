@@ -55,6 +55,7 @@ from hydraserve.store.manifest import (
 )
 from hydraserve.store.probing import ProbeFailed, probe_engine
 from hydraserve.store.safetensors_format import (
+    DTYPE_BYTES,
     TensorSlot,
     encode_header,
     numel,
@@ -360,6 +361,51 @@ class ModelStore:
                 digest.update(chunk)
         if digest.hexdigest() != manifest.weights_sha256:
             raise ChecksumError(f"{self.ref.uri}: the downloaded weights failed their sha256")
+
+    def download_checkpoint(self, dest: Path, concurrency: int = 8) -> None:
+        """The model as its checkpoint was (one safetensors file, the checkpoint's own tensor
+        names and shapes, fused tensors split back into their parts) into ``dest``, every
+        tensor verified: what stock engines load, e.g. a serverless-vLLM baseline."""
+        manifest = self.manifest()
+        entries: list[tuple[str, str, tuple[int, ...], int]] = []
+        for tensor in manifest.tensors:
+            itemsize = DTYPE_BYTES[tensor.dtype]
+            pieces = tensor.parts or [CheckpointPart(name=tensor.name, shape=tensor.shape)]
+            for piece in pieces:
+                nbytes = numel(piece.shape) * itemsize
+                entries.append((piece.name, tensor.dtype, tuple(piece.shape), nbytes))
+        header = encode_header(entries, {"format": "pt"})
+        where: dict[str, int] = {}  # stored tensor -> its first byte in dest
+        position = len(header)
+        for tensor in manifest.tensors:
+            where[tensor.name] = position
+            position += tensor.size
+        ordered = sorted(manifest.tensors, key=lambda t: t.offset)
+
+        # The stored parts, whole (as the weights are stored: one read each); a stored
+        # tensor's checkpoint parts are its bytes end to end, so each overlap is one write.
+        def fetch(part: tuple[int, int]) -> None:
+            start, end = part
+            data = memoryview(self.read_range(start, end))
+            for tensor in ordered:
+                low, high = max(start, tensor.offset), min(end, tensor.end)
+                if low < high:
+                    os.pwrite(
+                        fd,
+                        data[low - start : high - start],
+                        where[tensor.name] + low - tensor.offset,
+                    )
+
+        with open(dest, "wb") as out:
+            out.write(header)
+            out.truncate(position)
+            fd = out.fileno()
+            with ThreadPoolExecutor(concurrency) as pool:
+                list(pool.map(fetch, manifest.weights_parts or [(0, manifest.weights_size)]))
+        with open(dest, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            for tensor in manifest.tensors:
+                at = where[tensor.name]
+                verify_tensor(tensor, memoryview(buf)[at : at + tensor.size], str(dest))
 
     def read_config(self) -> dict[str, Any]:
         """The checkpoint's ``config.json`` (architecture sizes), verified."""

@@ -109,3 +109,21 @@ def test_without_the_engine_only_one_stage_is_offered(tmp_path: Path) -> None:
     assert manifest.engine is None and manifest.layout == "hf"
     assert sorted(manifest.partitions) == [1] and manifest.zero_copy_bytes == 0
     assert store.last_push is not None and store.last_push.engine_note
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_checkpoint_comes_back_as_it_was_for_stock_engines(
+    pushed: dict[str, tuple[Path, Path, Manifest]], arch: str, tmp_path: Path
+) -> None:
+    """What a serverless-vLLM baseline downloads: the checkpoint's own tensors (names,
+    shapes, bytes), fused stacks split back, so stock vLLM's loader reads any of them."""
+    src, weights, manifest = pushed[arch]
+    store = ModelStore(ModelRef(str(weights.parent.parent)))
+    store.download_checkpoint(tmp_path / "model.safetensors")
+    original = load_file(src / "model.safetensors")
+    back = load_file(tmp_path / "model.safetensors")
+    assert list(back) == [
+        n for t in manifest.tensors for n in ([p.name for p in t.parts] if t.parts else [t.name])
+    ]
+    assert set(back) == set(original)
+    assert all(torch.equal(back[name], original[name]) for name in original)
