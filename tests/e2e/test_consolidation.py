@@ -132,11 +132,13 @@ def pipeline_platform(tmp_path_factory: pytest.TempPathFactory) -> Any:
             "HYDRASERVE_LOCAL_CPU_BINDS": json.dumps(binds),
             "HYDRASERVE_LOCAL_CONSOLIDATION": "true",
             "HYDRASERVE_LOCAL_KV_TRANSFER": "true",
-            # Moving a context costs 1 ms per token to recompute, or 50 ms + its KV bytes
-            # to transfer: contexts past ~50 tokens move their KV, shorter ones recompute.
+            # Moving a context costs 1 ms per token to recompute, or 10 ms + its KV bytes
+            # to transfer: contexts past ~10 tokens move their KV, shorter ones recompute
+            # (with the warm runtime the standalone is ready a few seconds after the
+            # pipeline: the contexts in flight then hold ~30-50 tokens).
             "HYDRASERVE_GATEWAY_MIGRATION_PREFILL_TOKENS_PER_S": "1000",
             "HYDRASERVE_GATEWAY_MIGRATION_LEARN_PREFILL": "false",
-            "HYDRASERVE_GATEWAY_MIGRATION_KV_FIXED_SECONDS": "0.05",
+            "HYDRASERVE_GATEWAY_MIGRATION_KV_FIXED_SECONDS": "0.01",
         },
     )
     yield platform
@@ -148,9 +150,15 @@ def test_requests_stream_through_consolidation_and_equal_a_pp1_run(
 ) -> None:
     platform = pipeline_platform
     url = platform.url.removesuffix("/v1")
-    # The first request is the cold start: a pp = 2 pipeline (pipeline_size forces it).
-    first = run_request(url, *request_mix(3, 0))
-    assert first.status == 200 and first.error is None, first
+    # The first request is the cold start: a pp = 2 pipeline (pipeline_size forces it). The
+    # clients start while it runs, so requests are in flight whenever the standalone takes
+    # over: forked from the warm runtime it is ready seconds after the pipeline (decision
+    # 0600), often before a request that waited for the cold start has finished.
+    started: list[Outcome] = []
+    cold = threading.Thread(
+        target=lambda: started.append(run_request(url, *request_mix(3, 0))), daemon=True
+    )
+    cold.start()
     phases: list[str] = []
     outcomes: list[Outcome] = []
     lock = threading.Lock()
@@ -180,8 +188,10 @@ def test_requests_stream_through_consolidation_and_equal_a_pp1_run(
             break
         time.sleep(0.5)
     stop.set()
-    for thread in threads:
+    for thread in [cold, *threads]:
         thread.join(300)
+    (first,) = started
+    assert first.status == 200 and first.error is None, first
     phases.append(model_status(platform)["phase"])
     assert "Consolidating" in phases and phases[-1] == "Serving", (phases, platform.log_tail())
     assert phases.index("Consolidating") < len(phases) - 1
