@@ -196,9 +196,13 @@ def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
     return args + list(config.engine_args)
 
 
-# torch.compile's "eager" backend: graph capture by Dynamo, then the captured operations run
-# as they are, without Inductor's code generation.
-EAGER_COMPILE_BACKEND = ["--compilation-config", json.dumps({"backend": "eager"})]
+# torch.compile's "eager" backend: graph capture by Dynamo (once), then the captured
+# operations run as they are, without Inductor's code generation. The mode must be named:
+# in vLLM's default mode (VLLM_COMPILE) the CPU platform replaces the backend with Inductor
+# (vllm/platforms/cpu.py), so ``{"backend": "eager"}`` alone still runs Inductor. Mode 2 is
+# ``CompilationMode.DYNAMO_TRACE_ONCE``, the mode that platform itself switches to.
+EAGER_COMPILATION: dict[str, object] = {"mode": 2, "backend": "eager"}
+EAGER_COMPILE_BACKEND = ["--compilation-config", json.dumps(EAGER_COMPILATION)]
 
 
 def with_execution_mode(config: WorkerConfig, cpu: bool) -> WorkerConfig:
@@ -209,11 +213,11 @@ def with_execution_mode(config: WorkerConfig, cpu: bool) -> WorkerConfig:
     vLLM's CPU worker runs its warm-up forward (``profile_run``) only in compiled mode; that
     dummy run is what allocates a later pipeline rank's intermediate-tensor buffers, so an
     eager CPU pipeline fails on its first request (``assert self.intermediate_tensors is not
-    None`` on stage 1, with or without tensor ranks). With the ``eager`` backend the stage
-    computes what an eager engine computes and skips Inductor's code generation, the
-    longest part of a compiled start on a CPU. A compilation config the model's own engine
-    arguments give is kept. GPU workers always profile, so they keep the mode they were
-    given."""
+    None`` on stage 1, with or without tensor ranks). With the ``eager`` backend
+    (:data:`EAGER_COMPILATION`) the stage computes what an eager engine computes and skips
+    Inductor's code generation, the longest part of a compiled start on a CPU. A
+    compilation config the model's own engine arguments give is kept. GPU workers always
+    profile, so they keep the mode they were given."""
     if not (cpu and config.pp > 1 and config.enforce_eager):
         return config
     chosen = any(

@@ -3,9 +3,10 @@ gateway at several pipeline sizes, against stock vLLM on the same Hugging Face c
 
 Pipelines on CPU need vLLM's compiled mode (decision 0105: in eager mode its CPU worker skips
 the warm-up that sets up a later stage's inputs), so every engine here, HydraServe's and the
-reference, runs compiled with the same compilation config: torch.compile with the ``eager``
-backend (graph capture without Inductor's code generation: half the start-up on two cores,
-the same numerics). Same dtype (bf16). Checkpoints are random-weight, tiny (4 layers).
+reference, runs compiled with the same compilation config: Dynamo's graph capture run by
+torch.compile's ``eager`` backend (``launcher.EAGER_COMPILATION``: no Inductor code
+generation, the same numerics as eager). Same dtype (bf16). Checkpoints are random-weight,
+tiny (4 layers).
 
 Greedy tokens are compared on prompts whose greedy path stock vLLM takes decisively (chosen
 from the reference alone), and the chosen tokens' logprobs must agree too.
@@ -23,6 +24,8 @@ the same drifts to the digit in both): tokens equal everywhere; pp 1 logprobs bi
 to stock vLLM; largest chosen-token logprob drift 0.041 at pp 2 and 0.067 at
 pp 4, except Phi-3 at pp 4: 0.111 at one step of "A worker adopts each tensor" (same token,
 stock margin 0.188; the other steps 0.03 or less), hence the per-boundary tolerance below.
+(Those runs were compiled with Inductor on both sides: before issue 15's fix, vLLM's CPU
+platform replaced a bare ``{"backend": "eager"}`` with Inductor.)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from openai import OpenAI
 from hydraserve.store import ModelRef, ModelStore
 from hydraserve.store.architectures import ARCHITECTURES, build_checkpoint
 from hydraserve.store.manifest import Manifest
+from hydraserve.worker.launcher import EAGER_COMPILATION
 from tests.e2e.conftest import VLLM_CACHE, Platform, start_platform, stop_platform
 from tests.support.stock_vllm import Greedy, stock_greedy
 
@@ -106,7 +110,7 @@ spec:
   resources: {{gpuMemoryGiB: 1}}
   engine: {{args: ["--compilation-config", '{compilation}']}}
 """
-COMPILATION = {"backend": "eager"}
+COMPILATION = EAGER_COMPILATION
 
 
 @dataclass

@@ -261,3 +261,27 @@ def test_the_context_length_never_exceeds_the_models_own(parse: Parse, tmp_path:
     assert engine.max_model_len == 256
     _, engine = parse(vllm_serve_args(worker(max_model_len=1024), MODEL_DIR))  # no config
     assert engine.max_model_len == 1024
+
+
+def test_the_eager_compile_backend_survives_the_cpu_platform(
+    parse: Parse, demo_checkpoint: Path
+) -> None:
+    """What vLLM's CPU platform makes of the stage's compilation config: its own
+    ``check_and_update_config`` swaps a named backend for Inductor in the default mode, so
+    the stage must name the mode too, or it pays Inductor's code generation at every start."""
+    import json
+
+    from vllm.config import CompilationMode
+
+    from hydraserve.worker.launcher import EAGER_COMPILE_BACKEND
+
+    def compilation(extra: list[str]) -> Any:
+        args = ["serve", str(demo_checkpoint), "--max-model-len", "256", *extra]
+        _, engine = parse(args)
+        return engine.create_engine_config().compilation_config
+
+    ours = compilation(EAGER_COMPILE_BACKEND)
+    assert (ours.mode, ours.backend) == (CompilationMode.DYNAMO_TRACE_ONCE, "eager")
+    # The backend alone is overridden (why EAGER_COMPILATION names the mode).
+    bare = compilation(["--compilation-config", json.dumps({"backend": "eager"})])
+    assert bare.backend == "inductor"
