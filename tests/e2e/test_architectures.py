@@ -13,7 +13,8 @@ from the reference alone), and the chosen tokens' logprobs must agree too.
 
 CI runs every architecture at pp 4 (a first, two middle and a last rank: Gemma's norm and
 embedding on every rank, Qwen2's tied head, Mixtral's experts, Phi-3's fused q/k/v; one
-stock reference per architecture). The whole pp 1/2/4 matrix runs with
+stock reference per architecture; Llama is the demo model's architecture, so this is also
+the demo's pipeline against stock vLLM). The whole pp 1/2/4 matrix runs with
 ``HYDRASERVE_ARCH_MATRIX=full``. Measured here: before decisive prompts, Llama at pp 2
 flipped a 0.031-nat near-tie that pp 1 kept. Stock vLLM's Mixtral greedy paths had exact
 ties (margin 0) or margins under DECISIVE on all of the first eight candidates; with 24
