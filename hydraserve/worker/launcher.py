@@ -203,27 +203,33 @@ def vllm_serve_args(config: WorkerConfig, model_dir: Path) -> list[str]:
 # ``CompilationMode.DYNAMO_TRACE_ONCE``, the mode that platform itself switches to.
 EAGER_COMPILATION: dict[str, object] = {"mode": 2, "backend": "eager"}
 EAGER_COMPILE_BACKEND = ["--compilation-config", json.dumps(EAGER_COMPILATION)]
+# vLLM's CPU worker with the buffers an eager pipeline stage lacks (decision 0105).
+EAGER_STAGE_WORKER = ["--worker-cls", "hydraserve.worker.cpu_stage_worker.EagerPipelineStageWorker"]
+
+
+def _names(engine_args: list[str], *flags: str) -> bool:
+    return any(arg in flags or arg.startswith(tuple(f"{f}=" for f in flags)) for arg in engine_args)
 
 
 def with_execution_mode(config: WorkerConfig, cpu: bool) -> WorkerConfig:
-    """The config this stage runs with: a pipeline stage (pp > 1) on the CPU platform asked
-    to run eager runs compiled with torch.compile's ``eager`` backend (decision 0105,
-    addendum; decision 0600 for the backend).
+    """The config this stage runs with.
 
-    vLLM's CPU worker runs its warm-up forward (``profile_run``) only in compiled mode; that
-    dummy run is what allocates a later pipeline rank's intermediate-tensor buffers, so an
-    eager CPU pipeline fails on its first request (``assert self.intermediate_tensors is not
-    None`` on stage 1, with or without tensor ranks). With the ``eager`` backend
-    (:data:`EAGER_COMPILATION`) the stage computes what an eager engine computes and skips
-    Inductor's code generation, the longest part of a compiled start on a CPU. A
-    compilation config the model's own engine arguments give is kept. GPU workers always
-    profile, so they keep the mode they were given."""
+    vLLM's CPU worker allocates a later pipeline rank's intermediate-tensor buffers only in
+    its compiled-mode warm-up forward, so an eager CPU pipeline stage (pp > 1) would fail on
+    its first request (``assert self.intermediate_tensors is not None``, with or without
+    tensor ranks). Such a stage runs eager with HydraServe's worker class
+    (:data:`EAGER_STAGE_WORKER`, vLLM's ``--worker-cls``), which allocates them without the
+    warm-up. A model whose engine arguments name their own worker class instead runs
+    compiled with torch.compile's ``eager`` backend (:data:`EAGER_COMPILATION`, unless they
+    also name a compilation config): the same numerics, at the cost of a graph capture and
+    a dummy forward. GPU workers always profile, so they keep the mode they were given
+    (decision 0105, addenda)."""
     if not (cpu and config.pp > 1 and config.enforce_eager):
         return config
-    chosen = any(
-        arg in ("-cc", "--compilation-config", "-O")
-        or arg.startswith(("-cc=", "--compilation-config=", "-O"))
-        for arg in config.engine_args
+    if not _names(config.engine_args, "--worker-cls"):
+        return config.model_copy(update={"engine_args": [*config.engine_args, *EAGER_STAGE_WORKER]})
+    chosen = _names(config.engine_args, "-cc", "--compilation-config") or any(
+        arg.startswith("-O") for arg in config.engine_args
     )
     engine_args = config.engine_args if chosen else [*config.engine_args, *EAGER_COMPILE_BACKEND]
     return config.model_copy(update={"enforce_eager": False, "engine_args": engine_args})
@@ -388,8 +394,8 @@ def run_worker(config: WorkerConfig) -> None:
             rank=config.rank,
             pp=config.pp,
             tp=config.tp,
-            reason="vLLM's CPU worker skips its warm-up forward in eager mode, which a "
-            "later pipeline stage needs for its intermediate-tensor buffers",
+            reason="the model's engine arguments name their own worker class, which may "
+            "lack the intermediate-tensor buffers of an eager CPU pipeline stage",
         )
     config = resolved
     serve_args = vllm_serve_args(config, model_dir)

@@ -58,8 +58,9 @@ class LoaderConfig(BaseModel):
     zero_copy: bool = True
     overlap_compile: bool = Field(
         default=True,
-        description="In compiled mode, adopt the mapped stage at once so compilation and "
-        "warm-up overlap the fetch (only where post-load processing never reads weights).",
+        description="In compiled mode and in pipeline stages, adopt the mapped stage at once so "
+        "engine start-up (compilation, warm-up, KV cache, API) overlaps the fetch (only where "
+        "post-load processing never reads weights).",
     )
 
 
@@ -101,7 +102,7 @@ class HydraServeLoader(BaseModelLoader):
         params = dict(model.named_parameters())
         stage = manifest.stage(pp, rank) if pp > 1 else manifest.stage(1, 0)
         plan = AdoptionPlan.for_engine(manifest, stage, _engine())
-        if self._can_adopt_early(model_config, manifest, source, params, plan):
+        if self._can_adopt_early(model_config, pp, manifest, source, params, plan):
             self._adopt_early(params, source, plan, timeline, started)
             return
         memory_before = process_memory()
@@ -120,16 +121,22 @@ class HydraServeLoader(BaseModelLoader):
     def _can_adopt_early(
         self,
         model_config: ModelConfig,
+        pp: int,
         manifest: Manifest,
         source: StageSource,
         params: dict[str, nn.Parameter],
         plan: AdoptionPlan,
     ) -> bool:
-        """Early adoption is safe only if nothing reads the weights before ready: compiled
-        mode on CPU, bf16 in the engine's own layout (no repacking after load)."""
+        """Early adoption is safe only if nothing serves before every byte is verified and
+        nothing reads the weights meanwhile except to be discarded: on CPU, bf16 in the
+        engine's own layout (no repacking after load), and an instance whose readiness
+        waits for its fetches (every pipeline, and a compiled engine); an eager single
+        stage streams instead and answers /health only after its last tensor."""
         if not (self.config.overlap_compile and self.config.zero_copy and plan.adopt):
             return False
-        if model_config.enforce_eager or manifest.dtype != "BF16" or manifest.layout != "vllm":
+        if model_config.enforce_eager and pp == 1:
+            return False
+        if manifest.dtype != "BF16" or manifest.layout != "vllm":
             return False
         if any(p.device.type != "cpu" for p in params.values()):
             return False

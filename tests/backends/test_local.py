@@ -97,9 +97,9 @@ def instance(tmp_path: Path, pp: int) -> LocalInstance:
 
 
 def test_every_stage_is_asked_to_run_eager_by_default(tmp_path: Path) -> None:
-    # A CPU pipeline stage asked for eager runs compiled with torch.compile's eager backend
-    # (launcher.with_execution_mode, tests/worker/test_launcher.py): vLLM's CPU backend
-    # fails on the first step of a truly eager pipeline (decision 0105).
+    # A CPU pipeline stage asked for eager runs eager with HydraServe's worker class
+    # (launcher.with_execution_mode, tests/worker/test_launcher.py): vLLM's own CPU worker
+    # fails on the first step of an eager pipeline (decision 0105).
     from hydraserve.backends.local.backend import _ModelState
 
     backend = LocalBackend([model("m", "file:///nowhere")], settings(tmp_path, 8 << 30))

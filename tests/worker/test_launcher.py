@@ -19,6 +19,7 @@ import pytest
 from hydraserve.store import ModelStore
 from hydraserve.worker.config import StageAddress, WorkerConfig
 from hydraserve.worker.launcher import (
+    EAGER_STAGE_WORKER,
     engine_env,
     kv_transfer_config,
     vllm_serve_args,
@@ -103,7 +104,7 @@ def test_a_pipeline_stage_joins_stage_zero_through_vllms_multi_node_executor(
     for engine in (head, stage):
         assert engine.pipeline_parallel_size == 3
         assert engine.distributed_executor_backend == "mp"
-        assert engine.enforce_eager is False  # pipelines run compiled on CPU (decision 0004)
+        assert engine.enforce_eager is False  # asked compiled: kept
     assert (args.nnodes, args.node_rank, args.master_addr, args.master_port) == (
         3,
         2,
@@ -209,28 +210,35 @@ def test_tensor_parallel_ranks_run_under_vllms_mp_executor(parse: Parse) -> None
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_a_pipeline_stage_on_cpu_runs_compiled_even_when_eager_was_asked(
+def test_an_eager_pipeline_stage_on_cpu_gets_the_worker_class_with_its_buffers(
     parse: Parse, tp: int
 ) -> None:
     """vLLM's CPU worker skips its warm-up forward when eager, and a later stage's
-    intermediate-tensor buffers come from that warm-up: an eager CPU pipeline fails on its
-    first request (decision 0105, addendum). GPUs profile anyway and keep eager."""
+    intermediate-tensor buffers come from that warm-up: an eager CPU pipeline stage runs
+    with HydraServe's worker class, which allocates them (decision 0105). GPUs profile
+    anyway and keep vLLM's own worker."""
     for rank in (0, 1):
         stage = worker(pp=2, rank=rank, tp=tp, enforce_eager=True)
         _, on_cpu = parse(vllm_serve_args(with_execution_mode(stage, cpu=True), MODEL_DIR))
-        assert on_cpu.enforce_eager is False
-        # ... with torch.compile's eager backend: what an eager engine computes, no Inductor.
-        assert on_cpu.compilation_config.backend == "eager"
+        assert on_cpu.enforce_eager is True
+        assert on_cpu.worker_cls == EAGER_STAGE_WORKER[1]
         _, on_gpu = parse(vllm_serve_args(with_execution_mode(stage, cpu=False), MODEL_DIR))
-        assert on_gpu.enforce_eager is True
+        assert on_gpu.enforce_eager is True and on_gpu.worker_cls == "auto"
     single = worker(tp=tp, enforce_eager=True)
-    assert with_execution_mode(single, cpu=True).enforce_eager is True
-    # Compiled was asked (Inductor): kept. A model's own compilation config: kept.
+    assert with_execution_mode(single, cpu=True) == single
+    # Compiled was asked (Inductor): kept, with vLLM's worker (it warms up anyway).
     inductor = with_execution_mode(worker(pp=2, tp=tp, enforce_eager=False), cpu=True)
     assert inductor.enforce_eager is False and inductor.engine_args == []
-    own = ["--compilation-config", '{"backend": "inductor"}']
+    # A model naming its own worker class: compiled with the eager backend instead, or with
+    # its own compilation config when it names one too.
+    own_worker = ["--worker-cls", "my.Worker"]
+    theirs = with_execution_mode(worker(pp=2, tp=tp, engine_args=own_worker), cpu=True)
+    _, engine = parse(vllm_serve_args(theirs, MODEL_DIR))
+    assert engine.enforce_eager is False and engine.worker_cls == "my.Worker"
+    assert engine.compilation_config.backend == "eager"
+    own = [*own_worker, "--compilation-config", '{"backend": "inductor"}']
     mine = with_execution_mode(worker(pp=2, tp=tp, enforce_eager=True, engine_args=own), cpu=True)
-    assert mine.engine_args == own
+    assert mine.engine_args == own and mine.enforce_eager is False
 
 
 def test_engine_env_of_a_tensor_parallel_stage_leaves_multiprocessing_on(

@@ -376,6 +376,28 @@ def test_compiled_mode_adopts_the_stage_before_its_bytes_arrive_and_verifies_aft
     assert verified["end"] >= load["end"]
 
 
+def test_an_eager_pipeline_stage_adopts_early_too(
+    pushed: tuple[ModelStore, dict[str, torch.Tensor]], tmp_path: Path, stage: Any
+) -> None:
+    """A pipeline is ready only once every stage's fetch is verified, so an eager stage
+    (no warm-up on CPU) also starts its engine on bytes still arriving."""
+    store, expected = pushed
+    node = Node(tmp_path, store)
+    held = HeldStore(store)
+    fetcher = node.fetch(2, 1, via=held)
+    stage(1, 2)
+    info = store.manifest().stage(2, 1)
+    model = TinyLlama(range(info.start_layer, info.end_layer), first=False, last=True)
+    make_loader(node, tmp_path).load_weights(model, model_config(hf_dir(store, tmp_path), True))
+    assert fetcher.status.verified == 0
+    (load,) = events(tmp_path, "weight_load")
+    assert load["adopted_early"] == len(list(model.parameters()))
+    held.gate.set()
+    node.join()
+    assert_values(model, expected)
+    assert read_verified(tmp_path)["end"] >= load["end"]
+
+
 def read_verified(tmp_path: Path, timeout: float = 30.0) -> dict[str, Any]:
     """The loader's ``weights_verified`` event, written by its verifying thread once the
     last byte passed its check (polled: an event to wait on, not a time)."""

@@ -780,7 +780,7 @@ class LocalBackend(ClusterBackend):
         model = state.model
         node = self.nodes[inst.plan.stage(rank).node]
         if enforce_eager is None:
-            # A CPU pipeline stage asked to run eager runs compiled with the eager backend
+            # A CPU pipeline stage asked to run eager gets HydraServe's worker class
             # (launcher.with_execution_mode).
             enforce_eager = self.settings.enforce_eager
         return WorkerConfig(

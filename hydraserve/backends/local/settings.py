@@ -27,8 +27,8 @@ class LocalSettings(
     enforce_eager: bool = Field(
         default=True,
         description="Run engines eager (fastest start). On CPUs a pipeline stage (pp > 1) then "
-        "runs compiled with torch.compile's eager backend, which computes as eager: vLLM's "
-        "CPU backend fails on the first step of a truly eager pipeline (decision 0105).",
+        "runs with HydraServe's worker class, which allocates the later stages' input buffers "
+        "that vLLM's CPU worker allocates only in compiled mode (decision 0105).",
     )
     pipeline_size: int | None = Field(
         default=None,
