@@ -317,8 +317,8 @@ class Bench:
             # Placement is known: every node starts pulling its stage before any pod exists.
             for rank, node in enumerate(nodes):
                 self.preload(node, pp if pp > 1 else None, rank if pp > 1 else None)
-        # As `hydraserve up` asks by default: eager, which a CPU pipeline stage runs as
-        # torch.compile's eager backend; --inductor: pipeline stages compile with Inductor.
+        # As `hydraserve up` asks by default: eager (a CPU pipeline stage with HydraServe's
+        # worker class); --inductor: pipeline stages compile with Inductor.
         procs = self.start_workers(pp, timeline, eager=pp == 1 or not self.args.inductor)
         try:
             ready = self.wait_ready(procs, list(zip(nodes, names, strict=True)))
@@ -549,6 +549,11 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs per scenario and rate")
     parser.add_argument(
+        "--once-repeats",
+        type=int,
+        help="runs of each rate-independent scenario (floors, local cache); default --repeats",
+    )
+    parser.add_argument(
         "--inductor", action="store_true", help="pipeline stages compile with Inductor"
     )
     parser.add_argument("--work-dir", default="/tmp/hydraserve-bench-cold-start")
@@ -589,7 +594,8 @@ def main() -> None:
             bench = Bench(cluster, manifest, args)
             bench.start_warm_runtimes()
             if index == 0:
-                once, once_spread = run_scenarios(bench, chosen(ONCE), args.repeats)
+                once_repeats = args.once_repeats or args.repeats
+                once, once_spread = run_scenarios(bench, chosen(ONCE), once_repeats)
             else:  # a new store: what HydraServe shipped with the model goes with it
                 for scenario in chosen([s for s in ONCE if s.kind == "first"]):
                     bench.run(scenario, 0)
@@ -639,9 +645,14 @@ def report(
         "machine": machine_info(),
         "cache_state": "every scenario starts with an empty vLLM cache on every node; "
         "HydraServe's compile artifacts (stored with the model) are carried",
-        "pipeline_stage_compile": "inductor" if args.inductor else "eager backend",
+        "pipeline_stage_compile": "inductor" if args.inductor else "eager",
         "once": {name: {**o.as_dict(), **once_spread[name]} for name, o in once.items()},
-        "rates": {},
+        "stage_bytes": {
+            str(pp): [stage.nbytes for stage in manifest.partitions[pp]]
+            for pp in (1, 2, 4)
+            if pp in manifest.partitions
+        },
+        "sweep": [],
     }
     for pp, value in floors.items():
         data[f"floor_pp{pp}_s"] = round(value, 3)
@@ -653,14 +664,14 @@ def report(
         table = Table(title=f"Cold TTFT, {total / 1e9:.2f} GB model, {rate:g} Mbit/s per node")
         for column in ("system", "TTFT median (s)", "min-max (s)", "ready (s)", "bound (s)"):
             table.add_column(column, justify="left" if column == "system" else "right")
-        entry: dict[str, Any] = {"systems": {}}
+        entry: dict[str, Any] = {"rate_mbit": rate, "systems": {}}
         baseline = medians.get("(a) serverless vLLM")
         if baseline is not None and "engine_start[0]" in baseline.stages:
             start, end = baseline.stages["engine_start[0]"]
             engine_start = end - start
             stock = engine_start if stock is None else stock
             fetch_one_link = total / (rate * 1e6 / 8)
-            entry["fetch_over_engine_start"] = round(fetch_one_link / engine_start, 3)
+            entry["f_over_e"] = round(fetch_one_link / engine_start, 3)
             entry["stock_vllm_engine_start_s"] = round(engine_start, 3)
         for name, outcome in medians.items():
             sp = spreads[name]
@@ -685,15 +696,15 @@ def report(
             for pp in (1, 2, 4):
                 ours = medians.get(f"({'c' if pp == 1 else 'd'}) HydraServe pp{pp}")
                 if ours is not None:
-                    entry[f"speedup_pp{pp}_vs_serverless_vllm"] = round(
+                    entry[f"speedup_pp{pp}"] = round(
                         spreads["(a) serverless vLLM"]["ttft_median_s"]
                         / spreads[ours.name]["ttft_median_s"],
                         3,
                     )
         console.print(table)
-        if "fetch_over_engine_start" in entry:
-            console.print(f"F/E at {rate:g} Mbit/s = {entry['fetch_over_engine_start']}")
-        data["rates"][f"{rate:g}"] = entry
+        if "f_over_e" in entry:
+            console.print(f"F/E at {rate:g} Mbit/s = {entry['f_over_e']}")
+        data["sweep"].append(entry)
     if stock is not None:
         data["stock_vllm_engine_start_s"] = round(stock, 3)
         if 1 in floors:
@@ -701,13 +712,13 @@ def report(
     for pp in (2, 4):
         if pp in floors and 1 in floors:
             data[f"floor_pp{pp}_over_floor_pp1"] = round(floors[pp] / floors[1], 3)
-    # The primary rate's systems at the top level, as before (fidelity reads them).
-    primary = f"{args.rates[0]:g}"
-    if primary in data["rates"]:
+    # The primary rate's systems at the top level (the timeline chart reads them).
+    primary = next((e for e in data["sweep"] if e["rate_mbit"] == args.rates[0]), None)
+    if primary is not None:
         data["link_rate_mbit"] = args.rates[0]
-        data["systems"] = {**data["once"], **data["rates"][primary]["systems"]}
-        with_floors = {**data, "systems": data["systems"]}
-        data["sim_fidelity"] = fidelity(with_floors)
+        data["systems"] = {**data["once"], **primary["systems"]}
+    if len(data["sweep"]) > 1 and 1 in floors:
+        data["sim_fidelity"] = fidelity(data, calibrate_at=args.rates[0])
     path = write_result("cold_start", data)
     first_rate = per_rate.get(args.rates[0])
     if first_rate is not None:
@@ -736,15 +747,15 @@ def plot_sweep(data: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates = sorted(data["rates"], key=float)
-    systems = list(data["rates"][rates[0]]["systems"])
+    sweep = sorted(data["sweep"], key=lambda e: e["rate_mbit"])
+    rates = [e["rate_mbit"] for e in sweep]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name in systems:
+    for name in sweep[0]["systems"]:
         xs, ys, lo, hi = [], [], [], []
-        for rate in rates:
-            sp = data["rates"][rate]["systems"].get(name)
+        for entry in sweep:
+            sp = entry["systems"].get(name)
             if sp:
-                xs.append(float(rate))
+                xs.append(entry["rate_mbit"])
                 ys.append(sp["ttft_median_s"])
                 lo.append(sp["ttft_median_s"] - sp["ttft_min_s"])
                 hi.append(sp["ttft_max_s"] - sp["ttft_median_s"])
@@ -755,7 +766,7 @@ def plot_sweep(data: dict[str, Any], path: Path) -> None:
             local["ttft_median_s"], color="grey", ls="--", label="(b) local cache, stock vLLM"
         )
     ax.set_xscale("log", base=2)
-    ax.set_xticks([float(r) for r in rates], rates)
+    ax.set_xticks(rates, [f"{r:g}" for r in rates])
     ax.set_xlabel("link rate per node (Mbit/s)")
     ax.set_ylabel("cold TTFT (s), median and min-max")
     ax.set_title(f"Cold TTFT against link rate, {data['model_bytes'] / 1e9:.2f} GB model")

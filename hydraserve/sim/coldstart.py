@@ -10,6 +10,7 @@ fidelity criterion compares with the measured cold TTFT (within 20 %).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from hydraserve.planner import SLO, ModelProfile, PlannerConfig
 from hydraserve.sim.cluster import ClusterSpec, NodeSpec
@@ -31,13 +32,15 @@ def simulated_cold_ttft(
     store_bytes_per_s: float | None = None,
     config: PlannerConfig | None = None,
     policy: Policy = HYDRASERVE,
+    stage_bytes: Sequence[int] | None = None,
 ) -> float:
     """Cold TTFT (seconds) the simulator predicts for one request on an idle cluster.
 
     ``link_bytes_per_s`` is each node's link to the store, ``engine_ready_floor_s`` the
     measured time to an engine that could serve had every byte been local, and
     ``post_fetch_s`` (default: the policy's) the time from the last byte to ready.
-    ``config`` overrides the policy's planner constants wholesale.
+    ``config`` overrides the policy's planner constants wholesale. ``stage_bytes``: each
+    stage's bytes where the cut is not even (default: ``model_bytes`` split evenly).
     """
     if not 1 <= pp <= 4:
         raise ValueError("pp must be 1..4")
@@ -46,12 +49,14 @@ def simulated_cold_ttft(
     if post_fetch_s is not None:
         update["post_fetch_s"] = post_fetch_s
     planner = base.model_copy(update=update)
-    per_layer, extra = divmod(model_bytes, _LAYERS)
-    layer_bytes = [per_layer + (1 if i < extra else 0) for i in range(_LAYERS)]
     cuts = [round(i * _LAYERS / pp) for i in range(pp + 1)]
-    stages = tuple(
-        (cuts[r], cuts[r + 1], sum(layer_bytes[cuts[r] : cuts[r + 1]])) for r in range(pp)
-    )
+    if stage_bytes is None:
+        per_layer, extra = divmod(model_bytes, _LAYERS)
+        layer_bytes = [per_layer + (1 if i < extra else 0) for i in range(_LAYERS)]
+        stage_bytes = [sum(layer_bytes[cuts[r] : cuts[r + 1]]) for r in range(pp)]
+    if len(stage_bytes) != pp:
+        raise ValueError(f"{len(stage_bytes)} stage sizes for pp={pp}")
+    stages = tuple((cuts[r], cuts[r + 1], int(stage_bytes[r])) for r in range(pp))
     profile = ModelProfile(
         key="fidelity",
         total_bytes=model_bytes,
