@@ -39,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,24 @@ WORKER_PORT = 8100
 MASTER_PORT = 29500
 PROMPT = "Once upon a time"
 RANGE_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Served:
+    """A model the benchmark serves: where it is stored, where its instance listens."""
+
+    uri: str = MODEL_URI
+    port: int = WORKER_PORT
+    master_port: int = MASTER_PORT
+
+    @property
+    def name(self) -> str:
+        return self.uri.rsplit("/", 1)[-1]
+
+
+PRIMARY = Served()
+# The contended case's second model: the same bytes stored under another name.
+CONTENDER = Served("s3://models/bench-b", WORKER_PORT + 1, MASTER_PORT + 1)
 
 
 @dataclass
@@ -170,28 +189,40 @@ class Bench:
                     json={"uri": model["uri"], "revision": model["revision"]},
                 )
             # Bytes the prefetcher never heard of (a seeded cache) go too.
-            shutil.rmtree(ModelShm(node.shm_dir, MODEL_URI, "main").dir, ignore_errors=True)
+            for uri in (PRIMARY.uri, CONTENDER.uri):
+                shutil.rmtree(ModelShm(node.shm_dir, uri, "main").dir, ignore_errors=True)
         shutil.rmtree(self.work / "nodes", ignore_errors=True)
         subprocess.run(["sync"], check=False)
 
-    def preload(self, node: EmulatedNode, pp: int | None, rank: int | None) -> None:
-        body = {"uri": MODEL_URI, "revision": "main", "pp": pp, "rank": rank}
+    def preload(
+        self, node: EmulatedNode, pp: int | None, rank: int | None, served: Served = PRIMARY
+    ) -> None:
+        body = {"uri": served.uri, "revision": "main", "pp": pp, "rank": rank}
         self.http.post(f"{node.prefetcher_url}/v1/preload", json=body).raise_for_status()
 
-    def seed_cache(self, node: EmulatedNode, name: str, pp: int | None, rank: int | None) -> None:
+    def seed_cache(
+        self,
+        node: EmulatedNode,
+        name: str,
+        pp: int | None,
+        rank: int | None,
+        served: Served = PRIMARY,
+    ) -> None:
         """Put a stage's bytes into a node's shared memory as its cache would hold them,
         copied from a local copy of the store (a cache is filled in the past, not over the
         benchmark's shaped link)."""
-        shm = ModelShm(node.shm_dir, MODEL_URI, "main")
+        shm = ModelShm(node.shm_dir, served.uri, "main")
         shm.dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(shm.manifest_path, self.manifest.model_dump(mode="json"))
         ranges = self.manifest.fetch_ranges(pp, rank)
         RangeFetcher(self.local_store, self.manifest, shm, name, ranges).run()
 
-    def fetch_status(self, node: EmulatedNode, name: str) -> dict[str, Any] | None:
+    def fetch_status(
+        self, node: EmulatedNode, name: str, served: Served = PRIMARY
+    ) -> dict[str, Any] | None:
         status = self.http.get(f"{node.prefetcher_url}/v1/status").json()
         for model in status["models"]:
-            if model["uri"] == MODEL_URI:
+            if model["uri"] == served.uri:
                 fetch: dict[str, Any] | None = model["fetches"].get(name)
                 return fetch
         return None
@@ -207,20 +238,22 @@ class Bench:
             time.sleep(0.1)
         raise TimeoutError("fetches did not finish")
 
-    def start_workers(self, pp: int, timeline: Path, eager: bool) -> list[subprocess.Popen[bytes]]:
+    def start_workers(
+        self, pp: int, timeline: Path, eager: bool, served: Served = PRIMARY
+    ) -> list[subprocess.Popen[bytes]]:
         nodes = self.cluster.node_list
         procs = []
         for rank in range(pp):
             node = nodes[rank]
             config = WorkerConfig(
-                model_name="bench",
-                uri=MODEL_URI,
-                instance=f"bench-pp{pp}",
+                model_name=served.name,
+                uri=served.uri,
+                instance=f"{served.name}-pp{pp}",
                 pp=pp,
                 rank=rank,
                 host=node.ip,
-                port=WORKER_PORT,
-                rendezvous=StageAddress(master_addr=nodes[0].ip, master_port=MASTER_PORT),
+                port=served.port,
+                rendezvous=StageAddress(master_addr=nodes[0].ip, master_port=served.master_port),
                 prefetcher_url=node.prefetcher_url,
                 shm_dir=node.shm_dir,
                 timeline=timeline,
@@ -229,7 +262,7 @@ class Bench:
                 kv_cache_bytes=128 << 20,
                 artifact_scope="bench",
             )
-            path = self.work / f"worker-pp{pp}-rank{rank}.json"
+            path = self.work / f"worker-{served.name}-pp{pp}-rank{rank}.json"
             path.write_text(config.model_dump_json())
             runtime = self.warm.get(node.name)
             python = str(self.shim) if runtime else sys.executable
@@ -239,16 +272,19 @@ class Bench:
                     node.ns,
                     [python, "-m", "hydraserve.cli.main", "worker", "--config", str(path)],
                     env=env,
-                    log_name=f"worker-pp{pp}-rank{rank}",
+                    log_name=f"worker-{served.name}-pp{pp}-rank{rank}",
                 )
             )
         return procs
 
     def wait_ready(
-        self, procs: list[subprocess.Popen[bytes]], fetches: list[tuple[EmulatedNode, str]]
+        self,
+        procs: list[subprocess.Popen[bytes]],
+        fetches: list[tuple[EmulatedNode, str]],
+        served: Served = PRIMARY,
     ) -> float:
         """Time when stage 0 answers /health and every stage's bytes are verified."""
-        url = f"http://{self.cluster.node_list[0].ip}:{WORKER_PORT}/health"
+        url = f"http://{self.cluster.node_list[0].ip}:{served.port}/health"
         deadline = time.time() + self.args.timeout
         while time.time() < deadline:
             for proc in procs:
@@ -259,16 +295,17 @@ class Bench:
             except httpx.HTTPError:
                 healthy = False
             if healthy and all(
-                (s := self.fetch_status(n, name)) and s["state"] == "done" for n, name in fetches
+                (s := self.fetch_status(n, name, served)) and s["state"] == "done"
+                for n, name in fetches
             ):
                 return time.time()
             time.sleep(0.05)
         raise TimeoutError("instance not ready")
 
-    def first_token(self, t0: float) -> tuple[float, str]:
-        url = f"http://{self.cluster.node_list[0].ip}:{WORKER_PORT}/v1/completions"
+    def first_token(self, t0: float, served: Served = PRIMARY) -> tuple[float, str]:
+        url = f"http://{self.cluster.node_list[0].ip}:{served.port}/v1/completions"
         body = {
-            "model": "bench",
+            "model": served.name,
             "prompt": PROMPT,
             "max_tokens": 4,
             "temperature": 0,
@@ -339,6 +376,70 @@ class Bench:
             stages[key] = [event["start"] - t0, event["end"] - t0]
         stages["first_token"] = [ready - t0, ttft]
         return Outcome(scenario.name, pp, ttft, ready - t0, stages, text)
+
+    def first_start(self, pp: int, served: Served) -> None:
+        """Start a model once with its bytes local, so its compile artifacts (and model
+        inspection) are in the store like the primary model's (decision 0601)."""
+        nodes = self.cluster.node_list[:pp]
+        names = [f"pp{pp}-rank{rank}" for rank in range(pp)]
+        for rank, (node, name) in enumerate(zip(nodes, names, strict=True)):
+            self.seed_cache(node, name, pp, rank, served)
+        timeline = self.work / f"timeline-first-{served.name}.jsonl"
+        procs = self.start_workers(pp, timeline, eager=True, served=served)
+        try:
+            self.wait_ready(procs, list(zip(nodes, names, strict=True)), served)
+            self.first_token(time.time(), served)
+        finally:
+            self.stop(procs)
+
+    def contended(self, pp: int, repeat: int) -> dict[str, Any]:
+        """Two models cold-start at once as pp-stage pipelines on the same nodes, so every
+        node's link carries a stage of each (and its cores run both engines)."""
+        self.reset()
+        self.cache_dir = self.work / "caches" / f"contended-{repeat}"
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+        models = (PRIMARY, CONTENDER)
+        nodes = self.cluster.node_list[:pp]
+        names = [f"pp{pp}-rank{rank}" for rank in range(pp)]
+        log.info("scenario.start", scenario=f"contended pp{pp}", repeat=repeat)
+        t0 = time.time()
+        for served in models:
+            for rank, node in enumerate(nodes):
+                self.preload(node, pp, rank, served)
+        procs: dict[Served, list[subprocess.Popen[bytes]]] = {}
+        for served in models:
+            timeline = self.work / f"timeline-contended-{served.name}.jsonl"
+            timeline.unlink(missing_ok=True)
+            procs[served] = self.start_workers(pp, timeline, eager=True, served=served)
+        ttfts: dict[str, float] = {}
+        errors: dict[str, str] = {}
+
+        def serve(served: Served) -> None:
+            try:
+                self.wait_ready(procs[served], list(zip(nodes, names, strict=True)), served)
+                ttfts[served.name] = self.first_token(t0, served)[0]
+            except Exception as exc:  # reported below, with the other model's outcome
+                errors[served.name] = repr(exc)
+
+        threads = [threading.Thread(target=serve, args=(served,)) for served in models]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            for served_procs in procs.values():
+                self.stop(served_procs)
+        if errors:
+            raise RuntimeError(f"contended cold start failed: {errors}")
+        fetches: dict[str, list[list[float]]] = {}
+        for served in models:
+            spans = []
+            for node, name in zip(nodes, names, strict=True):
+                status = self.fetch_status(node, name, served) or {}
+                spans.append([status["started_at"] - t0, status["finished_at"] - t0])
+            fetches[served.name] = [[round(a, 3), round(b, 3)] for a, b in spans]
+        return {"ttft_s": {k: round(v, 3) for k, v in ttfts.items()}, "fetch": fetches}
 
     def serverless_vllm(self, scenario: Scenario) -> Outcome:
         """Stock vLLM; ``local-vllm``: the checkpoint is on the node's disk before the
@@ -560,6 +661,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument("--only", nargs="*", help="run only these scenarios")
     parser.add_argument("--replot", action="store_true", help="only redraw the chart")
+    parser.add_argument(
+        "--contended",
+        type=int,
+        metavar="RUNS",
+        help="only run the contended case (two models cold-starting at once as pp 2 "
+        "pipelines on the same two nodes) RUNS times at the first rate, and add it to the "
+        "existing results",
+    )
     args = parser.parse_args()
     if args.replot:
         replot()
@@ -584,6 +693,9 @@ def main() -> None:
     # The emulated store (moto) copies the whole object for every ranged GET: the model is
     # stored as 64 MB parts (the default) and every system reads whole parts.
     prefetcher_env = {"HYDRASERVE_PREFETCHER_CHUNK_BYTES": str(RANGE_BYTES)}
+    if args.contended:
+        run_contended(args, checkpoint, prefetcher_env)
+        return
     for index, rate in enumerate(args.rates):
         with EmulatedCluster(
             nodes=4, rate_mbit=rate, log_dir=work / "logs", prefetcher_env=prefetcher_env
@@ -602,6 +714,41 @@ def main() -> None:
             per_rate[rate] = run_scenarios(bench, chosen(PER_RATE), args.repeats)
     assert manifest is not None
     report(once, once_spread, per_rate, manifest, args)
+
+
+def run_contended(args: argparse.Namespace, checkpoint: Path, env: dict[str, str]) -> None:
+    """The contended case at the first rate, added to the existing results."""
+    path = RESULTS_DIR / "cold_start.json"
+    data = json.loads(path.read_text())
+    rate, pp = args.rates[0], 2
+    work = Path(args.work_dir)
+    with EmulatedCluster(
+        nodes=pp, rate_mbit=rate, log_dir=work / "logs", prefetcher_env=env
+    ) as cluster:
+        s3 = S3Settings(endpoint_url=cluster.s3_endpoint)
+        for served in (PRIMARY, CONTENDER):
+            ModelStore(ModelRef(served.uri), s3).push(checkpoint)
+        bench = Bench(cluster, ModelStore(ModelRef(PRIMARY.uri), s3).manifest(), args)
+        bench.start_warm_runtimes()
+        for served in (PRIMARY, CONTENDER):  # each ships its artifacts, as in the sweep
+            bench.reset()
+            bench.first_start(pp, served)
+        runs = [bench.contended(pp, repeat) for repeat in range(args.contended)]
+    ttfts = [t for run in runs for t in run["ttft_s"].values()]
+    data["contended"] = {
+        "rate_mbit": rate,
+        "pp": pp,
+        "models": 2,
+        "machine": machine_info(),
+        "runs": runs,
+        "ttft_median_s": round(statistics.median(ttfts), 3),
+        "ttft_min_s": round(min(ttfts), 3),
+        "ttft_max_s": round(max(ttfts), 3),
+    }
+    calibrated = data.get("sim_fidelity", {}).get("calibrated_at_mbit")
+    data["sim_fidelity"] = fidelity(data, calibrate_at=calibrated)
+    write_result("cold_start", data)
+    print(json.dumps({"contended": data["contended"], "sim_fidelity": data["sim_fidelity"]}))
 
 
 def report(

@@ -9,6 +9,7 @@ fidelity criterion compares with the measured cold TTFT (within 20 %).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ def simulated_cold_ttft(
     model_bytes: int,
     pp: int,
     engine_ready_floor_s: float,
+    models: int = 1,
     post_fetch_s: float | None = None,
     prefill_s: float = 0.0,
     store_bytes_per_s: float | None = None,
@@ -34,13 +36,16 @@ def simulated_cold_ttft(
     policy: Policy = HYDRASERVE,
     stage_bytes: Sequence[int] | None = None,
 ) -> float:
-    """Cold TTFT (seconds) the simulator predicts for one request on an idle cluster.
+    """Cold TTFT (seconds) the simulator predicts on an idle cluster of ``pp`` nodes.
 
     ``link_bytes_per_s`` is each node's link to the store, ``engine_ready_floor_s`` the
     measured time to an engine that could serve had every byte been local, and
     ``post_fetch_s`` (default: the policy's) the time from the last byte to ready.
     ``config`` overrides the policy's planner constants wholesale. ``stage_bytes``: each
     stage's bytes where the cut is not even (default: ``model_bytes`` split evenly).
+    ``models`` > 1: that many models of this size requested at once (the contended case),
+    each cut into the same stages on the same nodes, so their fetches share every node's
+    link; the slowest one's TTFT.
     """
     if not 1 <= pp <= 4:
         raise ValueError("pp must be 1..4")
@@ -65,15 +70,20 @@ def simulated_cold_ttft(
         prefill_s={"probe": prefill_s},
         tpot_s={"probe": 0.01},
     )
-    spec = ModelSpec(
-        0, "fidelity", "probe", "probe", SLO(ttft_s=math.inf, tpot_s=math.inf), profile,
-        {"probe": prefill_s},
+    specs = tuple(
+        ModelSpec(
+            index, f"fidelity-{index}", "probe", "probe", SLO(ttft_s=math.inf, tpot_s=math.inf),
+            dataclasses.replace(profile, key=f"fidelity-{index}"), {"probe": prefill_s},
+        )
+        for index in range(models)
     )  # fmt: skip
     nodes = tuple(
-        NodeSpec(f"node-{i}", "probe", 1, 2 * model_bytes, link_bytes_per_s, 0) for i in range(pp)
+        NodeSpec(f"node-{i}", "probe", models, 2 * model_bytes, link_bytes_per_s, 0)
+        for i in range(pp)
     )
     cluster = ClusterSpec("fidelity", nodes, store_bytes_per_s)
-    workload = Workload((spec,), (Arrival(0.0, 0, 1, 2),), 1.0, 0.0, 1.0, 0)
+    arrivals = tuple(Arrival(0.0, index, 1, 2) for index in range(models))
+    workload = Workload(specs, arrivals, 1.0, 0.0, 1.0, 0)
     chosen = Policy(policy.name, planner, consolidate=False, host_cache=False)
     result = simulate(chosen, cluster, workload, SimConfig(drain_s=3600.0))
-    return result.requests[0].ttft_s
+    return max(request.ttft_s for request in result.requests)

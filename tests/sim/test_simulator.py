@@ -60,6 +60,14 @@ def test_fidelity_hook_agrees_with_the_closed_form(pp: int) -> None:
     assert slow_store == pytest.approx(max(4.0, 13.0) + 2.0)
 
 
+def test_two_models_cold_starting_on_the_same_nodes_share_their_links() -> None:
+    kwargs = {"link_bytes_per_s": 12.5e6, "model_bytes": 1_000_000_000, "pp": 2}
+    alone = simulated_cold_ttft(engine_ready_floor_s=10.0, post_fetch_s=1.0, **kwargs)
+    both = simulated_cold_ttft(engine_ready_floor_s=10.0, post_fetch_s=1.0, models=2, **kwargs)
+    assert alone == pytest.approx(40.0 + 1.0)  # half the model over one 100 Mbit/s link
+    assert both == pytest.approx(80.0 + 1.0)  # each link carries both models' stages
+
+
 def test_keep_alive_keeps_an_instance_warm_then_scales_to_zero() -> None:
     # Request 1 (cold) finishes by ~15 s; request 2 at 30 s is warm; request 3 comes
     # after the 30 s keep-alive has run out and starts cold again.
