@@ -18,6 +18,7 @@ method (the engine is imported, nothing has run). It must never run a model itse
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
@@ -37,7 +38,7 @@ import traceback
 import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydraserve.logs import get_logger
 from hydraserve.warm.protocol import address, parse_command, recv_request, send_event
@@ -186,8 +187,31 @@ def _die_with_client(conn: socket.socket) -> None:
     os.killpg(0, signal.SIGKILL)
 
 
-def become_child(conn: socket.socket, request: dict[str, Any], fds: list[int], peer: int) -> int:
-    """In the forked child: turn into the client's process, run its command."""
+def end_child(code: int) -> NoReturn:
+    """End a forked child as the interpreter ends a command, minus tearing down what the
+    runtime imported: wait for the command's non-daemon threads, run the exit handlers,
+    flush the standard streams, then leave with ``os._exit`` (as multiprocessing's forked
+    children do). Finalising a heap the size of torch's and vLLM's took ~3 s per child
+    (measured: a warm ``python -c "print(1)"`` 3.0 s, 0.17 s this way, 0.03 s cold), which
+    every short helper paid: Inductor's ISA probes on an eager engine's first request with
+    logprobs made that request ~19 s instead of ~2.5 s."""
+    main = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main and not thread.daemon:
+            thread.join()
+    try:
+        atexit._run_exitfuncs()  # what interpreter shutdown runs; the module has no public one
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def become_child(
+    conn: socket.socket, request: dict[str, Any], fds: list[int], peer: int
+) -> NoReturn:
+    """In the forked child: turn into the client's process, run its command, end."""
     os.setsid()
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
@@ -201,7 +225,7 @@ def become_child(conn: socket.socket, request: dict[str, Any], fds: list[int], p
     keep = install_descriptors(fds, request["fds"], conn.fileno())
     watchdog = socket.socket(fileno=keep)
     threading.Thread(target=_die_with_client, args=(watchdog,), daemon=True).start()
-    return run_command(list(request["argv"]))
+    end_child(run_command(list(request["argv"])))
 
 
 def serve(name: str, shim: Path, preload: Sequence[str], children_dir: Path | None = None) -> int:
@@ -267,7 +291,7 @@ def serve(name: str, shim: Path, preload: Sequence[str], children_dir: Path | No
                         other.close()
                     os.close(wake_r)
                     os.close(wake_w)
-                    return become_child(conn, request, fds, peer)
+                    become_child(conn, request, fds, peer)
                 for fd in fds:
                     os.close(fd)
                 conn.settimeout(None)

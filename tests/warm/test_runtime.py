@@ -134,6 +134,34 @@ def test_modules_scripts_and_exceptions_behave_as_with_the_interpreter(
     assert result.returncode == 1 and "ValueError: boom" in result.stderr
 
 
+def test_a_command_ends_as_with_the_interpreter_threads_exit_handlers_and_output(
+    runtime: Runtime, tmp_path: Path
+) -> None:
+    """A child skips tearing down the runtime's modules (decision 0600, addendum), but not
+    what a command expects at its end: its non-daemon threads finish, its exit handlers
+    run, its buffered output arrives, its exit code stands."""
+    code = textwrap.dedent(
+        """
+        import atexit, sys, threading, time
+        from pathlib import Path
+        out = Path(sys.argv[1])
+        def late():
+            time.sleep(0.3)
+            with open(out / "thread", "w") as f:
+                f.write("done")
+        threading.Thread(target=late).start()
+        atexit.register(lambda: (out / "atexit").write_text("ran"))
+        sys.stdout.write("buffered, never flushed")
+        sys.exit(5)
+        """
+    )
+    result = runtime.run("-c", code, str(tmp_path))
+    assert result.returncode == 5
+    assert result.stdout == "buffered, never flushed"
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "ran"
+
+
 def test_processes_it_spawns_come_from_the_runtime_too(runtime: Runtime, tmp_path: Path) -> None:
     """multiprocessing's spawn (vLLM's engine core) starts the shim, so the grandchild is
     forked by the runtime as well, and answers through the inherited pipes."""
