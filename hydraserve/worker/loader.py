@@ -188,6 +188,7 @@ class HydraServeLoader(BaseModelLoader):
         source: StageSource,
         plan: AdoptionPlan,
     ) -> dict[str, Any]:
+        source.wait_started()  # the weights file exists (full size) once a fetch is known
         buffer = source.buffer()
         adopted: set[str] = set()
         copied = 0
