@@ -60,7 +60,7 @@ from hydraserve.store.manifest import WEIGHTS_NAME
 from hydraserve.warm.client import write_shim
 from hydraserve.warm.protocol import ENV_SOCKET
 from hydraserve.worker.config import StageAddress, WorkerConfig
-from hydraserve.worker.launcher import ENGINE_IMPORTS, STATIC_ENGINE_ENV
+from hydraserve.worker.launcher import STATIC_ENGINE_ENV, WARM_PRELOAD
 from hydraserve.worker.timeline import read_timeline
 
 log = get_logger("bench.cold_start")
@@ -140,7 +140,7 @@ class Bench:
             name = f"bench-{node.name}"
             log_path = self.work / "logs" / f"warm-{node.name}.log"
             log_path.unlink(missing_ok=True)
-            preload = [arg for module in ENGINE_IMPORTS for arg in ("--preload", module)]
+            preload = [arg for entry in WARM_PRELOAD for arg in ("--preload", entry)]
             self.cluster.spawn(
                 node.ns,
                 [

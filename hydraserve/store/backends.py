@@ -137,6 +137,21 @@ class LocalBackend(StoreBackend):
             target.unlink()
 
 
+def preload_s3_client() -> None:
+    """Load the S3 service model and endpoint rules into boto3's default session.
+
+    A warm runtime calls this before it forks: a child's first client then takes ~5 ms
+    instead of ~0.1 s of CPU, which four pipeline stages starting on two cores paid at
+    once. The throwaway client gets placeholder credentials, so the session resolves and
+    caches none: every child still resolves its own tenant's credentials.
+    """
+    import boto3
+
+    boto3.client(
+        "s3", region_name="us-east-1", aws_access_key_id="preload", aws_secret_access_key="preload"
+    )
+
+
 def make_s3_client(settings: S3Settings | None = None) -> S3Client:
     import boto3
     from botocore.config import Config

@@ -1,7 +1,7 @@
 """A node's warm runtime: imports the engine once, then forks a child for each Python
 command a client asks for (decision 0600).
 
-``python -m hydraserve.warm.server --name NAME --shim PATH [--preload MODULE]...``
+``python -m hydraserve.warm.server --name NAME --shim PATH [--preload MODULE[:FUNCTION]]...``
 
 The child becomes the client's process in every way a worker can observe: its network
 and mount namespaces (a sandboxed worker stays sandboxed), its user, groups and
@@ -228,6 +228,15 @@ def become_child(
     end_child(run_command(list(request["argv"])))
 
 
+def run_preload(entry: str) -> None:
+    """Import ``module``, or import ``module:function`` and call the function once (work
+    every child would repeat, done before the fork so the children share its result)."""
+    module_name, _, function = entry.partition(":")
+    module = importlib.import_module(module_name)
+    if function:
+        getattr(module, function)()
+
+
 def serve(name: str, shim: Path, preload: Sequence[str], children_dir: Path | None = None) -> int:
     """Serve until SIGTERM; in a forked child, the child's exit code."""
     # Every Python process started from here on (and from our children) is a warm one:
@@ -238,11 +247,11 @@ def serve(name: str, shim: Path, preload: Sequence[str], children_dir: Path | No
     listener.bind(address(name))  # bound first: early clients wait instead of failing
     listener.listen(64)
     started = time.monotonic()
-    for module in preload:
+    for entry in preload:
         try:
-            importlib.import_module(module)
+            run_preload(entry)
         except Exception as exc:  # a module this platform lacks: the child imports it
-            log.warning("warm.preload_failed", runtime=name, module=module, error=str(exc))
+            log.warning("warm.preload_failed", runtime=name, module=entry, error=str(exc))
     log.info(
         "warm.ready",
         runtime=name,
@@ -329,7 +338,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="the socket name clients ask for")
     parser.add_argument("--shim", type=Path, required=True, help="the warm python shim")
-    parser.add_argument("--preload", action="append", default=[], help="a module to import")
+    parser.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        help="a module to import, or module:function to call once before serving",
+    )
     parser.add_argument(
         "--children-dir", type=Path, help="where to note each child and whom it is for"
     )

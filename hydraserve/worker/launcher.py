@@ -57,6 +57,13 @@ ENGINE_IMPORTS = (
     "hydraserve.worker.loader",
     "hydraserve.worker.kv_connector",
 )
+# What a node's warm runtime does before it forks a worker (decision 0600): the engine's
+# imports, the worker's own command, and the store client's data files.
+WARM_PRELOAD = (
+    *ENGINE_IMPORTS,
+    "hydraserve.cli.main",
+    "hydraserve.store.backends:preload_s3_client",
+)
 # Environment every engine process runs with, read by some libraries when imported:
 # a warm runtime is started with it too.
 STATIC_ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
@@ -368,8 +375,9 @@ def run_worker(config: WorkerConfig) -> None:
         config.timeline, model=config.model_name, instance=config.instance, rank=config.rank
     )
     timeline.record("process_start", proc_start, time.time())
-    store = ModelStore(ModelRef(config.uri, config.revision), settings.s3)
-    manifest = store.manifest()
+    with timeline.stage("manifest"):
+        store = ModelStore(ModelRef(config.uri, config.revision), settings.s3)
+        manifest = store.manifest()
     with timeline.stage("fetch_start"):
         ensure_fetch(config, store, manifest)
         model_dir = prepare_model_dir(config, store)

@@ -154,3 +154,27 @@ def test_weights_stored_as_parts_read_back_across_boundaries(
     target = tmp_path / "downloaded.safetensors"
     store.download_weights(target)
     assert target.read_bytes() == whole.read_range(0, manifest.weights_size)
+
+
+def test_the_warm_runtime_s3_preload_caches_no_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The preload runs in a node's warm runtime before it forks tenants' workers: a
+    child must sign with its own credentials, never ones the runtime resolved."""
+    import boto3
+
+    from hydraserve.store.backends import make_s3_client, preload_s3_client
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "runtime-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "runtime-secret")
+    preload_s3_client()
+    assert boto3.DEFAULT_SESSION is not None
+    # Nothing resolved (asking would resolve them): the session holds no credentials.
+    assert boto3.DEFAULT_SESSION._session._credentials is None
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "tenant-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "tenant-secret")
+    client = make_s3_client(S3Settings(endpoint_url="http://127.0.0.1:9"))
+    credentials = client._request_signer._credentials
+    assert credentials.access_key == "tenant-key"
+    assert credentials.secret_key == "tenant-secret"

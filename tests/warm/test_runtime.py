@@ -69,7 +69,8 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
         process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "hydraserve.warm.server", "--name", name),
-                *("--shim", str(shim), "--preload", "json", "--children-dir", str(children)),
+                *("--shim", str(shim), "--preload", "json"),
+                *("--preload", "tests.support.preload_probe:mark", "--children-dir", str(children)),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -115,6 +116,15 @@ def test_a_command_runs_in_a_child_of_the_runtime_as_the_client_started_it(
     assert seen["cwd"] == str(tmp_path)
     assert seen["marker"] == "m" and seen["stdin"] == "from stdin"
     assert seen["warm"] and seen["exe"] == str(runtime.shim)
+
+
+def test_a_function_preload_runs_once_in_the_runtime_before_any_child(runtime: Runtime) -> None:
+    code = "import tests.support.preload_probe as p, os; print(p.LOADED_IN, os.getpid())"
+    first, second = runtime.run("-c", code), runtime.run("-c", code)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    loaded_in, child = (int(v) for v in first.stdout.split())
+    assert loaded_in == runtime.process.pid != child  # ran in the runtime, not the child
+    assert second.stdout.split()[0] == str(runtime.process.pid)
 
 
 def test_modules_scripts_and_exceptions_behave_as_with_the_interpreter(

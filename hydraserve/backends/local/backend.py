@@ -96,7 +96,7 @@ from hydraserve.warm.protocol import ENV_SOCKET
 from hydraserve.warm.tree import process_tree
 from hydraserve.worker.config import StageAddress, WorkerConfig
 from hydraserve.worker.inflight import INFLIGHT_PATH
-from hydraserve.worker.launcher import ENGINE_IMPORTS, STATIC_ENGINE_ENV
+from hydraserve.worker.launcher import STATIC_ENGINE_ENV, WARM_PRELOAD
 from hydraserve.worker.timeline import Timeline, read_timeline, stage_timings
 
 # Worker ports on an emulated node (its namespace has nothing else on them but its
@@ -231,7 +231,7 @@ class LocalBackend(ClusterBackend):
             self._warm[node.name] = start_warm_runtime(
                 name,
                 shim,
-                ENGINE_IMPORTS,
+                WARM_PRELOAD,
                 env,
                 runtime_dir / f"warm-{node.name}.log",
                 node.exec_prefix,
