@@ -60,7 +60,7 @@ from hydraserve.store.manifest import WEIGHTS_NAME
 from hydraserve.warm.client import write_shim
 from hydraserve.warm.protocol import ENV_SOCKET
 from hydraserve.worker.config import StageAddress, WorkerConfig
-from hydraserve.worker.launcher import STATIC_ENGINE_ENV, WARM_PRELOAD
+from hydraserve.worker.launcher import WARM_PRELOAD, WARM_RUNTIME_ENV
 from hydraserve.worker.timeline import read_timeline
 
 log = get_logger("bench.cold_start")
@@ -147,7 +147,7 @@ class Bench:
                     *(sys.executable, "-m", "hydraserve.warm.server", "--name", name),
                     *("--shim", str(self.shim), *preload),
                 ],
-                env={**self.node_env(node, 1), **STATIC_ENGINE_ENV},
+                env={**self.node_env(node, 1), **WARM_RUNTIME_ENV},
                 log_name=f"warm-{node.name}",
             )
             self.warm[node.name] = name

@@ -1,24 +1,38 @@
 """Consolidation benchmark: what a pipeline costs, and what consolidating it gives back.
 
-Three runs of the embedded platform (gateway + local backend + real vLLM workers, in this
-process), each a cold start of the same model followed by the same load (``--clients``
-streams back to back for ``--horizon`` seconds from the first request):
+``--runs`` runs (default 5). Each run starts three embedded platforms (gateway + local
+backend + real vLLM workers, in this process), each a cold start of the same model
+followed by the same load (``--clients`` streams back to back for ``--horizon`` seconds
+from the first request):
 
-(a) **standalone**: pp = 1, eager, on the cores a consolidated standalone gets: the
-    reference TPOT;
-(b) **pipeline**: pp = 2 (compiled, one core per stage), consolidation off: the pipeline's
-    TPOT and memory for the whole horizon;
+(a) **standalone from start**: pp = 1, eager, on both cores: what the platform would run
+    had it started a standalone engine at the cold start and never a pipeline. The
+    reference TPOT, and the cold TTFT and memory-time that (b) and (c) are compared with
+    over the same window;
+(b) **pipeline**: pp = 2, eager (HydraServe's CPU stage worker, decision 0105), one core
+    per stage, consolidation off: the pipeline's TPOT and memory for the whole horizon;
 (c) **consolidated**: pp = 2 with consolidation: the pipeline serves, a standalone engine
     starts from shared memory, takes over the in-flight streams (moved by the gateway) and
     the pipeline's stages are released.
 
-Reported: TPOT of (b), of (c) before the switch, of (c) after it, of (a), and
-``tpot_after_over_standalone``; the longest gap between tokens any stream moved in (c) saw
-(client side), failed requests; the memory-time cost (GB·s of the instance processes'
-proportional set size, sampled) over the same window for (b) and (c). Writes
-``benchmarks/results/consolidation.json``.
+Then ``--paired`` seconds of streams alternating between (c)'s standalone and (a) (kept up,
+idle, since its load), so both TPOTs are measured under the same background load.
 
-``.venv/bin/python -m benchmarks.consolidation.run [--size small] [--horizon 150]``
+Per run: TPOT of (a), (b), (c) before and after the switch, ``tpot_after_over_standalone``
+(paired) and unpaired; the longest gap between tokens any stream moved in (c) saw (client
+side); failed requests; cold TTFTs; memory-time (GB·s of the instance processes'
+proportional set size, sampled every 0.5 s) of each arm over [its start, start +
+horizon]; the memory-time curve (the same for horizons every 10 s up to the horizon) and
+``break_even_horizon_s``, the shortest horizon from which on (c) has cost no more
+memory-time than (b) (extrapolated from the saving rate after the release when (c) is
+still behind at the horizon). Over the runs: each key figure's median, a seeded percentile
+bootstrap 95 % interval of that median, and every run's value.
+
+Writes ``benchmarks/results/consolidation.json`` after every run (runs so far and their
+summary), so a stopped session keeps the runs it finished. The defaults (5 runs, 150 s
+horizon, 40 s paired) take about 9 min a run on the 2-core development machine, under
+~50 min in all; a smoke:
+``.venv/bin/python -m benchmarks.consolidation.run --runs 2 --horizon 40 --paired 10 --size tiny``
 """
 
 from __future__ import annotations
@@ -34,13 +48,15 @@ import signal
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchmarks.common import machine_info, write_result
+from benchmarks.common import RESULTS_DIR, machine_info, write_result
+from benchmarks.stats import bootstrap_median_interval
 from hydraserve.api.models import ServerlessModel
 from hydraserve.backends.base import ModelView
 from hydraserve.backends.local import LocalBackend, LocalSettings
@@ -56,6 +72,172 @@ log = get_logger("bench.consolidation")
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "bench"
 WARMUP_S = 10.0  # TPOT of a fresh engine's first seconds is not its steady state
+RELEASE_WAIT_S = 120.0  # how long after its load the consolidated arm may still consolidate
+CURVE_STEP_S = 10.0
+
+Samples = Sequence[tuple[float, int]]  # (time, bytes of every instance process)
+
+# The figures summarized over runs (dotted: nested; ".*": every key of that mapping).
+KEY_FIGURES: tuple[str, ...] = (
+    "tpot_after_over_standalone",
+    "tpot_after_over_standalone_unpaired",
+    "tpot_pipeline_over_standalone",
+    "tpot_standalone_ms",
+    "tpot_pipeline_ms",
+    "tpot_after_ms",
+    "max_intertoken_gap_ms",
+    "switch_gap_ms",
+    "consolidation_s.total",
+    "cold_ttft_s.*",
+    "memory_saving",
+    "memory_gb_s_with_consolidation",
+    "memory_gb_s_without_consolidation",
+    "memory_gb_s_standalone_from_start",
+    "break_even_horizon_s",
+    "failed_requests",
+)
+SUMMED = frozenset({"failed_requests"})  # a single failure matters, not its median
+
+
+def memory_gb_s(samples: Samples, start: float, horizon: float) -> float:
+    """∫ memory dt over [start, start + horizon] in GB·s: trapezoids between the samples,
+    the last one cut at start + horizon by linear interpolation (on a 10 s grid, a whole
+    0.5 s sample interval would otherwise be counted or dropped). Nothing is counted before
+    the first sample: the sampler starts with the platform, before any instance exists."""
+    end = start + horizon
+    points = sorted((t, float(b)) for t, b in samples if t >= start)
+    total = 0.0
+    for (t0, b0), (t1, b1) in itertools.pairwise(points):
+        if t0 >= end:
+            break
+        until = min(t1, end)
+        at_until = b0 + (b1 - b0) * (until - t0) / (t1 - t0) if t1 > t0 else b1
+        total += (until - t0) * (b0 + at_until) / 2
+    return total / 1e9
+
+
+def horizon_grid(horizon: float, step: float = CURVE_STEP_S) -> list[float]:
+    """Every ``step`` seconds from ``step`` to ``horizon``, and the horizon itself when it
+    is off the grid (the measured window's end is the figure the run reports)."""
+    grid = [step * i for i in range(1, int(horizon / step + 1e-9) + 1)]
+    if not grid or horizon - grid[-1] > 1e-9:
+        grid.append(horizon)
+    return grid
+
+
+def memory_time_curve(
+    arms: Mapping[str, tuple[float, Samples]], horizon: float, step: float = CURVE_STEP_S
+) -> list[dict[str, float]]:
+    """For each grid horizon h, each arm's GB·s over [its start, start + h]; ``arms`` maps
+    a name to (start, samples)."""
+    return [
+        {"horizon_s": h}
+        | {name: memory_gb_s(samples, start, h) for name, (start, samples) in arms.items()}
+        for h in horizon_grid(horizon, step)
+    ]
+
+
+def saving_rate_gb(
+    pipeline: tuple[float, Samples],
+    consolidated: tuple[float, Samples],
+    released_after: float | None,
+    horizon: float,
+) -> float | None:
+    """GB the consolidated arm saves per second once its pipeline is gone: the pipeline
+    arm's mean memory minus the consolidated arm's, both over [release, horizon] counted
+    from each arm's own start. None without a release inside the horizon."""
+    if released_after is None or released_after >= horizon:
+        return None
+
+    def mean(start: float, samples: Samples) -> float | None:
+        window = [b for t, b in samples if start + released_after <= t <= start + horizon]
+        return statistics.mean(window) if window else None
+
+    without, with_ = mean(*pipeline), mean(*consolidated)
+    if without is None or with_ is None:
+        return None
+    return (without - with_) / 1e9
+
+
+def break_even_horizon(
+    curve: Sequence[Mapping[str, float]], saving_rate: float | None
+) -> tuple[float | None, bool]:
+    """(h, extrapolated): the smallest grid horizon from which on the consolidated arm's
+    GB·s are at most the pipeline's at every later grid point. If it is still behind at
+    the last point: that point plus its deficit over ``saving_rate`` (GB saved per second
+    after the release), extrapolated. (None, False) if it never catches up."""
+    found: float | None = None
+    for point in reversed(curve):
+        if point["consolidated"] > point["pipeline"]:
+            break
+        found = point["horizon_s"]
+    if found is not None:
+        return found, False
+    if not curve or saving_rate is None or saving_rate <= 0:
+        return None, False
+    last = curve[-1]
+    return last["horizon_s"] + (last["consolidated"] - last["pipeline"]) / saving_rate, True
+
+
+def figure_names(
+    runs: Sequence[Mapping[str, Any]], figures: Sequence[str] = KEY_FIGURES
+) -> list[str]:
+    """``figures`` with each "prefix.*" replaced by prefix.key for every key any run has."""
+    names: list[str] = []
+    for figure in figures:
+        if not figure.endswith(".*"):
+            names.append(figure)
+            continue
+        prefix = figure[:-2]
+        keys: dict[str, None] = {}
+        for run in runs:
+            nested = lookup(run, prefix)
+            if isinstance(nested, Mapping):
+                keys |= dict.fromkeys(nested)
+        names += [f"{prefix}.{key}" for key in keys]
+    return names
+
+
+def lookup(record: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path of nested mappings, or None."""
+    value: Any = record
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def summarize_runs(
+    runs: Sequence[Mapping[str, Any]], figures: Sequence[str] = KEY_FIGURES
+) -> dict[str, dict[str, Any]]:
+    """Per figure: the median over the runs that have it, a seeded bootstrap 95 % interval
+    of that median, and every run's value (None skipped; a figure no run has is left out)."""
+    summary: dict[str, dict[str, Any]] = {}
+    for name in figure_names(runs, figures):
+        values = [
+            v
+            for run in runs
+            if isinstance(v := lookup(run, name), int | float) and not isinstance(v, bool)
+        ]
+        if not values:
+            continue
+        low, high = bootstrap_median_interval([float(v) for v in values])
+        entry: dict[str, Any] = {
+            "median": round(statistics.median(values), 4),
+            "ci95": [round(low, 4), round(high, 4)],
+            "all": values,
+        }
+        if name in SUMMED:
+            entry["sum"] = sum(values)
+        if name == "break_even_horizon_s":
+            entry["extrapolated"] = [
+                bool(run.get("break_even_extrapolated"))
+                for run in runs
+                if lookup(run, name) is not None
+            ]
+        summary[name] = entry
+    return summary
 
 
 @dataclass
@@ -124,12 +306,12 @@ class RunResult:
         return round(statistics.median(values) * 1000, 3) if values else None
 
     def memory_gb_s(self, horizon: float) -> float:
-        """∫ memory dt over [started, started + horizon], trapezoids, GB·s."""
-        points = [(t, b) for t, b in self.memory if t <= self.started + horizon]
-        total = 0.0
-        for (t0, b0), (t1, b1) in itertools.pairwise(points):
-            total += (t1 - t0) * (b0 + b1) / 2
-        return round(total / 1e9, 1)
+        """∫ memory dt over [started, started + horizon], GB·s (:func:`memory_gb_s`)."""
+        return round(memory_gb_s(self.memory, self.started, horizon), 1)
+
+    @property
+    def samples(self) -> tuple[float, Samples]:
+        return self.started, self.memory
 
 
 def instance_memory(backend: LocalBackend) -> int:
@@ -268,6 +450,19 @@ async def paired_load(
     return a, b
 
 
+async def finished_consolidation(platform: Platform, timeout: float) -> bool:
+    """Whether the platform's consolidation has finished (done or abandoned), waiting up
+    to ``timeout`` seconds: on a short horizon it may still run when the load ends."""
+    deadline = time.time() + timeout
+    while True:
+        view = platform.backend.get_model(MODEL)
+        if view is not None and view.consolidations:
+            return view.consolidations[-1].released_at is not None
+        if time.time() >= deadline:
+            return False
+        await asyncio.sleep(0.5)
+
+
 def prepare_model(state: Path, size: str) -> ServerlessModel:
     checkpoint = state / "checkpoints" / size
     if not (checkpoint / "config.json").exists():
@@ -290,16 +485,26 @@ def prepare_model(state: Path, size: str) -> ServerlessModel:
     )
 
 
-def local_settings(state: Path, name: str, *, pp: int, consolidation: bool) -> LocalSettings:
+def local_settings(
+    state: Path, name: str, *, pp: int, consolidation: bool, run: int = 1
+) -> LocalSettings:
+    # Each run starts from empty state: no instance records or weights of an earlier run.
+    shutil.rmtree(state / name, ignore_errors=True)
     common = CommonSettings(state_dir=state / name, shm_dir=Path(f"/dev/shm/hs-bench-{name}"))
     shutil.rmtree(common.shm_dir, ignore_errors=True)
+    # Every arm runs eager, the platform's default (pipeline stages with HydraServe's CPU
+    # stage worker, decision 0105), so enforce_eager is left as it is.
     return LocalSettings(
         common=common,
         vllm_cache_root=REPO / ".cache" / "vllm",
         pipeline_size=pp,
-        enforce_eager=pp == 1,  # pp > 1 must be compiled on CPU (decision 0004)
         cpu_binds=["0", "1"] if pp > 1 else ["0,1"],
         consolidation=consolidation,
+        # The node names this backend's warm runtime (its socket is "<pid>-<node>"): with
+        # one name, an arm's workers were forked by the runtime of the standalone still up
+        # beside it (warm from its start, and outside this backend's memory accounting).
+        # Per run too: the last run's runtime may not have let go of its socket yet.
+        node_name=f"run{run}-{name}",
     )
 
 
@@ -328,6 +533,21 @@ def summarize(
     tpot_after = consolidated.tpot_ms(since=released) if released else None
     with_gbs = consolidated.memory_gb_s(horizon)
     without_gbs = pipeline.memory_gb_s(horizon)
+    curve = memory_time_curve(
+        {
+            "standalone_from_start": standalone.samples,
+            "pipeline": pipeline.samples,
+            "consolidated": consolidated.samples,
+        },
+        horizon,
+    )
+    rate = saving_rate_gb(
+        pipeline.samples,
+        consolidated.samples,
+        None if released is None else released - consolidated.started,
+        horizon,
+    )
+    break_even, extrapolated = break_even_horizon(curve, rate)
 
     def count(prefix: str, **labels: str) -> float:
         key = prefix + json.dumps(labels, sort_keys=True)
@@ -349,12 +569,11 @@ def summarize(
         "tpot_pipeline_over_standalone": (
             round(tpot_pipeline / tpot_standalone, 3) if tpot_pipeline and tpot_standalone else None
         ),
-        "max_intertoken_gap_ms": round(max((s.max_gap for s in moved), default=0.0) * 1000, 1),
+        # None, not 0, when no stream was in flight at the promotion (it came after the load).
+        "max_intertoken_gap_ms": round(max(s.max_gap for s in moved) * 1000, 1) if moved else None,
         # The gap the move itself caused: last token before the promotion to the first after.
-        "switch_gap_ms": round(
-            max((s.gap_across(promoted) or 0.0 for s in moved), default=0.0) * 1000, 1
-        )
-        if promoted
+        "switch_gap_ms": round(max(s.gap_across(promoted) or 0.0 for s in moved) * 1000, 1)
+        if promoted and moved
         else None,
         "moved_streams": len(moved),
         "migrations": {
@@ -390,7 +609,12 @@ def summarize(
         },
         "memory_gb_s_with_consolidation": with_gbs,
         "memory_gb_s_without_consolidation": without_gbs,
+        "memory_gb_s_standalone_from_start": standalone.memory_gb_s(horizon),
         "memory_saving": round(1 - with_gbs / without_gbs, 3) if without_gbs else None,
+        "memory_saving_rate_gb": _round(rate),
+        "break_even_horizon_s": _round(break_even),
+        "break_even_extrapolated": extrapolated,
+        "memory_time_curve": [{k: round(v, 1) for k, v in point.items()} for point in curve],
         "horizon_s": horizon,
         "mean_load_average": {
             "standalone": standalone.mean_load,
@@ -421,6 +645,7 @@ def _round(value: float | None) -> float | None:
 
 
 def print_table(result: dict[str, Any]) -> None:
+    """One run's summary (an entry of the result's "runs"), plain."""
     rows = [
         ("TPOT standalone pp1 (ms)", result["tpot_standalone_ms"]),
         ("TPOT pipeline pp2, no consolidation (ms)", result["tpot_pipeline_ms"]),
@@ -439,48 +664,98 @@ def print_table(result: dict[str, Any]) -> None:
         ("instance memory, mean (GB)", result["memory_gb"]),
         ("memory-time with consolidation (GB·s)", result["memory_gb_s_with_consolidation"]),
         ("memory-time without (GB·s)", result["memory_gb_s_without_consolidation"]),
+        ("memory-time standalone from start (GB·s)", result["memory_gb_s_standalone_from_start"]),
         ("memory-time saved", result["memory_saving"]),
+        ("break-even horizon (s)", result["break_even_horizon_s"]),
+        ("break-even extrapolated", result["break_even_extrapolated"]),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    state = Path(args.state_dir or tempfile.mkdtemp(prefix="hs-bench-consolidation-"))
-    model = prepare_model(state, args.size)
+def print_summary(result: dict[str, Any]) -> None:
+    """The summary over runs: per key figure, its median, the interval and every run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    config = result["config"]
+    table = Table(
+        title=f"Consolidation: {config['runs_completed']} of {config['runs']} runs, "
+        f"{config['size']} model, {config['horizon_s']:g} s horizon "
+        f"(median, bootstrap 95 % interval of the median, every run)"
+    )
+    for column in ("figure", "median", "95 % interval", "runs"):
+        table.add_column(column, justify="left" if column in ("figure", "runs") else "right")
+    for name, entry in result["summary"].items():
+        runs = ", ".join(f"{v:g}" for v in entry["all"])
+        if "sum" in entry:
+            runs += f" (sum {entry['sum']:g})"
+        if "extrapolated" in entry:
+            runs += (
+                " (extrapolated: "
+                + ", ".join("yes" if e else "no" for e in entry["extrapolated"])
+                + ")"
+            )
+        low, high = entry["ci95"]
+        table.add_row(name, f"{entry['median']:g}", f"{low:g} - {high:g}", runs)
+    for failure in result.get("failed_runs", []):
+        table.add_row(f"run {failure['run']} failed", "", "", failure["error"][:120])
+    Console(width=160).print(table)
+
+
+async def one_run(
+    args: argparse.Namespace, state: Path, model: ServerlessModel, index: int
+) -> dict[str, Any]:
+    """One run of the three arms and the paired phase: its summary."""
+    began = time.monotonic()
     load = {"clients": args.clients, "max_tokens": args.max_tokens}
+    state = state / f"run{index + 1}"
     settings = {
-        name: local_settings(state, name, pp=pp, consolidation=consolidation)
+        name: local_settings(state, name, pp=pp, consolidation=consolidation, run=index + 1)
         for name, pp, consolidation in (
             ("standalone", 1, False),
             ("pipeline", 2, False),
             ("consolidated", 2, True),
         )
     }
-    # The reference standalone stays up (idle) to be measured again, paired with the
-    # consolidated instance, under the same background load.
-    async with Platform("standalone", model, settings["standalone"]) as standalone:
-        log.info("scenario.start", scenario="standalone")
-        await standalone.load(args.standalone_horizon, **load)
-        log.info("scenario.start", scenario="pipeline")
-        async with Platform("pipeline", model, settings["pipeline"]) as pipeline:
-            await pipeline.load(args.horizon, **load)
-            pipeline_result = pipeline.result()
-        log.info("scenario.start", scenario="consolidated")
-        async with Platform("consolidated", model, settings["consolidated"]) as consolidated:
-            await consolidated.load(args.horizon, **load)
-            consolidated_result = consolidated.result()
-            log.info("scenario.start", scenario="paired")
-            paired = await paired_load(consolidated, standalone, args.paired, **load)
-        standalone_result = standalone.result()
+    try:
+        # The standalone stays up (idle) after its load to be measured again, paired with
+        # the consolidated instance, under the same background load.
+        async with Platform("standalone", model, settings["standalone"]) as standalone:
+            log.info("scenario.start", run=index + 1, scenario="standalone")
+            await standalone.load(args.horizon, **load)
+            log.info("scenario.start", run=index + 1, scenario="pipeline")
+            async with Platform("pipeline", model, settings["pipeline"]) as pipeline:
+                await pipeline.load(args.horizon, **load)
+                pipeline_result = pipeline.result()
+            log.info("scenario.start", run=index + 1, scenario="consolidated")
+            async with Platform("consolidated", model, settings["consolidated"]) as consolidated:
+                await consolidated.load(args.horizon, **load)
+                # The paired phase is about the standalone that took over, not the pipeline.
+                released = await finished_consolidation(consolidated, RELEASE_WAIT_S)
+                consolidated_result = consolidated.result()
+                paired: tuple[list[Stream], list[Stream]] = ([], [])
+                if released:
+                    log.info("scenario.start", run=index + 1, scenario="paired")
+                    paired = await paired_load(consolidated, standalone, args.paired, **load)
+                else:
+                    log.warning("paired.skipped", run=index + 1, reason="no consolidation",
+                                waited_s=RELEASE_WAIT_S)  # fmt: skip
+            standalone_result = standalone.result()
+    finally:
+        # Each arm's weights in /dev/shm: gigabytes on the full model, not needed again.
+        for local in settings.values():
+            shutil.rmtree(local.common.shm_dir, ignore_errors=True)
     result = summarize(standalone_result, pipeline_result, consolidated_result, args.horizon)
     after = [s.tpot for s in paired[0] if s.tpot is not None]
     alone = [s.tpot for s in paired[1] if s.tpot is not None]
     paired_failed = sum(1 for s in paired[0] + paired[1] if s.status != 200 or s.error)
     result["failed_requests"] += paired_failed
     result["requests"] += len(paired[0]) + len(paired[1])
-    result["tpot_after_over_standalone"] = result["tpot_after_over_standalone_unpaired"]
+    # Paired only: the unpaired figure has its own key, and a mix would blur the median.
+    result["tpot_after_over_standalone"] = None
+    result["paired"] = None
     if after and alone:
         result["paired"] = {
             "tpot_after_ms": round(statistics.median(after) * 1000, 3),
@@ -491,17 +766,60 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         result["tpot_after_over_standalone"] = round(
             statistics.median(after) / statistics.median(alone), 3
         )
-    result["config"] = {
-        "size": args.size,
-        "clients": args.clients,
-        "max_tokens": args.max_tokens,
-        "horizon_s": args.horizon,
-        "standalone_horizon_s": args.standalone_horizon,
-        "paired_s": args.paired,
-        "pipeline": "pp 2, compiled, VLLM_CPU_OMP_THREADS_BIND 0|1",
-        "standalone": "pp 1, eager, in-process engine, VLLM_CPU_OMP_THREADS_BIND 0,1",
+    result["wall_s"] = round(time.monotonic() - began, 1)
+    return result
+
+
+def assemble(
+    args: argparse.Namespace,
+    runs: Sequence[dict[str, Any]],
+    failures: Sequence[dict[str, Any]],
+    machine: dict[str, Any],
+) -> dict[str, Any]:
+    """The result file: the summary over the runs so far, the runs, and how they ran."""
+    return {
+        "summary": summarize_runs(runs),
+        "runs": list(runs),
+        "failed_runs": list(failures),
+        "config": {
+            "runs": args.runs,
+            "runs_completed": len(runs),
+            "size": args.size,
+            "clients": args.clients,
+            "max_tokens": args.max_tokens,
+            "horizon_s": args.horizon,
+            "paired_s": args.paired,
+            "curve_step_s": CURVE_STEP_S,
+            "bootstrap": "percentile, 10000 resamples, seed 0",
+            "standalone": "pp 1, eager, in-process engine, VLLM_CPU_OMP_THREADS_BIND 0,1",
+            "pipeline": "pp 2, eager (HydraServe's CPU stage worker), "
+            "VLLM_CPU_OMP_THREADS_BIND 0|1",
+        },
+        "machine": machine,
     }
-    result["machine"] = machine_info()
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    state = Path(args.state_dir or tempfile.mkdtemp(prefix="hs-bench-consolidation-"))
+    model = prepare_model(state, args.size)
+    machine = machine_info()
+    runs: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+    for index in range(args.runs):
+        log.info("run.start", run=index + 1, of=args.runs)
+        began = time.monotonic()
+        try:
+            runs.append(await one_run(args, state, model, index))
+        except Exception as exc:
+            # One bad run (a worker that died, a timeout) must not cost the others.
+            log.exception("run.failed", run=index + 1)
+            failures.append({"run": index + 1, "error": repr(exc)})
+        result = assemble(args, runs, failures, machine)
+        # Written after every run: a stopped session keeps what it measured.
+        path = write_result("consolidation", result)
+        log.info("run.done", run=index + 1, wall_s=round(time.monotonic() - began, 1),
+                 written=str(path))  # fmt: skip
     return result
 
 
@@ -517,17 +835,17 @@ async def run_stoppably(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--size", default="small", help="demo model size (tiny, small, 100m)")
+    parser.add_argument("--runs", type=int, default=5, help="runs of the whole set")
     parser.add_argument(
         "--horizon",
         type=float,
-        default=200.0,
-        help="seconds of load from the cold-start request (pipeline runs)",
+        default=150.0,
+        help="seconds of load from the cold-start request (every arm)",
     )
-    parser.add_argument("--standalone-horizon", type=float, default=60.0)
     parser.add_argument(
         "--paired",
         type=float,
-        default=60.0,
+        default=40.0,
         help="seconds of alternating streams to the consolidated instance and "
         "the reference standalone",
     )
@@ -536,10 +854,13 @@ def main() -> None:
     parser.add_argument("--state-dir", default=None)
     args = parser.parse_args()  # fmt: skip
     configure_logging("INFO")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     result = asyncio.run(run_stoppably(args))
-    print_table(result)
-    path = write_result("consolidation", result)
-    print(f"wrote {path}")
+    print_summary(result)
+    print(f"wrote {RESULTS_DIR / 'consolidation.json'}")
+    if not result["runs"]:
+        raise SystemExit("no run completed")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from typing import Any
 ENV_SOCKET = "HYDRASERVE_WARM_RUNTIME"  # the server's name, set in a worker's environment
 MAX_FDS = 64
 MAX_REQUEST_BYTES = 4 << 20
+# Ancillary buffer for the most descriptors one request may carry.
+CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
 def address(name: str) -> str:
@@ -57,9 +59,6 @@ def recv_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
             raise ValueError("request too large")
     (length,) = struct.unpack(">I", data[:4])
     return json.loads(data[4 : 4 + length]), list(fds)
-
-
-CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
 def send_event(sock: socket.socket, event: dict[str, int]) -> None:

@@ -67,6 +67,13 @@ WARM_PRELOAD = (
 # Environment every engine process runs with, read by some libraries when imported:
 # a warm runtime is started with it too.
 STATIC_ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+# A warm runtime's environment. OpenMP (libgomp) reads OMP_NUM_THREADS once, when torch
+# loads it in the runtime, so the value vLLM sets for each worker from its core binding
+# comes too late in a forked child: a thread that does not set its own count gets this
+# default. With the machine's core count there, a pipeline stage bound to one core ran
+# its forward with a second OpenMP thread spinning on that same core (pp 2 TPOT ~310 ms
+# instead of ~15 ms). The thread vLLM binds still sets its own count (decision 0600).
+WARM_RUNTIME_ENV = {**STATIC_ENGINE_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def process_start_time() -> float:

@@ -7,7 +7,12 @@ import math
 import pytest
 
 from benchmarks.slo_attainment.band import band, point_label, ratio, spread
-from benchmarks.stats import paired_differences, percentile, stream_timing
+from benchmarks.stats import (
+    bootstrap_median_interval,
+    paired_differences,
+    percentile,
+    stream_timing,
+)
 
 
 def test_band_reports_min_median_max_and_where() -> None:
@@ -64,3 +69,30 @@ def test_paired_differences_pair_rounds() -> None:
     assert paired_differences([3.0, 5.0], [1.0, 1.5]) == [2.0, 3.5]
     with pytest.raises(ValueError):
         paired_differences([1.0], [])
+
+
+def test_bootstrap_interval_of_two_values_is_their_range() -> None:
+    # Resamples of [1, 2]: medians 1 (1/4), 1.5 (1/2), 2 (1/4); the 2.5 % and 97.5 %
+    # quantiles of 10 000 of them fall in the outer quarters.
+    assert bootstrap_median_interval([1.0, 2.0]) == (1.0, 2.0)
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_median() -> None:
+    values = [4.9, 5.3, 5.0, 7.8, 5.1]
+    low, high = bootstrap_median_interval(values)
+    assert (low, high) == bootstrap_median_interval(values)  # pure: same input, same answer
+    # Of five values, a resample's median is the smallest with probability
+    # P(Binomial(5, 1/5) >= 3) = 5.8 % > 2.5 %: the 95 % interval is [min, max].
+    assert (low, high) == (4.9, 7.8)
+    # At 50 %: P(median <= 2nd smallest) = P(Binomial(5, 2/5) >= 3) = 31.7 % > 25 % while
+    # P(median <= smallest) = 5.8 % < 25 %: the 2nd smallest and (symmetric) 2nd largest.
+    assert bootstrap_median_interval(values, confidence=0.5) == (5.0, 5.3)
+
+
+def test_bootstrap_interval_of_one_value_and_of_none() -> None:
+    assert bootstrap_median_interval([3.25]) == (3.25, 3.25)
+    assert bootstrap_median_interval([2.0, 2.0, 2.0]) == (2.0, 2.0)
+    with pytest.raises(ValueError):
+        bootstrap_median_interval([])
+    with pytest.raises(ValueError):
+        bootstrap_median_interval([1.0, 2.0], confidence=1.0)

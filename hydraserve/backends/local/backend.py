@@ -96,7 +96,7 @@ from hydraserve.warm.protocol import ENV_SOCKET
 from hydraserve.warm.tree import process_tree
 from hydraserve.worker.config import StageAddress, WorkerConfig
 from hydraserve.worker.inflight import INFLIGHT_PATH
-from hydraserve.worker.launcher import STATIC_ENGINE_ENV, WARM_PRELOAD
+from hydraserve.worker.launcher import WARM_PRELOAD, WARM_RUNTIME_ENV
 from hydraserve.worker.timeline import Timeline, read_timeline, stage_timings
 
 # Worker ports on an emulated node (its namespace has nothing else on them but its
@@ -227,7 +227,7 @@ class LocalBackend(ClusterBackend):
         shim = write_shim(runtime_dir / "warm-python")
         for node in self.nodes.values():
             name = f"{os.getpid()}-{node.name}"
-            env = {**os.environ, **STATIC_ENGINE_ENV, **node.env}
+            env = {**os.environ, **WARM_RUNTIME_ENV, **node.env}
             self._warm[node.name] = start_warm_runtime(
                 name,
                 shim,
