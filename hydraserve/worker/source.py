@@ -93,9 +93,20 @@ class StageSource:
             time.sleep(self.poll_seconds)
 
     def wait_started(self) -> None:
-        """Block until a fetch covering this stage exists (its file is then full size)."""
+        """Block until a fetch covering this stage exists and so does its weights file (full
+        size once created); a fetch that already failed raises with its reason."""
         deadline = time.monotonic() + self.timeout_seconds
-        while self._covering_status(self.tensors[0]) is None:
+        while True:
+            found = self._covering_status(self.tensors[0])
+            if found is not None:
+                name, status = found
+                if status.state == FetchState.FAILED:
+                    raise StageUnavailable(
+                        f"the fetch of {self.manifest.name} ({name}) failed: {status.error}"
+                    )
+                # The status may be published before the file is created.
+                if os.path.exists(self.shm.weights_path):
+                    return
             if time.monotonic() > deadline:
                 raise StageUnavailable(
                     f"no fetch of {self.manifest.name} started within "

@@ -26,14 +26,20 @@ from vllm.config import ModelConfig
 from vllm.config.load import LoadConfig
 
 from hydraserve.prefetcher.fetcher import FetchOptions, RangeFetcher
-from hydraserve.prefetcher.shm import FetchState, ModelShm, fetch_name, write_json_atomic
+from hydraserve.prefetcher.shm import (
+    FetchState,
+    FetchStatus,
+    ModelShm,
+    fetch_name,
+    write_json_atomic,
+)
 from hydraserve.store import Manifest, ModelRef, ModelStore
 from hydraserve.worker import loader as loader_module
 from hydraserve.worker.config import WorkerConfig
 from hydraserve.worker.loader import LOAD_FORMAT, HydraServeLoader
 from hydraserve.worker.loader_config import loader_extra_config
 from hydraserve.worker.plugin import register
-from hydraserve.worker.source import StageUnavailable
+from hydraserve.worker.source import StageSource, StageUnavailable
 from hydraserve.worker.timeline import read_timeline
 
 HIDDEN, KV, INTER, VOCAB, LAYERS = 64, 32, 128, 128, 4
@@ -351,6 +357,31 @@ def test_eager_load_fails_with_the_reason_when_a_byte_is_corrupt(
         make_loader(node, tmp_path).load_weights(model, model_config(hf_dir(store, tmp_path), True))
     node.join()
     assert node.shm.read_status("full").state == FetchState.FAILED  # type: ignore[union-attr]
+
+
+def test_a_source_maps_only_once_the_file_exists_and_reports_a_fetch_failed_first(
+    pushed: tuple[ModelStore, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    """A fetch publishes its state before it creates the weights file (CI caught a loader
+    mapping in between: FileNotFoundError instead of the fetch's reason)."""
+    store, _ = pushed
+    node = Node(tmp_path, store)
+    name = fetch_name(None, None)
+    ranges = node.manifest.fetch_ranges(None, None)
+    node.shm.write_status(name, FetchStatus(state=FetchState.FETCHING, ranges=ranges))
+    source = StageSource(node.shm, node.manifest, None, None, timeout_seconds=0.2)
+    with pytest.raises(StageUnavailable, match="no fetch of tiny started"):
+        source.wait_started()  # a state without a file is not started yet
+    node.shm.create_weights_file(node.manifest.weights_size)
+    source.wait_started()
+    assert len(source.buffer()) == node.manifest.weights_size
+    node.shm.weights_path.unlink()
+    node.shm.write_status(
+        name, FetchStatus(state=FetchState.FAILED, ranges=ranges, error="the store is gone")
+    )
+    again = StageSource(node.shm, node.manifest, None, None, timeout_seconds=30)
+    with pytest.raises(StageUnavailable, match=r"\(full\) failed: the store is gone"):
+        again.wait_started()
 
 
 def test_compiled_mode_adopts_the_stage_before_its_bytes_arrive_and_verifies_after(
