@@ -66,9 +66,20 @@ spec:
 
 
 def stages_of(state_dir: Path, model: str) -> list[dict[str, object]]:
-    """The worker configs the backend started for ``model`` (one per stage)."""
-    (instance,) = (state_dir / "instances").glob(f"{model}-*")
-    return [json.loads(p.read_text()) for p in sorted(instance.glob("stage*.json"))]
+    """The worker configs the backend started for ``model`` (one per stage), the same for
+    every instance it started (CI once saw a second tp2pp1 instance; each must match)."""
+    instances = sorted((state_dir / "instances").glob(f"{model}-*"))
+    assert instances, f"no instance of {model}"
+    shapes = [
+        [json.loads(p.read_text()) for p in sorted(instance.glob("stage*.json"))]
+        for instance in instances
+    ]
+    first = shapes[0]
+    for other in shapes[1:]:
+        assert [(s["rank"], s["pp"], s["tp"]) for s in other] == [
+            (s["rank"], s["pp"], s["tp"]) for s in first
+        ], (model, shapes)
+    return first
 
 
 def assert_same(served: list[Completion], stock: list[Completion], case: str) -> None:
