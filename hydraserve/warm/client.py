@@ -85,7 +85,8 @@ def main(real_python: str, argv: list[str] | None = None) -> int:
         if "exit" in event:
             code = int(event["exit"])
             if code < 0:  # ended by a signal: end the same way
-                signal.signal(-code, signal.SIG_DFL)
+                if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those take no handler
+                    signal.signal(-code, signal.SIG_DFL)
                 os.kill(os.getpid(), -code)
             return code
     return 1  # the runtime went away; the child's fate is unknown

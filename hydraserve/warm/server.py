@@ -179,12 +179,29 @@ def run_command(argv: list[str]) -> int:
     return 0
 
 
+def wait_for_client_exit(conn: socket.socket) -> int:
+    """Block until the client's end of ``conn`` closes (it exits or is killed); the bytes it
+    sent meanwhile. Blocking whatever the descriptor's flags: a socket timeout makes the open
+    file non-blocking for every copy of it, and a watchdog that took ``EAGAIN`` for the
+    client's end killed a healthy child (CI: a tensor-parallel worker, SIGKILLed at start)."""
+    conn.setblocking(True)
+    received = 0
+    while True:
+        try:
+            data = conn.recv(4096)
+        except ConnectionError:
+            return received
+        if not data:
+            return received
+        received += len(data)
+
+
 def _die_with_client(conn: socket.socket) -> None:
     """The client's end closes when it exits (or is killed): so does this child."""
-    with contextlib.suppress(OSError):
-        while conn.recv(1):
-            pass
-    os.killpg(0, signal.SIGKILL)
+    try:
+        wait_for_client_exit(conn)
+    finally:
+        os.killpg(0, signal.SIGKILL)
 
 
 def end_child(code: int) -> NoReturn:
@@ -286,6 +303,7 @@ def serve(name: str, shim: Path, preload: Sequence[str], children_dir: Path | No
                         socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
                     )
                     peer = struct.unpack("3i", creds)[0]
+                    conn.settimeout(None)  # before the fork: the child inherits the open file
                     sys.stdout.flush()
                     sys.stderr.flush()
                     pid = os.fork()
@@ -303,7 +321,6 @@ def serve(name: str, shim: Path, preload: Sequence[str], children_dir: Path | No
                     become_child(conn, request, fds, peer)
                 for fd in fds:
                     os.close(fd)
-                conn.settimeout(None)
                 with contextlib.suppress(OSError):
                     send_event(conn, {"pid": pid})
                 clients[pid] = conn

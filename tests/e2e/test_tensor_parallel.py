@@ -67,7 +67,9 @@ spec:
 
 def stages_of(state_dir: Path, model: str) -> list[dict[str, object]]:
     """The worker configs the backend started for ``model`` (one per stage), the same for
-    every instance it started (CI once saw a second tp2pp1 instance; each must match)."""
+    every instance it started: a replacement for an instance that failed must match too
+    (CI once saw a second tp2pp1 instance, after the warm runtime's watchdog had killed a
+    worker of the first; ``warm.server.wait_for_client_exit`` says why)."""
     instances = sorted((state_dir / "instances").glob(f"{model}-*"))
     assert instances, f"no instance of {model}"
     shapes = [

@@ -9,10 +9,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import pytest
 from hydraserve.backends.local.sandbox import sandbox_available, sandbox_prefix
 from hydraserve.warm.client import write_shim
 from hydraserve.warm.protocol import ENV_SOCKET, parse_command
+from hydraserve.warm.server import wait_for_client_exit
 from hydraserve.warm.tree import process_tree
 
 
@@ -239,6 +242,47 @@ def test_signals_reach_the_child_and_it_dies_with_its_client(
     client.wait(30)
     wait_until(lambda: not Path(f"/proc/{child}").exists(), "the orphaned child to end")
     wait_until(lambda: not (runtime.children_dir / str(child)).exists(), "its note to go")
+
+
+def test_a_client_ends_as_its_child_did_even_by_sigkill(runtime: Runtime) -> None:
+    # SIGKILL takes no handler: the shim must still end by it, not with a traceback.
+    killed = runtime.run("-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert "Traceback" not in killed.stderr
+    segv = runtime.run("-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert segv.returncode == -signal.SIGSEGV, segv.stderr
+
+
+def test_the_childs_watchdog_waits_for_the_clients_end_on_a_non_blocking_descriptor() -> None:
+    # The runtime reads a request with a timeout, which makes the open file non-blocking
+    # for the forked child's copy too; the watchdog must still wait for the client's end.
+    runtime_end, client_end = socket.socketpair()
+    runtime_end.settimeout(5)
+    assert not os.get_blocking(runtime_end.fileno())
+    copy = socket.socket(fileno=os.dup(runtime_end.fileno()))
+    result: list[int | BaseException] = []
+
+    def watch() -> None:
+        try:
+            result.append(wait_for_client_exit(copy))
+        except BaseException as exc:  # reported by the assertion below
+            result.append(exc)
+
+    watchdog = threading.Thread(target=watch)
+    watchdog.start()
+    wchan = f"/proc/self/task/{watchdog.native_id}/wchan"
+    # Waiting in the kernel for the client's bytes (or already given up, as it used to).
+    wait_until(
+        lambda: not watchdog.is_alive() or "unix_stream" in Path(wchan).read_text(),
+        "the watchdog to block on the connection",
+    )
+    assert watchdog.is_alive(), result
+    client_end.sendall(b"xy")
+    client_end.close()
+    watchdog.join(10)
+    assert result == [2]  # read what the client sent, then its end, and nothing else
+    copy.close()
+    runtime_end.close()
 
 
 def test_without_a_reachable_runtime_the_command_starts_cold(runtime: Runtime) -> None:
