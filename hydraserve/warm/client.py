@@ -19,9 +19,16 @@ import signal
 import socket
 import stat
 import sys
+import time
 from pathlib import Path
 
-from hydraserve.warm.protocol import ENV_SOCKET, address, parse_command, send_request
+from hydraserve.warm.protocol import (
+    ENV_CLIENT_STARTED,
+    ENV_SOCKET,
+    address,
+    parse_command,
+    send_request,
+)
 
 FORWARDED = (
     signal.SIGTERM,
@@ -53,6 +60,7 @@ def _cold(real_python: str, argv: list[str], why: str) -> None:
 
 
 def main(real_python: str, argv: list[str] | None = None) -> int:
+    started = time.time()
     argv = sys.argv[1:] if argv is None else argv
     name = os.environ.get(ENV_SOCKET)
     if not name:
@@ -63,7 +71,8 @@ def main(real_python: str, argv: list[str] | None = None) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(address(str(name)))
-        request = {"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "fds": fds}
+        env = {**os.environ, ENV_CLIENT_STARTED: repr(started)}
+        request = {"argv": argv, "env": env, "cwd": os.getcwd(), "fds": fds}
         send_request(sock, request, fds)
         reader = sock.makefile("rb")
         first = reader.readline()

@@ -21,6 +21,10 @@ import struct
 from typing import Any
 
 ENV_SOCKET = "HYDRASERVE_WARM_RUNTIME"  # the server's name, set in a worker's environment
+# Set by the client in its child's environment: when the client started (wall clock), so a
+# child's start-up counts the wait for a runtime still preloading (the child's own creation
+# time is the fork, after that wait).
+ENV_CLIENT_STARTED = "HYDRASERVE_WARM_CLIENT_STARTED"
 MAX_FDS = 64
 MAX_REQUEST_BYTES = 4 << 20
 # Ancillary buffer for the most descriptors one request may carry.

@@ -32,7 +32,7 @@ from hydraserve.prefetcher.shm import (
 )
 from hydraserve.settings import CommonSettings
 from hydraserve.store import Manifest, ModelRef, ModelStore
-from hydraserve.warm.protocol import ENV_SOCKET
+from hydraserve.warm.protocol import ENV_CLIENT_STARTED, ENV_SOCKET
 from hydraserve.worker.artifacts import artifact_key, cache_files, publish, restore
 from hydraserve.worker.config import WorkerConfig
 from hydraserve.worker.loader_config import loader_extra_config
@@ -77,13 +77,21 @@ WARM_RUNTIME_ENV = {**STATIC_ENGINE_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def process_start_time() -> float:
-    """Wall-clock time this process was created (so interpreter start-up is counted)."""
+    """Wall-clock time this process was created (so interpreter start-up is counted); for a
+    warm child, when its client started, if earlier (so a wait for a runtime that is still
+    preloading is counted too). Takes the client's note out of the environment, so no
+    process this one starts inherits it."""
+    client_started = os.environ.pop(ENV_CLIENT_STARTED, None)
     try:
         import psutil
 
-        return float(psutil.Process().create_time())
+        created = float(psutil.Process().create_time())
     except Exception:  # psutil is optional outside the engine image
-        return time.time()
+        created = time.time()
+    try:
+        return min(created, float(client_started)) if client_started else created
+    except ValueError:  # not a time: ignore it
+        return created
 
 
 def ensure_fetch(config: WorkerConfig, store: ModelStore, manifest: Manifest) -> None:

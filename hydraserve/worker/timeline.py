@@ -25,6 +25,7 @@ STAGES = (
     "placement",
     "fetch",
     "process_start",
+    "manifest",
     "fetch_start",
     "imports",
     "artifacts",

@@ -24,7 +24,7 @@ import pytest
 
 from hydraserve.backends.local.sandbox import sandbox_available, sandbox_prefix
 from hydraserve.warm.client import write_shim
-from hydraserve.warm.protocol import ENV_SOCKET, parse_command
+from hydraserve.warm.protocol import ENV_CLIENT_STARTED, ENV_SOCKET, parse_command
 from hydraserve.warm.server import wait_for_client_exit
 from hydraserve.warm.tree import process_tree
 
@@ -119,6 +119,14 @@ def test_a_command_runs_in_a_child_of_the_runtime_as_the_client_started_it(
     assert seen["cwd"] == str(tmp_path)
     assert seen["marker"] == "m" and seen["stdin"] == "from stdin"
     assert seen["warm"] and seen["exe"] == str(runtime.shim)
+
+
+def test_a_child_knows_when_its_client_started(runtime: Runtime) -> None:
+    before = time.time()
+    result = runtime.run("-c", f"import os; print(os.environ[{ENV_CLIENT_STARTED!r}])")
+    after = time.time()
+    assert result.returncode == 0, result.stderr
+    assert before <= float(result.stdout) <= after
 
 
 def test_a_function_preload_runs_once_in_the_runtime_before_any_child(runtime: Runtime) -> None:

@@ -9,6 +9,7 @@ lands in the wrong setting fails here, in seconds, rather than at an engine's st
 from __future__ import annotations
 
 import importlib
+import os
 from argparse import Namespace
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +18,13 @@ from typing import Any
 import pytest
 
 from hydraserve.store import ModelStore
+from hydraserve.warm.protocol import ENV_CLIENT_STARTED
 from hydraserve.worker.config import StageAddress, WorkerConfig
 from hydraserve.worker.launcher import (
     EAGER_STAGE_WORKER,
     engine_env,
     kv_transfer_config,
+    process_start_time,
     vllm_serve_args,
     with_execution_mode,
 )
@@ -293,3 +296,21 @@ def test_the_eager_compile_backend_survives_the_cpu_platform(
     # The backend alone is overridden (why EAGER_COMPILATION names the mode).
     bare = compilation(["--compilation-config", json.dumps({"backend": "eager"})])
     assert bare.backend == "inductor"
+
+
+def test_a_warm_childs_start_counts_from_its_client_and_the_note_is_not_inherited(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import psutil
+
+    created = psutil.Process().create_time()
+    # A client that waited 8 s for a preloading runtime: the start counts from the client.
+    monkeypatch.setenv(ENV_CLIENT_STARTED, repr(created - 8.0))
+    assert process_start_time() == pytest.approx(created - 8.0)
+    assert ENV_CLIENT_STARTED not in os.environ  # taken out: nothing this one starts sees it
+    # Without the note, or with one that is not a time or is later: the process's creation.
+    assert process_start_time() == pytest.approx(created)
+    monkeypatch.setenv(ENV_CLIENT_STARTED, "soon")
+    assert process_start_time() == pytest.approx(created)
+    monkeypatch.setenv(ENV_CLIENT_STARTED, repr(created + 5.0))
+    assert process_start_time() == pytest.approx(created)
