@@ -305,10 +305,6 @@ class RunResult:
         ]
         return round(statistics.median(values) * 1000, 3) if values else None
 
-    def memory_gb_s(self, horizon: float) -> float:
-        """∫ memory dt over [started, started + horizon], GB·s (:func:`memory_gb_s`)."""
-        return round(memory_gb_s(self.memory, self.started, horizon), 1)
-
     @property
     def samples(self) -> tuple[float, Samples]:
         return self.started, self.memory
@@ -531,8 +527,6 @@ def summarize(
     tpot_standalone = standalone.tpot_ms(since=standalone.serving_since + WARMUP_S)
     tpot_pipeline = pipeline.tpot_ms(since=pipeline.serving_since + WARMUP_S)
     tpot_after = consolidated.tpot_ms(since=released) if released else None
-    with_gbs = consolidated.memory_gb_s(horizon)
-    without_gbs = pipeline.memory_gb_s(horizon)
     curve = memory_time_curve(
         {
             "standalone_from_start": standalone.samples,
@@ -541,6 +535,9 @@ def summarize(
         },
         horizon,
     )
+    at_horizon = {arm: round(gb_s, 1) for arm, gb_s in curve[-1].items()}  # the grid ends there
+    with_gbs = at_horizon["consolidated"]
+    without_gbs = at_horizon["pipeline"]
     rate = saving_rate_gb(
         pipeline.samples,
         consolidated.samples,
@@ -609,7 +606,7 @@ def summarize(
         },
         "memory_gb_s_with_consolidation": with_gbs,
         "memory_gb_s_without_consolidation": without_gbs,
-        "memory_gb_s_standalone_from_start": standalone.memory_gb_s(horizon),
+        "memory_gb_s_standalone_from_start": at_horizon["standalone_from_start"],
         "memory_saving": round(1 - with_gbs / without_gbs, 3) if without_gbs else None,
         "memory_saving_rate_gb": _round(rate),
         "break_even_horizon_s": _round(break_even),
@@ -642,36 +639,6 @@ def _gap(start: float | None, end: float | None) -> float | None:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
-
-
-def print_table(result: dict[str, Any]) -> None:
-    """One run's summary (an entry of the result's "runs"), plain."""
-    rows = [
-        ("TPOT standalone pp1 (ms)", result["tpot_standalone_ms"]),
-        ("TPOT pipeline pp2, no consolidation (ms)", result["tpot_pipeline_ms"]),
-        ("TPOT pp2 before the switch (ms)", result["tpot_before_ms"]),
-        ("TPOT after consolidation (ms)", result["tpot_after_ms"]),
-        ("after / standalone (unpaired)", result["tpot_after_over_standalone_unpaired"]),
-        ("paired: after, standalone (ms)", result.get("paired")),
-        ("after / standalone (paired)", result["tpot_after_over_standalone"]),
-        ("pipeline / standalone", result["tpot_pipeline_over_standalone"]),
-        ("longest gap in a moved stream (ms)", result["max_intertoken_gap_ms"]),
-        ("gap across the switch (ms)", result["switch_gap_ms"]),
-        ("moved streams (client side)", result["moved_streams"]),
-        ("moves by method", result["migrations"]),
-        ("failed requests", f"{result['failed_requests']} of {result['requests']}"),
-        ("consolidation (s)", result["consolidation_s"]),
-        ("instance memory, mean (GB)", result["memory_gb"]),
-        ("memory-time with consolidation (GB·s)", result["memory_gb_s_with_consolidation"]),
-        ("memory-time without (GB·s)", result["memory_gb_s_without_consolidation"]),
-        ("memory-time standalone from start (GB·s)", result["memory_gb_s_standalone_from_start"]),
-        ("memory-time saved", result["memory_saving"]),
-        ("break-even horizon (s)", result["break_even_horizon_s"]),
-        ("break-even extrapolated", result["break_even_extrapolated"]),
-    ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
 
 
 def print_summary(result: dict[str, Any]) -> None:

@@ -55,6 +55,11 @@ class StageSource:
         self._status: FetchStatus | None = None
         self._fetch: str | None = None
 
+    def _failed(self, name: str, status: FetchStatus) -> StageUnavailable:
+        return StageUnavailable(
+            f"the fetch of {self.manifest.name} ({name}) failed: {status.error}"
+        )
+
     def _covering_status(self, tensor: TensorInfo) -> tuple[str, FetchStatus] | None:
         best = None
         for name in self.candidates:
@@ -77,9 +82,7 @@ class StageSource:
             if found is not None:
                 name, status = found
                 if status.state == FetchState.FAILED:
-                    raise StageUnavailable(
-                        f"the fetch of {self.manifest.name} ({name}) failed: {status.error}"
-                    )
+                    raise self._failed(name, status)
                 if status.verified >= stage_position(status.ranges, tensor.end):
                     self.stats.waited_seconds += time.monotonic() - started
                     return
@@ -101,9 +104,7 @@ class StageSource:
             if found is not None:
                 name, status = found
                 if status.state == FetchState.FAILED:
-                    raise StageUnavailable(
-                        f"the fetch of {self.manifest.name} ({name}) failed: {status.error}"
-                    )
+                    raise self._failed(name, status)
                 # The status may be published before the file is created.
                 if os.path.exists(self.shm.weights_path):
                     return
